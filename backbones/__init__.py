@@ -1,0 +1,1 @@
+"""visattn.backbones: timm models, registered with timm when this package is imported."""

@@ -1,0 +1,9 @@
+"""visattn.kernels: the attention ops shared by the backbones and the token reducers.
+
+Every op takes ``backend="auto" | "triton" | "torch"`` (see :mod:`._dispatch`) and
+uses the layout ``[batch, *spatial, heads, head_dim]`` unless its docstring says otherwise.
+"""
+
+from visattn.kernels._dispatch import BACKENDS, interpreter_enabled, resolve_backend, triton_available
+
+__all__ = ["BACKENDS", "interpreter_enabled", "resolve_backend", "triton_available"]

@@ -1,0 +1,57 @@
+"""Argument validation shared by the ops: every failure is a ``ValueError`` naming the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_tuple(value, n: int, name: str, kind: type = int) -> tuple:
+    """Broadcast an int/bool or a length-``n`` sequence to an ``n``-tuple of ``kind``."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"{name} needs {n} values (one per spatial dim), got {len(value)}: {tuple(value)}")
+        values = tuple(value)
+    else:
+        values = (value,) * n
+    for v in values:
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be a bool or a tuple of bools, got {value!r}")
+        elif isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int or a tuple of ints, got {value!r}")
+    return values
+
+
+def check_float_tensors(op: str, **tensors: torch.Tensor) -> None:
+    """All tensors are floating point of one dtype, on one device."""
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_same_shape(op: str, **tensors: torch.Tensor) -> None:
+    """All tensors have exactly the same shape."""
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{op}: {name} has shape {tuple(t.shape)} but {first_name} has {tuple(first.shape)}"
+            )
+
+
+def check_ndim(op: str, name: str, t: torch.Tensor, allowed: Sequence[int], layout: str) -> None:
+    """``t.ndim`` is one of ``allowed``; the message shows the expected ``layout``."""
+    if t.ndim not in allowed:
+        raise ValueError(f"{op}: {name} must be laid out as {layout} ({' or '.join(map(str, allowed))}-D), "
+                         f"got shape {tuple(t.shape)}")

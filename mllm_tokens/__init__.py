@@ -1,0 +1,1 @@
+"""visattn.mllm_tokens: visual-token reducers for multimodal LLMs."""

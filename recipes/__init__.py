@@ -1,0 +1,1 @@
+"""visattn.recipes: training recipes (YAML, shipped as package data) and the trainer."""

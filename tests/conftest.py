@@ -1,0 +1,35 @@
+"""Test set-up: Triton kernels run under the CPU interpreter when there is no GPU."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is first imported: kernels decorated afterwards run interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+CONFORMANCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "conformance"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def conformance_dir() -> Path:
+    """``../shared/conformance`` beside the repository (official-model fixtures)."""
+    if not CONFORMANCE_DIR.is_dir():
+        pytest.fail(f"conformance fixtures not found at {CONFORMANCE_DIR}: ../shared must sit beside the repo")
+    return CONFORMANCE_DIR
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

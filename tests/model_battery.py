@@ -1,0 +1,141 @@
+"""The checks every visattn timm model must pass (shared by each family's test file).
+
+A family test file does::
+
+    @pytest.mark.parametrize("name", battery_names(["nat_mini", ...]))
+    def test_battery(name):
+        run_battery(name, **TINY_KWARGS)
+
+``battery_names`` records the names so that ``test_model_battery.py`` can assert
+that every registered visattn model is covered.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import timm
+import torch
+
+COVERED: set[str] = set()
+
+REQUIRED_CFG_FIELDS = ("num_classes", "input_size", "mean", "std", "crop_pct", "interpolation",
+                       "first_conv", "classifier")
+
+
+def battery_names(names: list[str]) -> list[str]:
+    """Return ``names`` and mark them as covered by the battery."""
+    COVERED.update(names)
+    return names
+
+
+def checkpoint_filter_for(name: str):
+    """The ``checkpoint_filter_fn`` of the module that registers ``name``."""
+    return sys.modules[timm.models.model_entrypoint(name).__module__].checkpoint_filter_fn
+
+
+def _get_submodule(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    return model.get_submodule(dotted)
+
+
+def run_battery(
+    name: str,
+    img_size: int | None = None,
+    alt_img_size: int | None = None,
+    compile_check: bool = True,
+    **kwargs,
+) -> None:
+    """Run the whole battery on ``timm.create_model(name, **kwargs)``.
+
+    ``img_size`` defaults to the pretrained cfg's input size; ``alt_img_size`` is
+    a second size the model must accept (skipped when None).
+    """
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    cfg = model.pretrained_cfg
+    for field in REQUIRED_CFG_FIELDS:
+        assert field in cfg and cfg[field] is not None, f"{name}: pretrained cfg lacks {field}"
+    first_conv = cfg["first_conv"]
+    assert isinstance(_get_submodule(model, first_conv), torch.nn.Conv2d), f"{name}: first_conv {first_conv}"
+    classifier = cfg["classifier"]
+    _get_submodule(model, classifier)
+    num_classes = model.num_classes
+    size = img_size or cfg["input_size"][-1]
+    x = torch.randn(2, 3, size, size)
+
+    # forward / backward
+    model.train()
+    out = model(x)
+    assert out.shape == (2, num_classes)
+    out.float().pow(2).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name}: parameters without gradient: {missing[:5]}"
+    model.eval()
+
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, model.num_features), f"{name}: pre_logits {tuple(pre.shape)}"
+        torch.testing.assert_close(model.forward_head(feats), logits)
+        if alt_img_size:
+            alt = model(torch.randn(1, 3, alt_img_size, alt_img_size))
+            assert alt.shape == (1, num_classes) and torch.isfinite(alt).all()
+
+        # forward_intermediates vs feature_info
+        info = model.feature_info
+        final, inter = model.forward_intermediates(x)
+        assert len(inter) == len(info), f"{name}: {len(inter)} intermediates for {len(info)} feature_info"
+        for t, fi in zip(inter, info):
+            assert t.shape == (2, fi["num_chs"], size // fi["reduction"], size // fi["reduction"]), (
+                f"{name}: intermediate {tuple(t.shape)} vs feature_info {fi}"
+            )
+        torch.testing.assert_close(final, feats)
+        last_only = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        assert len(last_only) == 1
+        torch.testing.assert_close(last_only[0], inter[-1])
+
+        # grad checkpointing keeps the numbers
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model(x), logits)
+        model.set_grad_checkpointing(False)
+
+    # features_only at every out index
+    for idx in range(len(info)):
+        fm = timm.create_model(name, features_only=True, out_indices=(idx,), **kwargs).eval()
+        with torch.no_grad():
+            (f,) = fm(x)
+        fi = info[idx]
+        assert f.shape == (2, fi["num_chs"], size // fi["reduction"], size // fi["reduction"])
+        assert fm.feature_info.channels() == [fi["num_chs"]]
+
+    # group_matcher / no_weight_decay name real things
+    gm = model.group_matcher()
+    assert "stem" in gm and "blocks" in gm, f"{name}: group_matcher keys {list(gm)}"
+    param_names = {n for n, _ in model.named_parameters()}
+    for nwd in model.no_weight_decay():
+        assert any(n == nwd or n.endswith("." + nwd) or n.startswith(nwd) for n in param_names), (
+            f"{name}: no_weight_decay names {nwd!r}, which is no parameter"
+        )
+
+    # state_dict round trip through checkpoint_filter_fn
+    sd = model.state_dict()
+    fresh = timm.create_model(name, **kwargs).eval()
+    fresh.load_state_dict(checkpoint_filter_for(name)(sd, fresh), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), logits, rtol=0, atol=0)
+
+    # reset_classifier
+    model.reset_classifier(7)
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).shape == (2, model.num_features)
+
+    # the whole model traces with torch.compile as a single graph
+    if compile_check:
+        torch._dynamo.reset()
+        compiled = torch.compile(fresh, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), logits, rtol=1e-5, atol=1e-5)

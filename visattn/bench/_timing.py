@@ -1,0 +1,68 @@
+"""Timing and memory measurement shared by the benchmarks, and a plain-text table printer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Measurement:
+    """Median wall time of one call in milliseconds and the peak memory it allocated (CUDA only)."""
+
+    ms: float
+    peak_mib: float | None
+
+    def __str__(self) -> str:
+        mem = "-" if self.peak_mib is None else f"{self.peak_mib:.1f}"
+        return f"{self.ms:.3f} ms / {mem} MiB"
+
+
+def measure(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, iters: int = 10) -> Measurement:
+    """Run ``fn`` ``warmup`` times, then time ``iters`` calls; report the median.
+
+    On CUDA the calls are synchronised and the peak memory above what was
+    allocated before the first timed call is reported; on CPU memory is ``None``.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+    return Measurement(ms=times[len(times) // 2], peak_mib=peak)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
+    """Print (and return) a left-aligned plain-text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [title] if title else []
+    for i, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def ratio(baseline: Measurement | None, candidate: Measurement | None) -> str:
+    """``baseline.ms / candidate.ms`` formatted as a speed-up, or ``-`` when either is missing."""
+    if baseline is None or candidate is None or candidate.ms == 0:
+        return "-"
+    return f"{baseline.ms / candidate.ms:.2f}x"
