@@ -5,5 +5,6 @@ uses the layout ``[batch, *spatial, heads, head_dim]`` unless its docstring says
 """
 
 from visattn.kernels._dispatch import BACKENDS, interpreter_enabled, resolve_backend, triton_available
+from visattn.kernels.agent_attention import agent_attention
 
-__all__ = ["BACKENDS", "interpreter_enabled", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "agent_attention", "interpreter_enabled", "resolve_backend", "triton_available"]
