@@ -6,5 +6,15 @@ uses the layout ``[batch, *spatial, heads, head_dim]`` unless its docstring says
 
 from visattn.kernels._dispatch import BACKENDS, interpreter_enabled, resolve_backend, triton_available
 from visattn.kernels.agent_attention import agent_attention
+from visattn.kernels.bilevel_routing_attention import bilevel_routing_attention
+from visattn.kernels.neighborhood_attention import neighborhood_attention
 
-__all__ = ["BACKENDS", "agent_attention", "interpreter_enabled", "resolve_backend", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "agent_attention",
+    "bilevel_routing_attention",
+    "interpreter_enabled",
+    "neighborhood_attention",
+    "resolve_backend",
+    "triton_available",
+]
