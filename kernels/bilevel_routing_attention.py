@@ -1,0 +1,161 @@
+"""Bi-level routing attention (BRA) of BiFormer (Zhu et al., CVPR 2023, arXiv 2303.08810).
+
+``bilevel_routing_attention(q, k, v, num_regions, topk)`` routes every query
+region of an ``S x S`` region grid to its ``topk`` most related key regions
+(region affinity of the per-region mean queries and keys, shared by all heads)
+and lets each query token attend, with one softmax, to every token of those
+regions. The routing is computed in PyTorch (it is tiny); the attention runs in
+Triton as block-sparse flash attention that reads the routed K/V regions by index
+inside its loop, so the gathered K/V (``topk`` copies of K and V) never exist in
+memory. ``backend="torch"`` runs the gather-based reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from visattn.kernels._checks import check_float_tensors, check_ndim
+from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels.reference.bilevel_routing_attention import (
+    bilevel_routing_attention_reference,
+    routing_indices,
+)
+
+_OP = "bilevel_routing_attention"
+_LAYOUT = "[batch, H, W, heads, head_dim]"
+
+
+def _check_args(q, k, v, num_regions, topk, scale) -> None:
+    check_float_tensors(_OP, q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(_OP, name, t, (5,), _LAYOUT)
+    if k.shape != q.shape:
+        raise ValueError(f"{_OP}: k has shape {tuple(k.shape)} but q has {tuple(q.shape)}")
+    if v.shape[:4] != q.shape[:4]:
+        raise ValueError(
+            f"{_OP}: v must share [batch, H, W, heads] with q {tuple(q.shape[:4])}, got {tuple(v.shape)}"
+        )
+    if min(q.shape) == 0:
+        raise ValueError(f"{_OP}: empty input of shape {tuple(q.shape)}")
+    if isinstance(num_regions, bool) or not isinstance(num_regions, int) or num_regions < 1:
+        raise ValueError(f"{_OP}: num_regions must be a positive int, got {num_regions!r}")
+    h, w = q.shape[1:3]
+    if num_regions > min(h, w):
+        raise ValueError(
+            f"{_OP}: num_regions={num_regions} regions per side do not fit a {h}x{w} map "
+            "(need num_regions <= min(H, W))"
+        )
+    if isinstance(topk, bool) or not isinstance(topk, int) or (topk < 1 and topk != -1):
+        raise ValueError(f"{_OP}: topk must be a positive int or -1 (all regions), got {topk!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+        raise ValueError(f"{_OP}: scale must be a positive number or None, got {scale!r}")
+
+
+def _triton_forward(q, k, v, routing, num_regions, scale):
+    from visattn.kernels.triton.bilevel_routing_attention import bra_forward
+
+    return bra_forward(q, k, v, routing, num_regions, scale)
+
+
+def _triton_backward(do, q, k, v, out, lse, routing, num_regions, scale):
+    from visattn.kernels.triton.bilevel_routing_attention import bra_backward
+
+    return bra_backward(do, q, k, v, out, lse, routing, num_regions, scale)
+
+
+@torch.library.custom_op("visattn::bilevel_routing_attention_fwd", mutates_args=())
+def _bra_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: torch.Tensor, num_regions: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: ``out [B, H, W, heads, dv]`` and log-sum-exp ``[B, heads, H, W]`` (float32)."""
+    return _triton_forward(q, k, v, routing, num_regions, scale)
+
+
+@_bra_fwd.register_fake
+def _(q, k, v, routing, num_regions, scale):
+    b, h, w, heads = q.shape[:4]
+    return v.new_empty(v.shape), q.new_empty((b, heads, h, w), dtype=torch.float32)
+
+
+@torch.library.custom_op("visattn::bilevel_routing_attention_bwd", mutates_args=())
+def _bra_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    routing: torch.Tensor,
+    num_regions: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: gradients of q, k, v (same shapes)."""
+    return _triton_backward(do, q, k, v, out, lse, routing, num_regions, scale)
+
+
+@_bra_bwd.register_fake
+def _(do, q, k, v, out, lse, routing, num_regions, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, routing, num_regions, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, routing)
+    ctx.num_regions = num_regions
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, routing = ctx.saved_tensors
+    dq, dk, dv = _bra_bwd(dout, q, k, v, out, lse, routing, ctx.num_regions, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_bra_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bilevel_routing_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_regions: int,
+    topk: int,
+    scale: float | None = None,
+    return_routing: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Bi-level routing attention.
+
+    Args:
+        q, k: ``[batch, H, W, heads, head_dim]``; v: ``[batch, H, W, heads, head_dim_v]``.
+        num_regions: regions per side ``S`` (the map is split into ``S x S`` regions).
+        topk: key regions each query region attends to; ``-1`` or ``>= S*S`` means all.
+        scale: softmax scale, default ``head_dim ** -0.5`` (BiFormer passes ``qk_dim ** -0.5``).
+            The routing affinity is ``(q_r * scale) @ k_r^T`` over all heads' channels.
+        return_routing: also return the routing indices ``[batch, S*S, min(topk, S*S)]``
+            (regions numbered row-major, ordered by decreasing affinity).
+        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"``.
+
+    H, W need not be multiples of ``S``: the map is padded to ``S * ceil(H / S)``
+    (resp. W), and padded tokens neither count in the region means nor receive
+    attention. Returns ``[batch, H, W, heads, head_dim_v]`` (and the routing).
+    """
+    _check_args(q, k, v, num_regions, topk, scale)
+    chosen = resolve_backend(backend, q, k, v, op=_OP)
+    if chosen == "triton" and q.dtype == torch.float64:
+        if backend == "triton":
+            raise ValueError(
+                f"{_OP}: the Triton kernels take float16/bfloat16/float32, got float64; use backend='torch'"
+            )
+        chosen = "torch"
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scale = float(scale)
+    routing = routing_indices(q, k, num_regions, topk, scale)
+    if chosen == "torch":
+        out = bilevel_routing_attention_reference(q, k, v, routing, num_regions, scale)
+    else:
+        out = _bra_fwd(q, k, v, routing, num_regions, scale)[0]
+    return (out, routing) if return_routing else out

@@ -1,0 +1,136 @@
+"""BiFormer models: official-checkpoint conformance, key lists, parameter counts, the shared battery."""
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import visattn  # noqa: F401  (registers the models)
+from tests.model_battery import battery_names, run_battery
+from visattn.backbones.biformer import BiFormer, BiLevelRoutingAttention, checkpoint_filter_fn
+
+TINY = dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), n_win=2, num_classes=10)
+
+
+def _fixture_model(conformance_dir) -> tuple[BiFormer, dict]:
+    cfg = json.loads((conformance_dir / "biformer" / "biformer_r1_config.json").read_text())
+    kw = cfg["constructor_kwargs"]
+    model = timm.create_model(
+        "biformer_t",
+        depths=kw["depth"],
+        embed_dims=kw["embed_dim"],
+        mlp_ratios=kw["mlp_ratios"],
+        n_win=kw["n_win"],
+        topks=kw["topks"],
+        qk_dims=kw["qk_dims"],
+        head_dim=kw["head_dim"],
+        side_dwconv=kw["side_dwconv"],
+        before_attn_dwconv=kw["before_attn_dwconv"],
+        num_classes=kw["num_classes"],
+    )
+    return model.eval(), cfg
+
+
+def test_official_conformance(conformance_dir):
+    d = conformance_dir / "biformer"
+    model, _ = _fixture_model(conformance_dir)
+    official = torch.load(d / "biformer_r1_state_dict.pt", weights_only=True)
+    # Released checkpoints wrap the state_dict under 'model'.
+    model.load_state_dict(checkpoint_filter_fn({"model": official}, model), strict=True)
+    x = torch.load(d / "biformer_r1_input.pt", weights_only=True)
+    logits = torch.load(d / "biformer_r1_logits.pt", weights_only=True)
+    feats = torch.load(d / "biformer_r1_features.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-4)
+        final, inter = model.forward_intermediates(x)
+    for i, t in enumerate(inter):
+        torch.testing.assert_close(t, feats[f"stage{i}"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(final, feats["norm"], atol=1e-4, rtol=1e-4)
+
+
+def _keys_state_dict(path) -> dict:
+    sd = {}
+    for line in path.read_text().splitlines():
+        key, shape = line.split()
+        dims = [int(s) for s in shape.strip("[]").split(",") if s]
+        sd[key] = torch.zeros(
+            dims, dtype=torch.int64 if key.endswith("num_batches_tracked") else torch.float32
+        )
+    return sd
+
+
+@pytest.mark.parametrize(
+    "name,keys", [("biformer_t", "biformer_tiny_keys.txt"), ("biformer_s", "biformer_small_keys.txt")]
+)
+def test_full_size_official_keys_load_strict(conformance_dir, name, keys):
+    model = timm.create_model(name)
+    sd = _keys_state_dict(conformance_dir / "biformer" / keys)
+    model.load_state_dict(checkpoint_filter_fn({"model": sd}, model), strict=True)
+    assert all(not p.detach().any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,millions", [("biformer_t", 13.1), ("biformer_s", 25.5), ("biformer_b", 56.8)])
+def test_param_counts_match_paper(name, millions):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - millions) / millions < 0.01, f"{name}: {count:.2f}M vs {millions}M"
+
+
+def test_long_names_are_aliases():
+    with pytest.warns(UserWarning, match="deprecated"), torch.device("meta"):
+        model = timm.create_model("biformer_small")
+    assert isinstance(model, BiFormer) and len(model.stages[2].blocks) == 18
+    assert "biformer_small" not in visattn.list_models()
+
+
+def test_load_pretrained_from_official_file(tmp_path):
+    model = timm.create_model("biformer_t", **TINY).eval()
+    official = {}
+    for key, value in model.state_dict().items():  # write it back in the official layout
+        key = key.replace("stem.", "downsample_layers.0.").replace("head.fc.", "head.")
+        key = key.replace(".attn.qkv.", ".attn.qkv.qkv.") if ".attn.lepe" not in key else key
+        official[key] = value
+    for i in range(1, 4):
+        official = {
+            k.replace(f"stages.{i}.downsample.", f"downsample_layers.{i}."): v for k, v in official.items()
+        }
+    official = {
+        k.replace(".blocks.", ".")
+        .replace(".attn.proj.", ".attn.wo.")
+        .replace(".mlp.fc1.", ".mlp.0.")
+        .replace(".mlp.fc2.", ".mlp.3."): v
+        for k, v in official.items()
+    }
+    path = tmp_path / "biformer.pth"
+    torch.save({"model": official}, path)
+    fresh = timm.create_model("biformer_t", **TINY).eval()
+    fresh.load_pretrained(str(path))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    other = timm.create_model("biformer_t", **dict(TINY, num_classes=3))
+    other.load_pretrained(str(path))  # a head of another size is skipped, the rest loads
+    torch.testing.assert_close(other.stem[0].weight, model.stem[0].weight)
+
+
+def test_auto_pad_matches_unmasked_padding():
+    torch.manual_seed(0)
+    attn = BiLevelRoutingAttention(64, num_heads=2, n_win=3, topk=2).eval()
+    x = torch.randn(2, 7, 8, 64)
+    with torch.no_grad():
+        masked = attn(x)
+        attn.auto_pad = True
+        padded = attn(x)
+        attn.auto_pad = False
+        manual = attn(F.pad(x, (0, 0, 0, 1, 0, 2)))[:, :7, :8]
+    assert masked.shape == padded.shape == (2, 7, 8, 64)
+    torch.testing.assert_close(padded, manual)
+    assert not torch.allclose(masked, padded, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", battery_names(["biformer_t", "biformer_s", "biformer_b"]))
+def test_battery(name):
+    run_battery(name, img_size=64, alt_img_size=80, **TINY)
