@@ -1,0 +1,424 @@
+"""Triton kernels for neighborhood attention (1-D/2-D/3-D, dilation, causal, rpb).
+
+Layout and tiling
+-----------------
+Every problem is lifted to 3 spatial dims (missing leading dims get extent 1, kernel 1).
+Dilated NA is plain NA on each dilation group (positions sharing ``index % dilation`` in every
+dim), so one program handles one group ``(r0, r1, r2)`` (grid axis 2) and works in *group
+coordinates*; token ``(c0, c1, c2)`` of the group lives at ``(c * dilation + r)`` in memory.
+Queries of a group are flattened row-major and tiled in blocks of ``BLOCK_Q``. For a block,
+the union of its neighbourhoods lies in the row-major range between the smallest window start
+and the largest window end of every dim; the kernel walks that range in ``BLOCK_K`` key tiles
+with ``tl.dot`` and masks each (query, key) pair with the exact per-dim window test (1-D tiling
+of an N-D layout: some FLOPs go to masked pairs, none to pairs outside the range).
+
+Forward: online softmax (base 2) over the key tiles; only the log-sum-exp per query is stored.
+
+Backward (no atomics for dq/dk/dv, so they are deterministic):
+
+* ``_na_bwd_dq_kernel`` is query-centric like the forward and recomputes the probabilities from
+  the stored log-sum-exp; it also scatters ``d(logits)`` into the relative-position-bias
+  gradient with fp32 atomics (many queries share an rpb entry, so a scatter is unavoidable);
+* ``_na_bwd_dkdv_kernel`` is key-centric: for a block of keys it visits the queries whose window
+  can contain them (within ``kernel_size - 1`` of the key per dim; ``0 .. kernel_size - 1``
+  after it when causal), applies the same exact mask and accumulates ``dk`` and ``dv``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from visattn.kernels._dispatch import interpreter_enabled
+from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
+
+
+@triton.jit
+def _unflatten(offs, G1, G2):
+    """Row-major flat index -> 3-D group coordinates."""
+    rest = offs // G2
+    return rest // G1, rest % G1, offs % G2
+
+
+@triton.jit
+def _flatten(c0, c1, c2, G1, G2):
+    return (c0 * G1 + c1) * G2 + c2
+
+
+@triton.jit
+def _window(g, G, K: tl.constexpr, CAUSAL: tl.constexpr):
+    """Half-open window ``[start, end)`` of group coordinate ``g`` in a group of extent ``G``."""
+    if CAUSAL:
+        start = tl.maximum(g - (K - 1), 0)
+        end = g + 1
+    else:
+        start = tl.minimum(tl.maximum(g - K // 2, 0), G - K)
+        end = start + K
+    return start, end
+
+
+@triton.jit
+def _pair_mask(qg, kg, G, K: tl.constexpr, CAUSAL: tl.constexpr):
+    """``[BLOCK_Q, BLOCK_K]``: key coordinate ``kg`` lies in the window of query coordinate ``qg``."""
+    start, end = _window(qg, G, K, CAUSAL)
+    return (kg[None, :] >= start[:, None]) & (kg[None, :] < end[:, None])
+
+
+@triton.jit
+def _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """Flat index into the ``[2K0 - 1, 2K1 - 1, 2K2 - 1]`` bias table: ``key - query + K - 1`` per dim."""
+    i0 = kg0[None, :] - qg0[:, None] + (K0 - 1)
+    i1 = kg1[None, :] - qg1[:, None] + (K1 - 1)
+    i2 = kg2[None, :] - qg2[:, None] + (K2 - 1)
+    return (i0 * (2 * K1 - 1) + i1) * (2 * K2 - 1) + i2
+
+
+@triton.jit
+def _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2):
+    """Residues and extents of dilation group ``pid_g`` (groups enumerated row-major)."""
+    r0 = pid_g // (DIL1 * DIL2)
+    r1 = (pid_g // DIL2) % DIL1
+    r2 = pid_g % DIL2
+    return (
+        r0,
+        r1,
+        r2,
+        (L0 - r0 + DIL0 - 1) // DIL0,
+        (L1 - r1 + DIL1 - 1) // DIL1,
+        (L2 - r2 + DIL2 - 1) // DIL2,
+    )
+
+
+@triton.jit
+def _tokens(c0, c1, c2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2):
+    """Memory token index (row-major over the full grid) of group coordinates."""
+    return ((c0 * DIL0 + r0) * L1 + c1 * DIL1 + r1) * L2 + c2 * DIL2 + r2
+
+
+@triton.jit
+def _logits(
+    q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, valid, rpb_h, scale_log2,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Masked logits in log2 units ``(scale * q k^T + rpb) * log2(e)`` and the mask."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    mask = valid & _pair_mask(qg0, kg0, G0, K0, C0)
+    mask = mask & _pair_mask(qg1, kg1, G1, K1, C1) & _pair_mask(qg2, kg2, G2, K2, C2)
+    if HAS_RPB:
+        ridx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2)
+        s += tl.load(rpb_h + ridx, mask=mask, other=0.0) * LOG2E
+    return tl.where(mask, s, float("-inf")), mask
+
+
+@triton.jit
+def _na_fwd_kernel(
+    Q, K, V, RPB, Out, LSE,
+    scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_q, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
+    n_group = G0 * G1 * G2
+    if pid_q * BLOCK_Q >= n_group:
+        return
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    n_tok = L0 * L1 * L2
+    stride_t = H * HEAD_DIM
+    base = (b * n_tok * H + h) * HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < n_group
+    qg0, qg1, qg2 = _unflatten(tl.minimum(offs_q, n_group - 1), G1, G2)
+    tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
+    q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
+    q = tl.load(Q + q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+
+    s0, e0 = _window(qg0, G0, K0, C0)
+    s1, e1 = _window(qg1, G1, K1, C1)
+    s2, e2 = _window(qg2, G2, K2, C2)
+    lo = _flatten(tl.min(s0, 0), tl.min(s1, 0), tl.min(s2, 0), G1, G2)
+    hi = _flatten(tl.max(e0, 0) - 1, tl.max(e1, 0) - 1, tl.max(e2, 0) - 1, G1, G2) + 1
+    rpb_h = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < hi
+        kg0, kg1, kg2 = _unflatten(tl.minimum(offs_k, hi - 1), G1, G2)
+        tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
+        kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+        s, _ = _logits(
+            q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, q_ok[:, None] & k_ok[None, :], rpb_h,
+            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, DOT_PREC,
+        )  # fmt: skip
+        m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+
+    out, lse = finish_softmax(acc, m_i, l_i)
+    tl.store(Out + q_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (b * H + h) * n_tok + tok_q, lse, mask=q_ok)
+
+
+@triton.jit
+def _na_bwd_dq_kernel(
+    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
+    scale, scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_q, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
+    n_group = G0 * G1 * G2
+    if pid_q * BLOCK_Q >= n_group:
+        return
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    n_tok = L0 * L1 * L2
+    stride_t = H * HEAD_DIM
+    base = (b * n_tok * H + h) * HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < n_group
+    qg0, qg1, qg2 = _unflatten(tl.minimum(offs_q, n_group - 1), G1, G2)
+    tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
+    q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
+    stat_ptrs = (b * H + h) * n_tok + tok_q
+    lse = tl.load(LSE + stat_ptrs, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + stat_ptrs, mask=q_ok, other=0.0)
+
+    s0, e0 = _window(qg0, G0, K0, C0)
+    s1, e1 = _window(qg1, G1, K1, C1)
+    s2, e2 = _window(qg2, G2, K2, C2)
+    lo = _flatten(tl.min(s0, 0), tl.min(s1, 0), tl.min(s2, 0), G1, G2)
+    hi = _flatten(tl.max(e0, 0) - 1, tl.max(e1, 0) - 1, tl.max(e2, 0) - 1, G1, G2) + 1
+    n_rpb = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    rpb_h = RPB + h * n_rpb
+
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < hi
+        kg0, kg1, kg2 = _unflatten(tl.minimum(offs_k, hi - 1), G1, G2)
+        tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
+        kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+        s, mask = _logits(
+            q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, q_ok[:, None] & k_ok[None, :], rpb_h,
+            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, DOT_PREC,
+        )  # fmt: skip
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if HAS_RPB:
+            ridx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2)
+            tl.atomic_add(DRPB + h * n_rpb + ridx, ds, mask=mask)
+    tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _na_bwd_dkdv_kernel(
+    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
+    scale, scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_k, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
+    n_group = G0 * G1 * G2
+    if pid_k * BLOCK_K >= n_group:
+        return
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    n_tok = L0 * L1 * L2
+    stride_t = H * HEAD_DIM
+    base = (b * n_tok * H + h) * HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < n_group
+    kg0, kg1, kg2 = _unflatten(tl.minimum(offs_k, n_group - 1), G1, G2)
+    tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
+    kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+
+    # Queries whose window can hold one of these keys: within K - 1 per dim (causal: at or after).
+    if C0:
+        lo0, hi0 = tl.min(kg0, 0), tl.minimum(tl.max(kg0, 0) + K0 - 1, G0 - 1)
+    else:
+        lo0, hi0 = tl.maximum(tl.min(kg0, 0) - (K0 - 1), 0), tl.minimum(tl.max(kg0, 0) + K0 - 1, G0 - 1)
+    if C1:
+        lo1, hi1 = tl.min(kg1, 0), tl.minimum(tl.max(kg1, 0) + K1 - 1, G1 - 1)
+    else:
+        lo1, hi1 = tl.maximum(tl.min(kg1, 0) - (K1 - 1), 0), tl.minimum(tl.max(kg1, 0) + K1 - 1, G1 - 1)
+    if C2:
+        lo2, hi2 = tl.min(kg2, 0), tl.minimum(tl.max(kg2, 0) + K2 - 1, G2 - 1)
+    else:
+        lo2, hi2 = tl.maximum(tl.min(kg2, 0) - (K2 - 1), 0), tl.minimum(tl.max(kg2, 0) + K2 - 1, G2 - 1)
+    lo = _flatten(lo0, lo1, lo2, G1, G2)
+    hi = _flatten(hi0, hi1, hi2, G1, G2) + 1
+    rpb_h = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
+
+    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_Q):
+        offs_q = start + tl.arange(0, BLOCK_Q)
+        q_ok = offs_q < hi
+        qg0, qg1, qg2 = _unflatten(tl.minimum(offs_q, hi - 1), G1, G2)
+        tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
+        q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
+        q_mask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+        do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
+        stat_ptrs = (b * H + h) * n_tok + tok_q
+        lse = tl.load(LSE + stat_ptrs, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + stat_ptrs, mask=q_ok, other=0.0)
+        s, _ = _logits(
+            q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, q_ok[:, None] & k_ok[None, :], rpb_h,
+            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, DOT_PREC,
+        )  # fmt: skip
+        p = tl.exp2(s - lse[:, None])
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
+    tl.store(DK + kv_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _lift(q, kernel_size, dilation, is_causal):
+    """Pad the per-dim arguments to 3 dims (leading dims of extent 1, kernel 1)."""
+    spatial = tuple(q.shape[1:-2])
+    pad = 3 - len(spatial)
+    return (
+        (1,) * pad + spatial,
+        (1,) * pad + tuple(kernel_size),
+        (1,) * pad + tuple(dilation),
+        (False,) * pad + tuple(is_causal),
+    )
+
+
+def _blocks(head_dim: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_Q, BLOCK_K, BLOCK_D, num_warps)``: big tiles under the interpreter (few programs)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreter_enabled():
+        return 64, 64, block_d, 4
+    if block_d <= 64:
+        return 64, 64, block_d, 4
+    if block_d <= 128:
+        return 64, 32, block_d, 4
+    return 32, 32, block_d, 8
+
+
+def _grid(spatial, dilation, block, batch_heads):
+    largest_group = math.prod(-(-n // d) for n, d in zip(spatial, dilation))
+    return (triton.cdiv(largest_group, block), batch_heads, math.prod(dilation))
+
+
+def _rpb_table(rpb: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    return q.new_zeros((1,), dtype=torch.float32) if rpb is None else rpb.float().contiguous()
+
+
+def na_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    is_causal: tuple[bool, ...],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on validated arguments. Returns ``(out, lse)``: ``out`` like ``q`` (contiguous),
+    ``lse`` ``[batch, heads, tokens]`` float32 in log2 units."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
+    spatial, ks, dil, causal = _lift(q, kernel_size, dilation, is_causal)
+    tokens = math.prod(spatial)
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    block_q, block_k, block_d, warps = _blocks(head_dim)
+    _na_fwd_kernel[_grid(spatial, dil, block_q, batch * heads)](
+        q, k, v, _rpb_table(rpb, q), out, lse,
+        scale * LOG2E.value, *spatial, *dil, heads, head_dim,
+        *ks, *causal, rpb is not None, block_q, block_k, block_d, dot_precision(q.dtype),
+        num_warps=warps,
+    )  # fmt: skip
+    return out, lse
+
+
+def na_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    is_causal: tuple[bool, ...],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward on validated arguments. Returns ``(dq, dk, dv, drpb)`` (``drpb`` empty without rpb)."""
+    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+    batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
+    spatial, ks, dil, causal = _lift(q, kernel_size, dilation, is_causal)
+    tokens = math.prod(spatial)
+    # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, laid out like lse.
+    delta = (
+        (grad_out.float() * out.float()).sum(-1).reshape(batch, tokens, heads).transpose(1, 2).contiguous()
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    drpb = torch.zeros((0,) if rpb is None else rpb.shape, device=q.device, dtype=torch.float32)
+    if q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), drpb.to(q.dtype if rpb is None else rpb.dtype)
+    block_q, block_k, block_d, warps = _blocks(head_dim)
+    common = (
+        scale, scale * LOG2E.value, *spatial, *dil, heads, head_dim,
+        *ks, *causal, rpb is not None, block_q, block_k, block_d, dot_precision(q.dtype),
+    )  # fmt: skip
+    rpb_table = _rpb_table(rpb, q)
+    _na_bwd_dq_kernel[_grid(spatial, dil, block_q, batch * heads)](
+        q, k, v, rpb_table, grad_out, lse, delta, dq, drpb if rpb is not None else rpb_table, *common,
+        num_warps=warps,
+    )  # fmt: skip
+    _na_bwd_dkdv_kernel[_grid(spatial, dil, block_k, batch * heads)](
+        q, k, v, rpb_table, grad_out, lse, delta, dk, dv, *common, num_warps=warps
+    )
+    return dq, dk, dv, drpb.to(q.dtype if rpb is None else rpb.dtype)
