@@ -198,3 +198,135 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     a = neighborhood_attention(q, k, v, 3, backend="torch")
     b = neighborhood_attention(q, k, v, 3, scale=1 / math.sqrt(16), backend="torch")
     torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- Triton vs reference
+
+# (shape, kernel_size, dilation, is_causal, use_rpb); float32 under the interpreter on CPU.
+TRITON_CASES = [
+    ((2, 9, 2, 4), 3, 1, False, True),
+    ((1, 10, 1, 20), 3, 3, False, True),  # head_dim 20 padded to 32; 10 % 3 != 0
+    ((1, 12, 1, 8), 5, 2, True, False),
+    ((2, 5, 7, 2, 16), (3, 5), 1, False, True),
+    ((1, 7, 8, 1, 8), 3, 2, False, True),
+    ((1, 6, 5, 1, 8), (3, 2), 1, (True, False), False),
+    ((1, 3, 4, 5, 1, 8), 3, 1, False, True),
+    ((1, 4, 5, 6, 1, 8), (3, 2, 3), (1, 2, 2), (False, True, False), False),
+]
+
+
+def _compare_backends(
+    shape, kernel_size, dilation, causal, use_rpb, noncontiguous=False, dtype=torch.float32
+):
+    n = len(shape) - 3
+    ks = kernel_size if isinstance(kernel_size, tuple) else (kernel_size,) * n
+    q, k, v, rpb = _inputs(shape, dtype=dtype, rpb_kernel=ks if use_rpb else None)
+    if noncontiguous:  # same values, strided storage: heads and head_dim swapped in memory
+        q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+        assert not q.is_contiguous()
+    leaves = [t.requires_grad_(True) for t in (q, k, v) + ((rpb,) if use_rpb else ())]
+    kwargs = dict(kernel_size=kernel_size, dilation=dilation, is_causal=causal, rpb=rpb)
+    out = neighborhood_attention(q, k, v, backend="triton", **kwargs)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref = neighborhood_attention(q, k, v, backend="torch", **kwargs)
+    ref_grads = torch.autograd.grad(ref, leaves, grad)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    for name, g, r in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
+        torch.testing.assert_close(g, r, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation,causal,use_rpb", TRITON_CASES)
+def test_triton_matches_reference(shape, kernel_size, dilation, causal, use_rpb):
+    _compare_backends(shape, kernel_size, dilation, causal, use_rpb)
+
+
+def test_triton_noncontiguous_inputs():
+    _compare_backends((1, 6, 7, 2, 8), (3, 5), (2, 1), False, True, noncontiguous=True)
+
+
+def test_triton_large_head_dim_forward():
+    q, k, v, rpb = _inputs((1, 5, 1, 96), dtype=torch.float32, rpb_kernel=(3,))
+    out = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="triton")
+    torch.testing.assert_close(out, neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch"))
+
+
+def test_triton_head_dim_and_dtype_limits():
+    q, k, v, _ = _inputs((1, 5, 1, 257), dtype=torch.float32)
+    with pytest.raises(ValueError, match="head_dim <= 256"):
+        neighborhood_attention(q, k, v, 3, backend="triton")
+    q, k, v, _ = _inputs((1, 5, 1, 8))
+    with pytest.raises(ValueError, match="float64"):
+        neighborhood_attention(q, k, v, 3, backend="triton")
+
+
+def test_opcheck():
+    from visattn.kernels.neighborhood_attention import _na_forward
+
+    q, k, v, rpb = _inputs((1, 5, 6, 2, 8), dtype=torch.float32, rpb_kernel=(3, 3))
+    for t in (q, k, v, rpb):
+        t.requires_grad_(True)
+    torch.library.opcheck(_na_forward, (q, k, v, rpb, [3, 3], [1, 2], [False, False], 0.5))
+    torch.library.opcheck(_na_forward, (q, k, v, None, [3, 3], [1, 1], [True, False], 0.5))
+
+
+def test_traces_under_torch_compile():
+    q, k, v, rpb = _inputs((1, 5, 6, 2, 8), dtype=torch.float32, rpb_kernel=(3, 3))
+    fn = torch.compile(
+        lambda q, k, v, rpb: neighborhood_attention(q, k, v, 3, rpb=rpb, backend="triton"),
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    leaves = [t.requires_grad_(True) for t in (q, k, v, rpb)]
+    out = fn(q, k, v, rpb)
+    out.sum().backward()
+    ref = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    ref_grads = torch.autograd.grad(ref.sum(), leaves)
+    for t, r in zip(leaves, ref_grads):
+        torch.testing.assert_close(t.grad, r, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "shape,kernel_size,dilation,causal,use_rpb",
+    [
+        ((2, 56, 56, 2, 32), 7, 1, False, True),
+        ((2, 28, 28, 4, 32), 7, 4, False, True),
+        ((1, 30, 1, 64), 7, 3, False, False),
+        ((2, 300, 4, 64), 13, 2, True, False),
+        ((1, 10, 12, 14, 2, 128), (3, 5, 7), (2, 1, 1), (True, False, False), False),
+        ((1, 16, 16, 1, 80), 5, 3, False, True),
+    ],
+)
+def test_cuda_matches_reference(dtype, shape, kernel_size, dilation, causal, use_rpb):
+    n = len(shape) - 3
+    ks = kernel_size if isinstance(kernel_size, tuple) else (kernel_size,) * n
+    q, k, v, rpb = _inputs(shape, dtype=dtype, rpb_kernel=ks if use_rpb else None, device="cuda")
+    leaves = [t.requires_grad_(True) for t in (q, k, v) + ((rpb,) if use_rpb else ())]
+    kwargs = dict(kernel_size=kernel_size, dilation=dilation, is_causal=causal, rpb=rpb)
+    out = neighborhood_attention(q, k, v, **kwargs)  # auto -> Triton on CUDA
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_rpb = ref_leaves[3] if use_rpb else None
+    ref = neighborhood_attention(*ref_leaves[:3], backend="torch", **{**kwargs, "rpb": ref_rpb})
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out, ref.to(dtype), rtol=tol, atol=tol)
+    for g, r in zip(grads, ref_grads):
+        # drpb sums over all queries: compare relative to its scale
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(g.double() / scale, r / scale, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.cuda
+def test_cuda_inductor_compile():
+    q, k, v, rpb = _inputs((2, 14, 14, 4, 32), dtype=torch.float16, rpb_kernel=(7, 7), device="cuda")
+    fn = torch.compile(lambda q, k, v: neighborhood_attention(q, k, v, 7, rpb=rpb), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), neighborhood_attention(q, k, v, 7, rpb=rpb), rtol=0, atol=0)
