@@ -1,0 +1,230 @@
+"""Large-kernel attention (LKA) of VAN (Guo et al., "Visual Attention Network", arXiv 2202.09741).
+
+``out = x * conv1x1(dwconv_dilated(dwconv(x)))``: a depthwise ``k1 x k1`` convolution
+(VAN: 5x5, padding 2), a depthwise ``k2 x k2`` convolution with ``dilation`` (VAN: 7x7,
+dilation 3, padding 9), a 1x1 convolution, and the product with the input.
+
+Layout: channels-first ``[B, C, H, W]`` like VAN (not the ``[batch, *spatial, heads, head_dim]``
+of the attention ops: LKA has no heads and its convolutions run over channel planes).
+
+Backends (``visattn.kernels._dispatch``): ``"torch"`` runs the ``F.conv2d`` reference;
+``"triton"`` runs the fused kernels of :mod:`visattn.kernels.triton.large_kernel_attention`
+through the ``visattn::large_kernel_attention_fwd`` / ``_bwd`` custom ops (fake
+implementations and autograd registered, so they trace under ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from visattn.kernels._checks import check_float_tensors, check_ndim
+from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels.reference.large_kernel_attention import large_kernel_attention_reference
+
+_OP = "large_kernel_attention"
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_depthwise(name: str, weight: torch.Tensor, channels: int) -> int:
+    shape = tuple(weight.shape)
+    if weight.ndim != 4 or shape[0] != channels or shape[1] != 1 or shape[2] != shape[3] or shape[2] % 2 == 0:
+        raise ValueError(
+            f"{_OP}: {name} must be a depthwise kernel of shape [C, 1, k, k] with C={channels} and odd k, "
+            f"got {shape}"
+        )
+    return shape[2]
+
+
+def _check_args(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation) -> None:
+    tensors = {"x": x, "dw_weight": dw_weight, "dwd_weight": dwd_weight, "pw_weight": pw_weight}
+    tensors.update(
+        {
+            n: t
+            for n, t in (("dw_bias", dw_bias), ("dwd_bias", dwd_bias), ("pw_bias", pw_bias))
+            if t is not None
+        }
+    )
+    check_float_tensors(_OP, **tensors)
+    check_ndim(_OP, "x", x, (4,), "[B, C, H, W]")
+    batch, channels, height, width = x.shape
+    if min(batch, channels, height, width) == 0:
+        raise ValueError(
+            f"{_OP}: x must have non-zero batch, channels and spatial size, got {tuple(x.shape)}"
+        )
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"{_OP}: dilation must be a positive int, got {dilation!r}")
+    _check_depthwise("dw_weight", dw_weight, channels)
+    _check_depthwise("dwd_weight", dwd_weight, channels)
+    if tuple(pw_weight.shape) != (channels, channels, 1, 1):
+        raise ValueError(
+            f"{_OP}: pw_weight must be a 1x1 conv kernel of shape [C, C, 1, 1] with C={channels}, "
+            f"got {tuple(pw_weight.shape)}"
+        )
+    for name, bias in (("dw_bias", dw_bias), ("dwd_bias", dwd_bias), ("pw_bias", pw_bias)):
+        if bias is not None and tuple(bias.shape) != (channels,):
+            raise ValueError(
+                f"{_OP}: {name} must have shape [C] = ({channels},) or be None, got {tuple(bias.shape)}"
+            )
+
+
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1).contiguous()
+
+
+@torch.library.custom_op("visattn::large_kernel_attention_fwd", mutates_args=())
+def _lka_fwd(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor | None,
+    dwd_weight: torch.Tensor,
+    dwd_bias: torch.Tensor | None,
+    pw_weight: torch.Tensor,
+    pw_bias: torch.Tensor | None,
+    dilation: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: returns ``(x * attn, d)`` with ``d`` = the two depthwise convs (kept for backward)."""
+    from visattn.kernels.triton import large_kernel_attention as tk
+
+    x = x.contiguous()
+    d = tk.dw_chain(x, _flat(dw_weight), dw_bias, _flat(dwd_weight), dwd_bias, dilation)
+    return tk.pointwise_gate(_flat(pw_weight), pw_bias, d, x), d
+
+
+@_lka_fwd.register_fake
+def _(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format
+    )
+
+
+@torch.library.custom_op("visattn::large_kernel_attention_bwd", mutates_args=())
+def _lka_bwd(
+    grad_out: torch.Tensor,
+    grad_d: torch.Tensor | None,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor | None,
+    dwd_weight: torch.Tensor,
+    dwd_bias: torch.Tensor | None,
+    pw_weight: torch.Tensor,
+    pw_bias: torch.Tensor | None,
+    dilation: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: gradients for x, dw weight/bias, dwd weight/bias, pw weight/bias (biases always)."""
+    from visattn.kernels.triton import large_kernel_attention as tk
+
+    batch, channels, height, width = x.shape
+    x = x.contiguous()
+    wpw = pw_weight.reshape(channels, channels)
+    xf, df = x.reshape(batch, channels, -1), d.reshape(batch, channels, -1)
+    gf = grad_out.contiguous().reshape(batch, channels, -1)
+    attn = torch.matmul(wpw, df)
+    if pw_bias is not None:
+        attn = attn + pw_bias[:, None]
+    g_attn = gf * xf
+    g_d = torch.matmul(wpw.t(), g_attn)
+    if grad_d is not None:
+        g_d = g_d + grad_d.reshape(batch, channels, -1)
+    g_pw = torch.einsum("bip,bjp->ij", g_attn, df).reshape(pw_weight.shape)
+    g_pw_bias = g_attn.sum(dim=(0, 2))
+    g_d = g_d.reshape(x.shape).contiguous()
+
+    w1, w2 = _flat(dw_weight), _flat(dwd_weight)
+    a = tk.dwconv(x, w1, dw_bias)
+    g_a = tk.dwconv(g_d, w2, dilation=dilation, flip=True)
+    g_x = tk.dwconv(g_a, w1, flip=True, add=(gf * attn).reshape(x.shape))
+    g_w2, g_b2 = tk.dwconv_weight_grad(a, g_d, dwd_weight.shape[-1], dilation)
+    g_w1, g_b1 = tk.dwconv_weight_grad(x, g_a, dw_weight.shape[-1])
+    wdt = dw_weight.dtype
+    return (
+        g_x,
+        g_w1.to(wdt).reshape(dw_weight.shape),
+        g_b1.to(wdt),
+        g_w2.to(wdt).reshape(dwd_weight.shape),
+        g_b2.to(wdt),
+        g_pw.to(wdt),
+        g_pw_bias.to(wdt),
+    )
+
+
+@_lka_bwd.register_fake
+def _(grad_out, grad_d, x, d, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation):
+    channels = x.shape[1]
+    bias = dw_weight.new_empty(channels)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(dw_weight),
+        bias,
+        torch.empty_like(dwd_weight),
+        torch.empty_like(bias),
+        torch.empty_like(pw_weight),
+        torch.empty_like(bias),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation = inputs
+    ctx.save_for_backward(x, output[1], dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias)
+    ctx.dilation = dilation
+
+
+def _backward(ctx, grad_out, grad_d):
+    x, d, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias = ctx.saved_tensors
+    g = _lka_bwd(
+        grad_out, grad_d, x, d, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, ctx.dilation
+    )
+    g_x, g_w1, g_b1, g_w2, g_b2, g_pw, g_pwb = g
+    return (
+        g_x,
+        g_w1,
+        g_b1 if dw_bias is not None else None,
+        g_w2,
+        g_b2 if dwd_bias is not None else None,
+        g_pw,
+        g_pwb if pw_bias is not None else None,
+        None,
+    )
+
+
+_lka_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def large_kernel_attention(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor | None,
+    dwd_weight: torch.Tensor,
+    dwd_bias: torch.Tensor | None,
+    pw_weight: torch.Tensor,
+    pw_bias: torch.Tensor | None,
+    dilation: int = 3,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Large-kernel attention ``x * conv1x1(dwconv_dilated(dwconv(x)))`` (VAN's ``AttentionModule``).
+
+    Args:
+        x: ``[B, C, H, W]`` (channels-first).
+        dw_weight, dw_bias: depthwise ``[C, 1, k1, k1]`` kernel (odd ``k1``; VAN: 5) and ``[C]`` bias or None;
+            padding ``k1 // 2``.
+        dwd_weight, dwd_bias: depthwise ``[C, 1, k2, k2]`` kernel (odd ``k2``; VAN: 7) and ``[C]`` bias
+            or None, applied with ``dilation`` and padding ``dilation * (k2 // 2)``.
+        pw_weight, pw_bias: 1x1 conv ``[C, C, 1, 1]`` and ``[C]`` bias or None.
+        dilation: dilation of the second depthwise conv (VAN: 3).
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see :mod:`visattn.kernels._dispatch`).
+
+    Returns:
+        ``[B, C, H, W]``, same dtype as ``x``.
+    """
+    _check_args(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)
+    tensors = [t for t in (x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias) if t is not None]
+    if resolve_backend(backend, *tensors, op=_OP) == "torch":
+        return large_kernel_attention_reference(
+            x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation
+        )
+    if x.dtype not in _TRITON_DTYPES:
+        raise ValueError(
+            f"{_OP}: backend='triton' supports float16/bfloat16/float32, got {x.dtype}; "
+            "use backend='torch' for float64"
+        )
+    return _lka_fwd(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)[0]

@@ -1,0 +1,412 @@
+"""Triton kernels of large-kernel attention (LKA) on channels-first ``[B, C, H, W]`` tensors.
+
+Forward (two launches):
+
+1. :func:`dw_chain` — the two depthwise convolutions in one kernel. A program owns a
+   spatial tile of one ``(batch, channel)`` plane; it first evaluates the ``k1 x k1``
+   convolution on the tile grown by the halo of the dilated convolution (zero outside the
+   image, as the zero padding of the second convolution requires), parks that region in a
+   per-program scratch slot (a few KiB, L1/L2-resident; the grid is persistent so the
+   scratch stays small), then evaluates the dilated ``k2 x k2`` convolution from it. The
+   intermediate never makes a round trip through a full-size tensor.
+2. :func:`pointwise_gate` — the 1x1 convolution as a GEMM over channels with the bias and
+   the gating product ``x * attn`` in its epilogue, so ``attn`` is never written.
+
+Backward: the 1x1 parts are GEMMs left to cuBLAS (``torch.matmul``); the depthwise parts use
+:func:`dwconv` (input gradients are depthwise convolutions with flipped kernels; the last one
+adds the direct ``grad * attn`` term in its epilogue) and :func:`dwconv_weight_grad`
+(per-tile partial sums of every tap, reduced by ``torch.sum``). The intermediate
+``dwconv(x)`` is recomputed instead of saved.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _dw_chain_kernel(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    out_ptr,
+    scratch_ptr,
+    n_planes,
+    C,
+    H,
+    W,
+    tiles_w,
+    tiles_per_block,
+    total_tiles,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    DIL: tl.constexpr,
+    PB: tl.constexpr,
+    RH: tl.constexpr,
+    RW: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+):
+    # A work item is PB planes x one spatial tile. A region of RH x RW intermediate values per
+    # plane feeds an output tile of (RH - 2*P2) x (RW - 2*P2).
+    P1: tl.constexpr = K1 // 2
+    P2: tl.constexpr = DIL * (K2 // 2)
+    TILE_H: tl.constexpr = RH - 2 * P2
+    TILE_W: tl.constexpr = RW - 2 * P2
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pp = tl.arange(0, PB)[:, None, None]
+    rr = tl.arange(0, RH)[None, :, None]
+    cc = tl.arange(0, RW)[None, None, :]
+    slot = scratch_ptr + pid.to(tl.int64) * (PB * RH * RW) + pp * (RH * RW)
+    in_tile = (rr < TILE_H) & (cc < TILE_W)
+    for t in range(pid, total_tiles, nprog):
+        plane = (t // tiles_per_block) * PB + pp
+        rem = t % tiles_per_block
+        oh0 = (rem // tiles_w) * TILE_H
+        ow0 = (rem % tiles_w) * TILE_W
+        pvalid = plane < n_planes
+        ch = plane % C
+        base = plane.to(tl.int64) * H * W
+        # phase 1: first depthwise conv on the tile + halo, zero outside the image
+        ih = oh0 - P2 + rr
+        iw = ow0 - P2 + cc
+        acc = tl.zeros((PB, RH, RW), dtype=tl.float32)
+        for i in tl.static_range(K1):
+            for j in tl.static_range(K1):
+                w = tl.load(w1_ptr + ch * (K1 * K1) + (i * K1 + j), mask=pvalid, other=0.0).to(tl.float32)
+                yh = ih + (i - P1)
+                yw = iw + (j - P1)
+                m = pvalid & (yh >= 0) & (yh < H) & (yw >= 0) & (yw < W)
+                acc += w * tl.load(x_ptr + base + yh * W + yw, mask=m, other=0.0).to(tl.float32)
+        if HAS_B1:
+            acc += tl.load(b1_ptr + ch, mask=pvalid, other=0.0).to(tl.float32)
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        acc = tl.where(inside, acc, 0.0)
+        tl.debug_barrier()  # the previous work item's phase-2 reads of this slot are done
+        tl.store(slot + rr * RW + cc, acc)
+        tl.debug_barrier()  # the region is visible to every thread of the program
+        # phase 2: dilated depthwise conv read from the region
+        out = tl.zeros((PB, RH, RW), dtype=tl.float32)
+        for i in tl.static_range(K2):
+            for j in tl.static_range(K2):
+                w = tl.load(w2_ptr + ch * (K2 * K2) + (i * K2 + j), mask=pvalid, other=0.0).to(tl.float32)
+                v = tl.load(slot + (rr + i * DIL) * RW + (cc + j * DIL), mask=in_tile, other=0.0)
+                out += w * v
+        if HAS_B2:
+            out += tl.load(b2_ptr + ch, mask=pvalid, other=0.0).to(tl.float32)
+        oh = oh0 + rr
+        ow = ow0 + cc
+        keep = pvalid & in_tile & (oh < H) & (ow < W)
+        tl.store(out_ptr + base + oh * W + ow, out.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _dwconv_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    add_ptr,
+    out_ptr,
+    n_planes,
+    C,
+    H,
+    W,
+    tiles_w,
+    K: tl.constexpr,
+    DIL: tl.constexpr,
+    FLIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    PB: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
+    plane = tl.program_id(0) * PB + tl.arange(0, PB)[:, None, None]
+    tile = tl.program_id(1)
+    pvalid = plane < n_planes
+    ch = plane % C
+    base = plane.to(tl.int64) * H * W
+    oh = (tile // tiles_w) * BH + tl.arange(0, BH)[None, :, None]
+    ow = (tile % tiles_w) * BW + tl.arange(0, BW)[None, None, :]
+    P: tl.constexpr = DIL * (K // 2)
+    acc = tl.zeros((PB, BH, BW), dtype=tl.float32)
+    for i in tl.static_range(K):
+        for j in tl.static_range(K):
+            if FLIP:
+                widx = (K - 1 - i) * K + (K - 1 - j)
+            else:
+                widx = i * K + j
+            w = tl.load(w_ptr + ch * (K * K) + widx, mask=pvalid, other=0.0).to(tl.float32)
+            yh = oh + (i * DIL - P)
+            yw = ow + (j * DIL - P)
+            m = pvalid & (yh >= 0) & (yh < H) & (yw >= 0) & (yw < W)
+            acc += w * tl.load(x_ptr + base + yh * W + yw, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ch, mask=pvalid, other=0.0).to(tl.float32)
+    keep = pvalid & (oh < H) & (ow < W)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + base + oh * W + ow, mask=keep, other=0.0).to(tl.float32)
+    tl.store(out_ptr + base + oh * W + ow, acc.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _dwconv_wgrad_kernel(
+    x_ptr,
+    g_ptr,
+    partial_ptr,
+    n_planes,
+    H,
+    W,
+    tiles_w,
+    n_tiles,
+    K: tl.constexpr,
+    DIL: tl.constexpr,
+    PB: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
+    # partial[plane, tile, k] = sum over the tile of g(p) * x(p + shift_k); the last slot holds sum(g)
+    pvec = tl.program_id(0) * PB + tl.arange(0, PB)
+    plane = pvec[:, None, None]
+    tile = tl.program_id(1)
+    pvalid = plane < n_planes
+    base = plane.to(tl.int64) * H * W
+    oh = (tile // tiles_w) * BH + tl.arange(0, BH)[None, :, None]
+    ow = (tile % tiles_w) * BW + tl.arange(0, BW)[None, None, :]
+    keep = pvalid & (oh < H) & (ow < W)
+    g = tl.load(g_ptr + base + oh * W + ow, mask=keep, other=0.0).to(tl.float32)
+    out = partial_ptr + (pvec.to(tl.int64) * n_tiles + tile) * (K * K + 1)
+    P: tl.constexpr = DIL * (K // 2)
+    for i in tl.static_range(K):
+        for j in tl.static_range(K):
+            yh = oh + (i * DIL - P)
+            yw = ow + (j * DIL - P)
+            m = keep & (yh >= 0) & (yh < H) & (yw >= 0) & (yw < W)
+            v = tl.load(x_ptr + base + yh * W + yw, mask=m, other=0.0).to(tl.float32)
+            tl.store(out + (i * K + j), tl.sum(tl.sum(g * v, axis=2), axis=1), mask=pvec < n_planes)
+    tl.store(out + K * K, tl.sum(tl.sum(g, axis=2), axis=1), mask=pvec < n_planes)
+
+
+@triton.jit
+def _pointwise_gate_kernel(
+    w_ptr,
+    b_ptr,
+    d_ptr,
+    x_ptr,
+    out_ptr,
+    C,
+    HW,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # out[b, m, n] = x[b, m, n] * (sum_k w[m, k] * d[b, k, n] + bias[m])
+    b = tl.program_id(0)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rn = tl.program_id(2) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    base = b.to(tl.int64) * C * HW
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, C, BK):
+        kk = k0 + rk
+        a = tl.load(
+            w_ptr + rm[:, None] * C + kk[None, :], mask=(rm[:, None] < C) & (kk[None, :] < C), other=0.0
+        )
+        bt = tl.load(
+            d_ptr + base + kk[:, None] * HW + rn[None, :],
+            mask=(kk[:, None] < C) & (rn[None, :] < HW),
+            other=0.0,
+        )
+        acc = tl.dot(a.to(bt.dtype), bt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rm, mask=rm < C, other=0.0).to(tl.float32)[:, None]
+    keep = (rm[:, None] < C) & (rn[None, :] < HW)
+    offs = base + rm[:, None] * HW + rn[None, :]
+    acc = acc * tl.load(x_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def _region(size: int, halo: int) -> int:
+    """Power-of-two region edge for :func:`dw_chain`: the whole plane plus halo when that is small,
+    else 64 (a 46-wide output tile for VAN's halo of 9), more only for very wide halos."""
+    return min(triton.next_power_of_2(size + 2 * halo), max(64, triton.next_power_of_2(4 * halo)))
+
+
+def _tile(size: int, cap: int) -> int:
+    return min(triton.next_power_of_2(size), cap)
+
+
+def _planes_per_program(n_planes: int, device: torch.device) -> int:
+    """One plane per program on a GPU; under the interpreter (which costs per op, not per element)
+    as many planes as possible, so that a handful of programs does the whole tensor."""
+    return 1 if device.type == "cuda" else min(triton.next_power_of_2(n_planes), 32)
+
+
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 8
+    return 2
+
+
+def dw_chain(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    dilation: int,
+) -> torch.Tensor:
+    """``dwconv_dilated(dwconv(x, w1, b1), w2, b2)`` for ``x`` ``[B, C, H, W]``; ``w1`` ``[C, k1*k1]``,
+    ``w2`` ``[C, k2*k2]`` (contiguous), same padding. Returns ``[B, C, H, W]`` in ``x.dtype``."""
+    bsz, chans, h, w = x.shape
+    k1 = int(round(w1.shape[1] ** 0.5))
+    k2 = int(round(w2.shape[1] ** 0.5))
+    halo = dilation * (k2 // 2)
+    rh, rw = _region(h, halo), _region(w, halo)
+    tiles_w = triton.cdiv(w, rw - 2 * halo)
+    tiles_per_block = triton.cdiv(h, rh - 2 * halo) * tiles_w
+    n_planes = bsz * chans
+    pb = _planes_per_program(n_planes, x.device)
+    total = triton.cdiv(n_planes, pb) * tiles_per_block
+    nprog = min(total, _max_programs(x.device))
+    scratch = torch.empty(nprog * pb * rh * rw, device=x.device, dtype=torch.float32)
+    out = torch.empty_like(x)
+    _dw_chain_kernel[(nprog,)](
+        x,
+        w1,
+        b1 if b1 is not None else w1,
+        w2,
+        b2 if b2 is not None else w2,
+        out,
+        scratch,
+        n_planes,
+        chans,
+        h,
+        w,
+        tiles_w,
+        tiles_per_block,
+        total,
+        K1=k1,
+        K2=k2,
+        DIL=dilation,
+        PB=pb,
+        RH=rh,
+        RW=rw,
+        HAS_B1=b1 is not None,
+        HAS_B2=b2 is not None,
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def dwconv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dilation: int = 1,
+    flip: bool = False,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same-padded depthwise conv of ``x`` ``[B, C, H, W]`` with ``weight`` ``[C, k*k]`` (spatially
+    flipped when ``flip``), plus ``bias`` ``[C]`` and ``add`` ``[B, C, H, W]`` when given."""
+    bsz, chans, h, w = x.shape
+    k = int(round(weight.shape[1] ** 0.5))
+    bh, bw = _tile(h, 32), _tile(w, 64)
+    tiles_w = triton.cdiv(w, bw)
+    n_planes = bsz * chans
+    pb = _planes_per_program(n_planes, x.device)
+    out = torch.empty_like(x)
+    _dwconv_kernel[(triton.cdiv(n_planes, pb), triton.cdiv(h, bh) * tiles_w)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        add if add is not None else x,
+        out,
+        n_planes,
+        chans,
+        h,
+        w,
+        tiles_w,
+        K=k,
+        DIL=dilation,
+        FLIP=flip,
+        HAS_BIAS=bias is not None,
+        HAS_ADD=add is not None,
+        PB=pb,
+        BH=bh,
+        BW=bw,
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def dwconv_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, kernel_size: int, dilation: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of a same-padded depthwise conv w.r.t. its weight ``[C, k*k]`` (fp32) and bias ``[C]``
+    (fp32), given its input ``x`` and output gradient ``grad`` (both ``[B, C, H, W]``)."""
+    bsz, chans, h, w = x.shape
+    bh, bw = _tile(h, 32), _tile(w, 64)
+    tiles_w = triton.cdiv(w, bw)
+    n_tiles = triton.cdiv(h, bh) * tiles_w
+    n_planes = bsz * chans
+    pb = _planes_per_program(n_planes, x.device)
+    taps = kernel_size * kernel_size
+    partial = torch.empty(bsz, chans, n_tiles, taps + 1, device=x.device, dtype=torch.float32)
+    _dwconv_wgrad_kernel[(triton.cdiv(n_planes, pb), n_tiles)](
+        x,
+        grad,
+        partial,
+        n_planes,
+        h,
+        w,
+        tiles_w,
+        n_tiles,
+        K=kernel_size,
+        DIL=dilation,
+        PB=pb,
+        BH=bh,
+        BW=bw,
+        num_warps=_NUM_WARPS,
+    )
+    sums = partial.sum(dim=(0, 2))
+    return sums[:, :taps].clone(), sums[:, taps].clone()
+
+
+def pointwise_gate(
+    w: torch.Tensor, bias: torch.Tensor | None, d: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """``x * (conv1x1(d, w) + bias)`` for ``d``, ``x`` ``[B, C, H, W]`` and ``w`` ``[C, C]`` (contiguous)."""
+    bsz, chans, h, wd = x.shape
+    hw = h * wd
+    bm = bk = max(16, min(64, triton.next_power_of_2(chans)))
+    bn = max(16, min(128, triton.next_power_of_2(hw)))
+    # fp32 follows the TF32 setting of the cuDNN 1x1 convolution this GEMM replaces
+    tf32 = x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    precision = "tf32" if tf32 else "ieee"
+    out = torch.empty_like(x)
+    _pointwise_gate_kernel[(bsz, triton.cdiv(chans, bm), triton.cdiv(hw, bn))](
+        w,
+        bias if bias is not None else w,
+        d,
+        x,
+        out,
+        chans,
+        hw,
+        HAS_BIAS=bias is not None,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        PRECISION=precision,
+        num_warps=_NUM_WARPS,
+    )
+    return out

@@ -1,0 +1,137 @@
+"""large_kernel_attention: Triton (interpreter on CPU) vs the F.conv2d reference, grads, errors, opcheck."""
+
+import pytest
+import torch
+
+from visattn.kernels import large_kernel_attention
+from visattn.kernels.large_kernel_attention import _lka_bwd, _lka_fwd
+from visattn.kernels.reference.large_kernel_attention import large_kernel_attention_reference
+
+
+def _inputs(batch, chans, height, width, k1=5, k2=7, bias=True, dtype=torch.float32, device="cpu"):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=dtype, device=device) * scale).requires_grad_()
+
+    return [
+        rand(batch, chans, height, width),
+        rand(chans, 1, k1, k1, scale=0.2),
+        rand(chans) if bias else None,
+        rand(chans, 1, k2, k2, scale=0.2),
+        rand(chans) if bias else None,
+        rand(chans, chans, 1, 1, scale=0.5),
+        rand(chans) if bias else None,
+    ]
+
+
+def _grads(out, args, grad):
+    wrt = [a for a in args if a is not None]
+    return torch.autograd.grad(out, wrt, grad)
+
+
+@pytest.mark.parametrize(
+    "shape, k1, k2, dilation, bias",
+    [
+        ((2, 3, 13, 20), 5, 7, 3, True),  # VAN's LKA, one tile per plane
+        ((1, 2, 50, 47), 5, 7, 3, False),  # several 46x46 tiles per plane, no biases
+        ((2, 2, 9, 11), 3, 5, 2, True),  # other kernel sizes / dilation
+    ],
+)
+def test_triton_matches_reference(shape, k1, k2, dilation, bias):
+    args = _inputs(*shape, k1=k1, k2=k2, bias=bias)
+    out = large_kernel_attention(*args, dilation=dilation, backend="triton")
+    ref = large_kernel_attention_reference(*args, dilation=dilation)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(ref)
+    for got, want in zip(_grads(out, args, grad), _grads(ref, args, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
+
+
+def test_triton_half_precision_forward():
+    args = [a.detach() if a is not None else None for a in _inputs(1, 4, 12, 12)]
+    ref = large_kernel_attention_reference(*args)
+    out = large_kernel_attention(*[a.half() for a in args], backend="triton")
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_auto_on_cpu_is_the_reference():
+    args = _inputs(1, 2, 6, 7)
+    torch.testing.assert_close(
+        large_kernel_attention(*args), large_kernel_attention_reference(*args), rtol=0, atol=0
+    )
+
+
+def test_reference_gradcheck_float64():
+    args = _inputs(1, 2, 5, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: large_kernel_attention(*a, backend="torch"), args)
+
+
+def test_reference_matches_official_module_order():
+    # the reference is conv0 -> conv_spatial -> conv1 -> u * attn with nn.Conv2d modules as VAN builds them
+    chans = 4
+    conv0 = torch.nn.Conv2d(chans, chans, 5, padding=2, groups=chans)
+    conv_spatial = torch.nn.Conv2d(chans, chans, 7, padding=9, groups=chans, dilation=3)
+    conv1 = torch.nn.Conv2d(chans, chans, 1)
+    x = torch.randn(2, chans, 11, 9)
+    want = x * conv1(conv_spatial(conv0(x)))
+    got = large_kernel_attention(
+        x, conv0.weight, conv0.bias, conv_spatial.weight, conv_spatial.bias, conv1.weight, conv1.bias
+    )
+    torch.testing.assert_close(got, want)
+
+
+def test_opcheck_custom_ops():
+    args = [a.detach() for a in _inputs(1, 2, 5, 6)]
+    torch.library.opcheck(_lka_fwd, (*args, 3))
+    out, d = _lka_fwd(*args, 3)
+    torch.library.opcheck(_lka_bwd, (torch.randn_like(out), None, args[0], d, *args[1:], 3))
+
+
+def test_torch_compile_fullgraph_triton():
+    args = [a.detach() for a in _inputs(1, 2, 6, 6)]
+    fn = torch.compile(
+        lambda *a: large_kernel_attention(*a, backend="triton"), backend="eager", fullgraph=True
+    )
+    torch.testing.assert_close(fn(*args), large_kernel_attention_reference(*args), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a.__setitem__(0, a[0][0]), r"x must be laid out as \[B, C, H, W\]"),
+        (lambda a: a.__setitem__(1, torch.randn(3, 1, 4, 4)), "dw_weight must be a depthwise kernel"),
+        (lambda a: a.__setitem__(3, torch.randn(2, 1, 7, 7)), "dwd_weight must be a depthwise kernel"),
+        (lambda a: a.__setitem__(5, torch.randn(3, 3, 3, 3)), r"pw_weight must be a 1x1 conv kernel"),
+        (lambda a: a.__setitem__(6, torch.randn(4)), r"pw_bias must have shape \[C\]"),
+        (lambda a: a.__setitem__(2, torch.randn(3, dtype=torch.float64)), "dw_bias has dtype"),
+        (lambda a: a.__setitem__(0, torch.randn(1, 3, 0, 4)), "non-zero"),
+    ],
+)
+def test_bad_arguments(change, match):
+    args = [a.detach() for a in _inputs(1, 3, 6, 6)]
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        large_kernel_attention(*args)
+
+
+def test_bad_dilation_backend_and_dtype():
+    args = [a.detach() for a in _inputs(1, 2, 6, 6)]
+    with pytest.raises(ValueError, match="dilation must be a positive int"):
+        large_kernel_attention(*args, dilation=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        large_kernel_attention(*args, backend="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        large_kernel_attention(*[a.double() for a in args], backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_van_b2_stage_shapes(dtype):
+    args = _inputs(4, 64, 56, 56, dtype=dtype, device="cuda")
+    out = large_kernel_attention(*args, backend="triton")
+    ref = large_kernel_attention_reference(*[a.float() for a in args])
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    grad = torch.randn_like(out)
+    for got, want in zip(_grads(out, args, grad), _grads(ref, [a.float() for a in args], grad.float())):
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
