@@ -1,0 +1,197 @@
+"""bilevel_routing_attention: reference vs a naive loop, Triton (interpreter on CPU) vs reference,
+gradients, padding, top-k extremes, routing output, argument errors, torch.library registration."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visattn.kernels import bilevel_routing_attention
+from visattn.kernels.bilevel_routing_attention import _bra_fwd
+from visattn.kernels.reference.bilevel_routing_attention import (
+    bilevel_routing_attention_reference,
+    routing_indices,
+)
+
+
+def _inputs(b, h, w, heads, d, dv=None, dtype=torch.float64, grad=False):
+    g = torch.Generator().manual_seed(h * 100 + w * 10 + heads)
+    q, k = (torch.randn(b, h, w, heads, d, generator=g, dtype=dtype) for _ in range(2))
+    v = torch.randn(b, h, w, heads, dv or d, generator=g, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _naive(q, k, v, s, topk, scale):
+    """Token-by-token bi-level routing attention over the real (unpadded) tokens only."""
+    b_, h_, w_, heads, _ = q.shape
+    rh, rw = math.ceil(h_ / s), math.ceil(w_ / s)
+    members = [[] for _ in range(s * s)]
+    for y in range(h_):
+        for x in range(w_):
+            members[(y // rh) * s + x // rw].append((y, x))
+    out = torch.zeros(v.shape, dtype=v.dtype)
+    routes = []
+    for b in range(b_):
+
+        def region_mean(t, r, b=b):
+            if not members[r]:
+                return torch.zeros(heads * t.shape[-1], dtype=t.dtype)
+            return torch.stack([t[b, y, x].flatten() for y, x in members[r]]).mean(0)
+
+        qm = torch.stack([region_mean(q, r) for r in range(s * s)])
+        km = torch.stack([region_mean(k, r) for r in range(s * s)])
+        affinity = (qm * scale) @ km.T
+        affinity[:, [r for r in range(s * s) if not members[r]]] = float("-inf")
+        n = s * s if topk == -1 else min(topk, s * s)
+        route = affinity.topk(n, dim=-1).indices
+        routes.append(route)
+        for r in range(s * s):
+            keys = [yx for kr in route[r].tolist() for yx in members[kr]]
+            ky = torch.tensor([y for y, _ in keys])
+            kx = torch.tensor([x for _, x in keys])
+            for y, x in members[r]:
+                for hd in range(heads):
+                    logits = (k[b, ky, kx, hd] @ q[b, y, x, hd]) * scale
+                    out[b, y, x, hd] = logits.softmax(0) @ v[b, ky, kx, hd]
+    return out, torch.stack(routes)
+
+
+CASES = [
+    # b, h, w, heads, d, dv, regions, topk
+    (1, 8, 8, 2, 4, 4, 2, 1),  # divisible, top-1
+    (2, 6, 6, 1, 3, 5, 3, 4),  # divisible, some regions, dv != d
+    (1, 7, 9, 2, 4, 4, 3, 2),  # padding in both directions
+    (1, 5, 5, 1, 4, 4, 4, 3),  # padding leaves a whole empty region row/column
+    (1, 6, 4, 2, 4, 4, 2, -1),  # all regions
+    (1, 6, 6, 1, 4, 4, 2, 10),  # topk > regions means all
+]
+
+
+@pytest.mark.parametrize("b,h,w,heads,d,dv,s,topk", CASES)
+def test_reference_matches_naive_loop(b, h, w, heads, d, dv, s, topk):
+    q, k, v = _inputs(b, h, w, heads, d, dv)
+    scale = 0.7
+    out, routing = bilevel_routing_attention(
+        q, k, v, s, topk, scale=scale, return_routing=True, backend="torch"
+    )
+    expected, expected_routing = _naive(q, k, v, s, topk, scale)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(routing, expected_routing)
+
+
+def test_all_regions_is_full_attention_over_real_tokens():
+    q, k, v = _inputs(2, 7, 5, 2, 8)
+    out = bilevel_routing_attention(q, k, v, 3, -1, backend="torch")
+    flat = [t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)]  # [B, heads, HW, d]
+    full = F.scaled_dot_product_attention(*flat).transpose(1, 2).reshape(out.shape)
+    torch.testing.assert_close(out, full)
+
+
+def test_reference_gradcheck():
+    q, k, v = _inputs(1, 5, 3, 1, 2, 3, grad=True)
+    routing = routing_indices(q, k, 2, 2, 0.5)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: bilevel_routing_attention_reference(q, k, v, routing, 2, 0.5), (q, k, v)
+    )
+    # The public op: routing is recomputed but not differentiated.
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: bilevel_routing_attention(q, k, v, 2, 2, scale=0.5, backend="torch"),
+        (q, k, v),
+        fast_mode=True,
+    )
+
+
+def test_routing_shares_one_choice_across_heads_and_is_detached():
+    q, k, v = _inputs(1, 8, 8, 4, 4, grad=True)
+    _, routing = bilevel_routing_attention(q, k, v, 4, 3, return_routing=True, backend="torch")
+    assert routing.shape == (1, 16, 3) and routing.dtype == torch.int64 and not routing.requires_grad
+    # Same region means taken over all heads' channels at once.
+    qm = q.detach().reshape(1, 4, 2, 4, 2, 16).mean((2, 4)).reshape(1, 16, 16)
+    km = k.detach().reshape(1, 4, 2, 4, 2, 16).mean((2, 4)).reshape(1, 16, 16)
+    expected = (qm @ km.transpose(1, 2)).topk(3, dim=-1).indices
+    torch.testing.assert_close(routing, expected)
+
+
+# Triton runs under the CPU interpreter here: float32, few programs, one loop step each.
+TRITON_CASES = [
+    (1, 8, 8, 2, 16, 16, 2, 1),
+    (1, 7, 9, 1, 16, 8, 3, 2),  # padding, dv != d
+    (2, 4, 4, 1, 16, 16, 2, -1),
+    (1, 5, 5, 1, 8, 8, 4, 3),  # empty region row/column
+]
+
+
+@pytest.mark.parametrize("b,h,w,heads,d,dv,s,topk", TRITON_CASES)
+def test_triton_matches_reference(b, h, w, heads, d, dv, s, topk):
+    q, k, v = _inputs(b, h, w, heads, d, dv, dtype=torch.float32, grad=True)
+    grad_out = torch.randn(b, h, w, heads, dv)
+    out, routing = bilevel_routing_attention(q, k, v, s, topk, return_routing=True, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref, ref_routing = bilevel_routing_attention(q, k, v, s, topk, return_routing=True, backend="torch")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    torch.testing.assert_close(routing, ref_routing)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_reads_strided_views_in_place():
+    # The model splits one qkv projection into q/k/v views; the kernels take them as they are.
+    qkv = torch.randn(1, 8, 8, 2 * 32 + 32, requires_grad=True)
+    q, k, v = (t.unflatten(-1, (2, 16)) for t in qkv.split([32, 32, 32], dim=-1))
+    assert not q.is_contiguous()
+    out = bilevel_routing_attention(q, k, v, 2, 2, scale=32**-0.5, backend="triton")
+    (grad,) = torch.autograd.grad(out.square().sum(), qkv)
+    ref = bilevel_routing_attention(q, k, v, 2, 2, scale=32**-0.5, backend="torch")
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), qkv)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_op_opcheck_and_compile():
+    q, k, v = _inputs(1, 4, 4, 1, 16, dtype=torch.float32, grad=True)
+    routing = routing_indices(q, k, 2, 2, 0.25)
+    torch.library.opcheck(_bra_fwd, (q, k, v, routing, 2, 0.25))
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda q, k, v: bilevel_routing_attention(q, k, v, 2, 2, scale=0.25, backend="triton"),
+        backend="eager",
+        fullgraph=True,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(q, k, v), bilevel_routing_attention_reference(q, k, v, routing, 2, 0.25)
+        )
+
+
+def test_auto_backend_is_the_reference_on_cpu():
+    q, k, v = _inputs(1, 4, 4, 1, 4)
+    torch.testing.assert_close(
+        bilevel_routing_attention(q, k, v, 2, 1), bilevel_routing_attention(q, k, v, 2, 1, backend="torch")
+    )
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(q=torch.zeros(1, 4, 4, 4, dtype=torch.float64)), "5-D"),
+        (dict(k=torch.zeros(1, 4, 4, 1, 3, dtype=torch.float64)), "k has shape"),
+        (dict(v=torch.zeros(1, 4, 5, 1, 4, dtype=torch.float64)), "v must share"),
+        (dict(v=torch.zeros(1, 4, 4, 1, 4, dtype=torch.float32)), "dtype"),
+        (dict(q=torch.zeros(1, 4, 4, 1, 4, dtype=torch.int64)), "float"),
+        (dict(num_regions=5), "do not fit"),
+        (dict(num_regions=0), "positive int"),
+        (dict(topk=0), "topk"),
+        (dict(topk=-2), "topk"),
+        (dict(scale=-1.0), "scale"),
+        (dict(backend="cuda"), "backend"),
+        (dict(backend="triton"), "float64"),
+    ],
+)
+def test_errors(change, match):
+    q, k, v = _inputs(1, 4, 4, 1, 4)
+    args = dict(q=q, k=k, v=v, num_regions=2, topk=1, scale=None, backend="torch")
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        bilevel_routing_attention(**args)
