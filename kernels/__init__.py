@@ -6,6 +6,7 @@ uses the layout ``[batch, *spatial, heads, head_dim]`` unless its docstring says
 
 from visattn.kernels._dispatch import BACKENDS, interpreter_enabled, resolve_backend, triton_available
 from visattn.kernels.agent_attention import agent_attention
+from visattn.kernels.attention_with_key_mass import attention_with_key_mass
 from visattn.kernels.bilevel_routing_attention import bilevel_routing_attention
 from visattn.kernels.large_kernel_attention import large_kernel_attention
 from visattn.kernels.neighborhood_attention import neighborhood_attention
@@ -13,6 +14,7 @@ from visattn.kernels.neighborhood_attention import neighborhood_attention
 __all__ = [
     "BACKENDS",
     "agent_attention",
+    "attention_with_key_mass",
     "bilevel_routing_attention",
     "interpreter_enabled",
     "large_kernel_attention",

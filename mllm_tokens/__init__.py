@@ -1,1 +1,74 @@
-"""visattn.mllm_tokens: visual-token reducers for multimodal LLMs."""
+"""visattn.mllm_tokens: visual-token reducers for multimodal LLMs.
+
+``handle = attach(model, reducer)`` hooks a reducer (:class:`FastV`, :class:`VTCCLS`, :class:`VAR`,
+:class:`DyVTE`) into a supported model; ``handle.remove()`` (or leaving a ``with`` block) restores it
+exactly. ``handle.stats`` lists, per sample of the last prefill, the visual tokens in, the visual
+tokens each decoder layer kept and the estimated prefill FLOPs saved.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from visattn.mllm_tokens._core import ModelInfo, Reducer
+from visattn.mllm_tokens.fastv import FastV
+from visattn.mllm_tokens.vtc_cls import VTCCLS
+
+ADAPTERS = {}
+
+
+def _adapter_for(model: nn.Module):
+    from visattn.mllm_tokens import llava
+
+    for probe, adapter in ((llava.is_supported, llava.LlavaAdapter), *ADAPTERS.items()):
+        if probe(model):
+            return adapter
+    raise ValueError(
+        f"attach: no adapter for {type(model).__name__}; "
+        "supported: transformers LlavaForConditionalGeneration"
+    )
+
+
+class Handle:
+    """An attached reducer. ``remove()`` detaches it; usable as a context manager."""
+
+    def __init__(self, model: nn.Module, reducer: Reducer):
+        if getattr(model, "_visattn_handle", None) is not None:
+            raise ValueError("attach: this model already has a reducer attached; remove() it first")
+        if not isinstance(reducer, Reducer):
+            raise ValueError(
+                f"attach: reducer must be a visattn.mllm_tokens reducer, got {type(reducer).__name__}"
+            )
+        self.model, self.reducer = model, reducer
+        self._adapter = _adapter_for(model)(model, reducer)
+        self._adapter.install()
+        model._visattn_handle = self
+
+    @property
+    def stats(self) -> list[dict]:
+        """Per sample of the last prefill: ``visual_tokens_in``, ``kept_per_layer`` (visual tokens each
+        decoder layer saw), ``prefill_flops``, ``prefill_flops_saved`` and its ratio."""
+        return self._adapter.stats
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._adapter.info
+
+    def remove(self) -> None:
+        if getattr(self.model, "_visattn_handle", None) is self:
+            self._adapter.remove()
+            del self.model._visattn_handle
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def attach(model: nn.Module, reducer: Reducer) -> Handle:
+    """Attach ``reducer`` to ``model`` (a transformers ``LlavaForConditionalGeneration``)."""
+    return Handle(model, reducer)
+
+
+__all__ = ["FastV", "VTCCLS", "Handle", "ModelInfo", "Reducer", "attach"]

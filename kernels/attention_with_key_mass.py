@@ -1,0 +1,167 @@
+"""Attention that also returns the attention mass each key received (FastV / VTC-CLS style scoring).
+
+``out = softmax(q k^T * scale + mask) v`` as usual, plus for every key ``j``::
+
+    mass[b, j] = mean over heads h of  sum_i w[b, i] * P[b, h, i, j]
+
+where ``w`` selects the queries whose attention counts: ``query_set="all"`` (mean over all queries,
+the FastV paper's "average attention received"), ``"last"`` (the last query only, what the official
+FastV code ranks by), or a boolean ``[B, Nq]`` tensor (mean over the marked queries, e.g. the text
+tokens). The Triton backend is flash-style (online softmax, then a second pass over the selected
+queries using the stored log-sum-exp); neither backend materialises the ``[Nq, Nk]`` matrix of all
+queries. Forward only: no method trains through this op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from visattn.kernels._checks import check_float_tensors, check_ndim
+from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels.reference.attention_with_key_mass import additive_mask, attention_with_key_mass_reference
+
+OP = "attention_with_key_mass"
+QUERY_SETS = ("all", "last")
+
+
+def validate_attention_args(op, q, k, v, attn_mask, causal, scale) -> float:
+    """Shared checks of ``[B, N, H, D]`` q/k/v (GQA allowed), mask and scale; returns the scale."""
+    check_float_tensors(op, q=q, k=k, v=v)
+    check_ndim(op, "q", q, (4,), "[batch, tokens, heads, head_dim]")
+    check_ndim(op, "k", k, (4,), "[batch, kv_tokens, kv_heads, head_dim]")
+    check_ndim(op, "v", v, (4,), "[batch, kv_tokens, kv_heads, v_head_dim]")
+    batch, nq, heads, dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != dim or k.shape[2] == 0 or heads % k.shape[2] != 0:
+        raise ValueError(
+            f"{op}: k must be [batch={batch}, kv_tokens, kv_heads, head_dim={dim}] with heads={heads} a "
+            f"multiple of kv_heads, got {tuple(k.shape)}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"{op}: v must share k's first three dims {tuple(k.shape[:3])}, got {tuple(v.shape)}"
+        )
+    nk = k.shape[1]
+    if min(nq, nk, dim, v.shape[3]) == 0:
+        raise ValueError(f"{op}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"{op}: causal must be a bool, got {causal!r}")
+    if causal and nk < nq:
+        raise ValueError(f"{op}: causal attention needs kv_tokens >= tokens, got {nk} < {nq}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.ndim != 4:
+            raise ValueError(f"{op}: attn_mask must be a 4-D tensor [batch or 1, heads or 1, {nq}, {nk}]")
+        b, h, mq, mk = attn_mask.shape
+        if b not in (1, batch) or h not in (1, heads) or (mq, mk) != (nq, nk):
+            raise ValueError(
+                f"{op}: attn_mask must have shape [batch or 1, heads or 1, {nq}, {nk}], "
+                f"got {tuple(attn_mask.shape)}"
+            )
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(
+                f"{op}: attn_mask must be bool (True = attend) or float (additive), got {attn_mask.dtype}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
+    if scale is None:
+        return dim**-0.5
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(
+            f"{op}: scale must be a positive finite number or None (head_dim ** -0.5), got {scale!r}"
+        )
+    return float(scale)
+
+
+def query_weights(op: str, query_set, batch: int, nq: int, device: torch.device) -> torch.Tensor:
+    """``[B, Nq]`` float32 weights: a mean over the selected queries."""
+    if isinstance(query_set, str):
+        if query_set not in QUERY_SETS:
+            raise ValueError(
+                f"{op}: query_set must be one of {QUERY_SETS} or a bool [batch, tokens] tensor, "
+                f"got {query_set!r}"
+            )
+        w = torch.zeros(batch, nq, dtype=torch.float32, device=device)
+        if query_set == "all":
+            w += 1.0 / nq
+        else:
+            w[:, -1] = 1.0
+        return w
+    if (
+        not isinstance(query_set, torch.Tensor)
+        or query_set.dtype != torch.bool
+        or tuple(query_set.shape)
+        != (
+            batch,
+            nq,
+        )
+    ):
+        got = tuple(query_set.shape) if isinstance(query_set, torch.Tensor) else type(query_set).__name__
+        raise ValueError(f"{op}: a query_set tensor must be bool of shape [{batch}, {nq}], got {got}")
+    w = query_set.to(device=device, dtype=torch.float32)
+    return w / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+@torch.library.custom_op("visattn::attention_with_key_mass", mutates_args=())
+def _key_mass_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    q_lo: int,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton:
+        from visattn.kernels.triton.attention_with_key_mass import attention_with_key_mass_triton
+
+        return attention_with_key_mass_triton(q, k, v, query_weight, bias, causal, scale, q_lo)
+    return attention_with_key_mass_reference(q, k, v, query_weight, bias, causal, scale)
+
+
+@_key_mass_op.register_fake
+def _(q, k, v, query_weight, bias, causal, scale, q_lo, use_triton):
+    out = q.new_empty(*q.shape[:3], v.shape[3])
+    return out, q.new_empty(k.shape[0], k.shape[1], dtype=torch.float32)
+
+
+def attention_with_key_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    query_set: str | torch.Tensor = "all",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and the head-averaged attention mass each key received.
+
+    Args:
+        q: ``[B, Nq, H, D]``; k: ``[B, Nk, Hkv, D]``; v: ``[B, Nk, Hkv, Dv]`` (``H`` a multiple of ``Hkv``).
+        attn_mask: bool (True = attend) or additive float, ``[B or 1, H or 1, Nq, Nk]``.
+        causal: causal mask aligned bottom-right (queries are the last ``Nq`` of the ``Nk`` positions).
+        scale: default ``D ** -0.5``.
+        query_set: ``"all"``, ``"last"`` or a bool ``[B, Nq]`` tensor of the queries to count.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns:
+        ``out [B, Nq, H, Dv]`` (dtype of q) and ``mass [B, Nk]`` float32, the mean over the selected
+        queries and over heads of the attention probabilities (sums to 1 over keys).
+    """
+    scale = validate_attention_args(OP, q, k, v, attn_mask, causal, scale)
+    which = resolve_backend(backend, q, k, v, op=OP)
+    if which == "triton" and q.dtype == torch.float64:
+        raise ValueError(f"{OP}: backend='triton' supports float16/bfloat16/float32, got float64")
+    weight = query_weights(OP, query_set, q.shape[0], q.shape[1], q.device)
+    nz = weight.sum(0).nonzero()
+    q_lo = int(nz[0]) if nz.numel() else q.shape[1]
+    bias = additive_mask(attn_mask)
+    return _key_mass_op(q, k, v, weight, bias, causal, scale, q_lo, which == "triton")

@@ -1,0 +1,184 @@
+"""Triton forward of attention with per-key received mass (flash-style, no ``[Nq, Nk]`` matrix).
+
+Two kernels:
+
+1. ``_key_mass_fwd``: online-softmax attention over key blocks; writes the output and the row
+   log-sum-exp ``lse[b, h, i]``.
+2. ``_key_mass_accumulate``: one program per (key block, batch) recomputes the scores of the selected
+   queries against its keys, turns them into probabilities with the stored ``lse`` and sums
+   ``query_weight[i] * P[h, i, j]`` over queries and heads. Queries before ``q_lo`` have zero weight
+   and are skipped, so ranking by the last query costs one query block per key block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _key_mass_fwd(
+    Q, K, V, Bias, Out, Lse,
+    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+    sbb, sbh, sbq, sbk, sob, son, soh, sod,
+    NQ, NK, H, GROUP, D, DV, scale,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    m_ok = offs_m < NQ
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+        mask=m_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
+    for start_n in range(0, NK, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        n_ok = offs_n < NK
+        k = tl.load(
+            K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            mask=n_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if HAS_BIAS:
+            s += tl.load(
+                Bias + b * sbb + h * sbh + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
+                mask=m_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+        valid = n_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        Out + b * sob + h * soh + offs_m[:, None] * son + offs_dv[None, :] * sod,
+        out.to(Out.dtype.element_ty),
+        mask=m_ok[:, None] & (offs_dv[None, :] < DV),
+    )
+    tl.store(Lse + (b * H + h) * NQ + offs_m, m_i + tl.log(l_i), mask=m_ok)
+
+
+@triton.jit
+def _key_mass_accumulate(
+    Q, K, Bias, Lse, W, Mass,
+    sqb, sqn, sqh, sqd, skb, skn, skh, skd, sbb, sbh, sbq, sbk,
+    NQ, NK, H, GROUP, D, scale, q_lo,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    n_ok = offs_n < NK
+    acc = tl.zeros([BN], tl.float32)
+    m_start = (q_lo // BM) * BM
+    for h in range(0, H):
+        hk = h // GROUP
+        k = tl.load(
+            K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            mask=n_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        for start_m in range(m_start, NQ, BM):
+            offs_m = start_m + tl.arange(0, BM)
+            m_ok = offs_m < NQ
+            q = tl.load(
+                Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            if HAS_BIAS:
+                s += tl.load(
+                    Bias + b * sbb + h * sbh + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
+                    mask=m_ok[:, None] & n_ok[None, :],
+                    other=0.0,
+                )
+            valid = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
+            lse = tl.load(Lse + (b * H + h) * NQ + offs_m, mask=m_ok, other=0.0)
+            w = tl.load(W + b * NQ + offs_m, mask=m_ok, other=0.0)
+            p = tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))
+            acc += tl.sum(p * w[:, None], 0)
+    tl.store(Mass + b * NK + offs_n, acc / H, mask=n_ok)
+
+
+def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
+    if bias is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))
+
+
+def attention_with_key_mass_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    q_lo: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch both kernels. ``bias``: additive float32 ``[B or 1, H or 1, Nq, Nk]`` or None;
+    ``query_weight``: ``[B, Nq]`` float32, zero before ``q_lo``. Returns ``(out, mass)``."""
+    batch, nq, heads, dim = q.shape
+    nk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(batch, nq, heads, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device)
+    mass = torch.empty(batch, nk, dtype=torch.float32, device=q.device)
+    weight = query_weight.float().contiguous()
+    bd, bdv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dv))
+    bm = bn = 64 if max(bd, bdv) <= 128 else 32
+    ieee = q.dtype in (torch.float32, torch.float64)
+    sb = _bias_strides(bias)
+    bias_arg = bias if bias is not None else q
+    group = heads // kv_heads
+    _key_mass_fwd[(triton.cdiv(nq, bm), batch * heads)](
+        q, k, v, bias_arg, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
+        nq, nk, heads, group, dim, dv, scale,
+        HAS_BIAS=bias is not None, CAUSAL=causal, IEEE=ieee, BM=bm, BN=bn, BD=bd, BDV=bdv,
+    )  # fmt: skip
+    _key_mass_accumulate[(triton.cdiv(nk, bn), batch)](
+        q, k, bias_arg, lse, weight, mass,
+        *q.stride(), *k.stride(), *sb,
+        nq, nk, heads, group, dim, scale, q_lo,
+        HAS_BIAS=bias is not None, CAUSAL=causal, IEEE=ieee, BM=bm, BN=bn, BD=bd,
+    )  # fmt: skip
+    return out, mass

@@ -1,0 +1,139 @@
+"""Model-independent pieces of the token reducers: the reducer contract, token layouts, masks, FLOPs.
+
+A *layout* says which tokens of the language model's input sequence a decoder layer sees: ``index``
+``[B, Lc]`` (positions in the LLM input) and ``valid`` ``[B, Lc]`` (False for filler slots added at the
+front so that samples with different kept counts share one tensor: left padding, so the last slot is
+always each sample's last token). Reducers only ever shrink a layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ModelInfo:
+    """What a reducer needs to know about the model to validate itself."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vision_layers: int
+    patches_per_image: int
+    attn_implementation: str
+
+
+@dataclass
+class Prefill:
+    """Per-forward state of one prefill (the forward that sees the images).
+
+    Shapes use ``B`` (batch) and ``L`` (LLM input length after any pre-LLM reduction).
+    """
+
+    visual: torch.Tensor  # [B, L] bool: image-token positions
+    real: torch.Tensor  # [B, L] bool: not padding
+    image_id: torch.Tensor  # [B, L] long: global image index of each visual token, -1 elsewhere
+    patch_id: torch.Tensor  # [B, L] long: patch index of each visual token inside its image, -1 elsewhere
+    images_per_sample: torch.Tensor  # [B] long
+    original_real: torch.Tensor  # [B] long: real tokens before any pre-LLM reduction
+    original_visual: torch.Tensor  # [B] long: visual tokens before any pre-LLM reduction
+    index: torch.Tensor  # [B, Lc] current layout
+    valid: torch.Tensor  # [B, Lc]
+    key_mass: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, Lc] float32
+    cls_scores: list[torch.Tensor] = field(default_factory=list)  # per vision layer: [images, patches]
+    layer_visual: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] visual tokens seen
+    layer_real: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] real tokens seen
+
+    def current(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Gather a ``[B, L]`` per-input-token tensor into the current layout ``[B, Lc]``."""
+        out = per_token.gather(1, self.index)
+        return out & self.valid if out.dtype == torch.bool else out
+
+
+class Reducer:
+    """Base class: a configuration object; the adapter calls these hooks (all optional).
+
+    * ``check(info)`` raises ``ValueError`` when the reducer cannot act on this model.
+    * ``vision_cls_layers(info)``: vision-encoder layers whose [CLS] attention row must be scored.
+    * ``pre_llm(state)``: ``[B, L]`` bool keep mask applied before the language model, or None.
+    * ``key_mass_query(layer)``: query set for which ``layer`` must report per-key attention mass.
+    * ``after_layer(layer, hidden, state)``: ``[B, Lc]`` keep mask over the current layout, or None.
+    * ``attention_layers(info)`` / ``attention(...)``: replace the attention of some layers (VAR).
+    * ``before_layer(layer, hidden, state)``: look at a layer's input during prefill.
+    """
+
+    pre_llm_contiguous_positions = True
+
+    def check(self, info: ModelInfo) -> None:
+        return None
+
+    def vision_cls_layers(self, info: ModelInfo) -> list[int]:
+        return []
+
+    def pre_llm(self, state: Prefill) -> torch.Tensor | None:
+        return None
+
+    def key_mass_query(self, layer: int) -> str | None:
+        return None
+
+    def after_layer(self, layer: int, hidden: torch.Tensor, state: Prefill) -> torch.Tensor | None:
+        return None
+
+    def attention_layers(self, info: ModelInfo) -> set[int]:
+        return set()
+
+    def before_layer(self, layer: int, hidden: torch.Tensor, state: Prefill) -> None:
+        return None
+
+
+def shrink_layout(
+    index: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the slots marked in ``keep`` ``[B, Lc]`` (original order), left-padded to the longest row.
+
+    Returns ``(new_index, new_valid, source_slot)``, all ``[B, Lnew]``; ``source_slot`` indexes the old
+    layout and gathers any per-slot tensor (hidden states, positions) into the new one.
+    """
+    keep = keep & valid
+    counts = keep.sum(1)
+    new_len = int(counts.max())
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :new_len]
+    slots = torch.arange(new_len, device=index.device)
+    shift = new_len - counts
+    source = order.gather(1, (slots[None] - shift[:, None]).clamp_min(0))
+    new_valid = slots[None] >= shift[:, None]
+    return index.gather(1, source), new_valid, source
+
+
+def gather_tokens(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``x[b, source[b, i]]`` for ``x`` of shape ``[B or 1, L, ...]``."""
+    x = x.expand(source.shape[0], *x.shape[1:])
+    idx = source.view(*source.shape, *([1] * (x.ndim - 2))).expand(*source.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def additive_causal_mask(key_ok: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, q_len, Lk]`` additive mask: query ``i`` (the last ``q_len`` slots) sees key ``j`` iff
+    ``key_ok[b, j]`` and ``j <= i`` (bottom-right causal)."""
+    lk = key_ok.shape[1]
+    qi = torch.arange(lk - q_len, lk, device=key_ok.device)[:, None]
+    kj = torch.arange(lk, device=key_ok.device)[None, :]
+    allowed = key_ok[:, None, None, :] & (kj <= qi)[None, None]
+    zero = torch.zeros((), dtype=dtype, device=key_ok.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def layer_flops(n: torch.Tensor, info: ModelInfo) -> torch.Tensor:
+    """Prefill FLOPs of one LLaMA-style decoder layer on ``n`` tokens (2 FLOPs per multiply-add).
+
+    q/k/v/o projections ``2 n d (2 d + 2 d_kv)``, scores and weighted sum ``4 n^2 d``, and the gated
+    MLP's three matrices ``6 n d m`` (PyramidDrop's correction of FastV's ``2 n d m``).
+    """
+    d = info.hidden_size
+    d_kv = d * info.num_kv_heads // info.num_heads
+    n = n.double()
+    return 2 * n * d * (2 * d + 2 * d_kv) + 4 * n * n * d + 6 * n * d * info.intermediate_size

@@ -1,0 +1,227 @@
+"""FastV and VTC-CLS through ``attach`` on a tiny random LLaVA, against hand-built references.
+
+Also home of the tiny-model helpers the other ``test_mllm_*`` files import.
+"""
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from visattn.mllm_tokens import VTCCLS, FastV, attach
+
+IMG = 100  # image token id
+PATCHES = 16  # 32x32 image, 8x8 patches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add contention on the shared 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llava(attn: str = "eager", layers: int = 4, seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
+    )  # fmt: skip
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMG, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def tiny_inputs(batch=2, images=1, text_after=(5, 2), seed=1):
+    """Left-padded ``input_ids``/``attention_mask`` (samples of different lengths) and pixels."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(batch):
+        ids = [1] + torch.randint(2, 100, (3,), generator=g).tolist()
+        for _ in range(images):
+            ids += [IMG] * PATCHES + torch.randint(2, 100, (2,), generator=g).tolist()
+        ids += torch.randint(2, 100, (text_after[b % len(text_after)],), generator=g).tolist()
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r) :] = torch.tensor(r)
+        mask[b, length - len(r) :] = 1
+    return ids, mask, torch.randn(batch * images, 3, 32, 32, generator=g)
+
+
+def sample(ids, mask, pix, b, images=1):
+    """Sample ``b`` without its padding, with its own images."""
+    keep = mask[b].bool()
+    return ids[b : b + 1, keep], pix[b * images : (b + 1) * images]
+
+
+@torch.no_grad()
+def manual_logits(model, embeds, keep=None, from_layer=0, positions=None):
+    """Run the LLM on ``embeds [1, L, D]``, keeping only positions ``keep`` from layer ``from_layer``
+    on (original position ids), and return the logits of the remaining tokens."""
+    lm = model.model.language_model
+    hidden = embeds
+    pos = torch.arange(embeds.shape[1])[None] if positions is None else positions
+    for i, layer in enumerate(lm.layers):
+        if keep is not None and i == from_layer:
+            hidden, pos = hidden[:, keep], pos[:, keep]
+        n = hidden.shape[1]
+        mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+        hidden = layer(
+            hidden, attention_mask=mask, position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos
+        )
+    return model.lm_head(lm.norm(hidden))
+
+
+@torch.no_grad()
+def embed(model, ids, pix):
+    emb = model.get_input_embeddings()(ids)
+    feats = torch.cat(list(model.model.get_image_features(pixel_values=pix).pooler_output))
+    return emb.masked_scatter((ids == IMG)[..., None], feats)
+
+
+def fastv_keep(eager_model, ids, pix, layer, keep_per_image, scoring="last"):
+    """Kept positions by FastV's rule, from HF eager attention maps (output_attentions)."""
+    with torch.no_grad():
+        att = eager_model(input_ids=ids, pixel_values=pix, output_attentions=True).attentions[layer - 1]
+    probs = att[0].mean(0)  # [L, L]
+    score = probs[-1] if scoring == "last" else probs.mean(0)
+    visual = ids[0] == IMG
+    n_keep = keep_per_image * int(visual.sum()) // PATCHES
+    top = score.masked_fill(~visual, float("-inf")).topk(n_keep).indices
+    kept = ~visual
+    kept[top] = True
+    return kept.nonzero()[:, 0]
+
+
+def vtc_keep(eager_model, ids, pix, start, keep_per_image):
+    """Kept positions by VTC-CLS's rule, from HF eager CLIP attention maps."""
+    tower = eager_model.model.vision_tower
+    with torch.no_grad():
+        att = tower(pix, output_attentions=True).attentions
+    score = sum(a.mean(1)[:, 0, 1:] for a in att[start:-1])  # [images, patches]
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    chosen.scatter_(1, score.topk(keep_per_image, dim=1).indices, True)
+    visual = ids[0] == IMG
+    kept = ~visual
+    kept[visual] = chosen.flatten()
+    return kept.nonzero()[:, 0]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_keep_everything_matches_unattached_and_remove_restores(attn):
+    model = tiny_llava(attn)
+    ids, mask, pix = tiny_inputs()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        for reducer in (FastV(keep=1.0), FastV(keep=PATCHES, scoring="all"), VTCCLS(keep=1.0, start_layer=1)):
+            with attach(model, reducer) as handle:
+                out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+                assert handle.stats[0]["kept_per_layer"] == [PATCHES] * 4
+                assert handle.stats[0]["prefill_flops_saved"] == 0
+            real = mask.bool()  # padded rows are garbage in both; sdpa and eager fill them differently
+            torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
+        handle = attach(model, FastV(keep=3))
+        pruned = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        handle.remove()
+        assert pruned.shape[1] < ref.shape[1]
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits, ref)
+
+
+@pytest.mark.parametrize(
+    "attn,scoring,images", [("sdpa", "last", 1), ("eager", "all", 1), ("sdpa", "last", 2)]
+)
+def test_fastv_matches_manual_rerun_of_later_layers(attn, scoring, images):
+    model, eager = tiny_llava(attn), tiny_llava("eager")
+    ids, mask, pix = tiny_inputs(images=images)
+    with torch.no_grad(), attach(model, FastV(layer=2, keep=5, scoring=scoring)) as handle:
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+    for b in range(2):
+        sid, spix = sample(ids, mask, pix, b, images)
+        kept = fastv_keep(eager, sid, spix, 2, 5, scoring)
+        ref = manual_logits(eager, embed(eager, sid, spix), kept, from_layer=2)
+        torch.testing.assert_close(out[b, -ref.shape[1] :], ref[0], atol=1e-5, rtol=1e-4)
+        assert handle.stats[b]["kept_per_layer"] == [PATCHES * images] * 2 + [5 * images] * 2
+        assert 0 < handle.stats[b]["prefill_flops_saved_ratio"] < 1
+
+
+@pytest.mark.parametrize("attn,images", [("sdpa", 1), ("eager", 2)])
+def test_vtc_cls_matches_hand_shortened_sequence(attn, images):
+    model, eager = tiny_llava(attn), tiny_llava("eager")
+    ids, mask, pix = tiny_inputs(images=images)
+    with torch.no_grad(), attach(model, VTCCLS(keep=4, start_layer=1)) as handle:
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+    for b in range(2):
+        sid, spix = sample(ids, mask, pix, b, images)
+        kept = vtc_keep(eager, sid, spix, 1, 4)
+        ref = manual_logits(eager, embed(eager, sid, spix)[:, kept])  # contiguous positions
+        torch.testing.assert_close(out[b, -ref.shape[1] :], ref[0], atol=1e-5, rtol=1e-4)
+        assert handle.stats[b]["kept_per_layer"] == [4 * images] * 4
+
+
+def _greedy_reference(eager, sid, spix, kept_prompt, from_layer, steps, contiguous=False):
+    tokens = sid
+    for _ in range(steps):
+        emb = embed(eager, tokens, spix)
+        new = torch.arange(sid.shape[1], tokens.shape[1])
+        keep = torch.cat([kept_prompt, new])
+        if contiguous:
+            logits = manual_logits(eager, emb[:, keep])
+        else:
+            logits = manual_logits(eager, emb, keep, from_layer=from_layer)
+        tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
+    return tokens[0, sid.shape[1] :]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_generate_with_cache_matches_cache_free_reference(attn):
+    model, eager = tiny_llava(attn), tiny_llava("eager")
+    ids, mask, pix = tiny_inputs()
+    gen = dict(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        with attach(model, FastV(layer=2, keep=4)):
+            fastv = model.generate(**gen)[:, ids.shape[1] :]
+            sampled = model.generate(**{**gen, "do_sample": True, "top_k": 1})[:, ids.shape[1] :]
+        with attach(model, VTCCLS(keep=4, start_layer=1)):
+            vtc = model.generate(**gen)[:, ids.shape[1] :]
+            vtc_nocache = model.generate(**gen, use_cache=False)[:, ids.shape[1] :]
+    assert torch.equal(sampled, fastv)
+    assert torch.equal(vtc, vtc_nocache)
+    for b in range(2):
+        sid, spix = sample(ids, mask, pix, b)
+        ref = _greedy_reference(eager, sid, spix, fastv_keep(eager, sid, spix, 2, 4), 2, 4)
+        assert torch.equal(fastv[b], ref)
+        ref = _greedy_reference(eager, sid, spix, vtc_keep(eager, sid, spix, 1, 4), 0, 4, contiguous=True)
+        assert torch.equal(vtc[b], ref)
+
+
+def test_invalid_arguments():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="layer"):
+        FastV(layer=0)
+    with pytest.raises(ValueError, match="scoring"):
+        FastV(scoring="first")
+    with pytest.raises(ValueError, match="fraction"):
+        FastV(keep=1.5)
+    with pytest.raises(ValueError, match="outside"):
+        attach(model, FastV(layer=4))
+    with pytest.raises(ValueError, match="visual tokens per image"):
+        attach(model, FastV(keep=PATCHES + 1))
+    with pytest.raises(ValueError, match="start_layer"):
+        attach(model, VTCCLS(keep=4, start_layer=3))
+    with pytest.raises(ValueError, match="reduce"):
+        VTCCLS(reduce="mean")
+    with attach(model, FastV()), pytest.raises(ValueError, match="already"):
+        attach(model, FastV())
+    with pytest.raises(ValueError, match="no adapter"):
+        attach(torch.nn.Linear(2, 2), FastV())
