@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 
@@ -330,3 +331,17 @@ def test_cuda_inductor_compile():
     q, k, v, rpb = _inputs((2, 14, 14, 4, 32), dtype=torch.float16, rpb_kernel=(7, 7), device="cuda")
     fn = torch.compile(lambda q, k, v: neighborhood_attention(q, k, v, 7, rpb=rpb), fullgraph=True)
     torch.testing.assert_close(fn(q, k, v), neighborhood_attention(q, k, v, 7, rpb=rpb), rtol=0, atol=0)
+
+
+def test_benchmark_runs_on_cpu(capsys):
+    from visattn.bench import na as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--device", "cpu", "--case", "7x7", "--iters", "1", "--rpb"])) == 0
+    rows = {
+        line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines() if "7x7" in line
+    }
+    for impl in ("visattn triton", "visattn torch", "sdpa dense"):
+        assert "n/a" not in rows[impl] and "skipped" not in rows[impl], rows[impl]
+    assert "skipped" in rows["natten"]  # NATTEN has no rpb

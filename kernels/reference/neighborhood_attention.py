@@ -103,20 +103,19 @@ def neighborhood_attention_reference(
     spatial = tuple(spatial)
     compute = torch.promote_types(q.dtype, torch.float32)
     tokens = math.prod(spatial)
-    qf = q.reshape(batch, tokens, heads, head_dim).to(compute)
-    kf = k.reshape(batch, tokens, heads, head_dim).to(compute)
-    vf = v.reshape(batch, tokens, heads, head_dim).to(compute)
+    # Heads-first [batch, heads, tokens, head_dim], so gathered windows feed batched matmuls.
+    qf, kf, vf = (t.reshape(batch, tokens, heads, head_dim).transpose(1, 2).to(compute) for t in (q, k, v))
     key, valid, rel = neighborhood_tables(spatial, kernel_size, dilation, is_causal, q.device)
     window = key.shape[1]
     bias_table = None if rpb is None else rpb.reshape(heads, -1).to(compute)
 
     def attend(q_chunk, key_c, valid_c, rel_c, kf, vf, bias_table):
-        keys = kf[:, key_c]  # [batch, chunk, window, heads, head_dim]
-        logits = torch.einsum("bchd,bcwhd->bchw", q_chunk * scale, keys)
+        keys = kf[:, :, key_c]  # [batch, heads, chunk, window, head_dim]
+        logits = (q_chunk.unsqueeze(-2) * scale) @ keys.transpose(-1, -2)  # [batch, heads, chunk, 1, window]
         if bias_table is not None:
-            logits = logits + bias_table[:, rel_c].permute(1, 0, 2)  # [chunk, heads, window]
+            logits = logits + bias_table[:, rel_c].unsqueeze(-2)  # [heads, chunk, 1, window]
         weights = logits.masked_fill(~valid_c[:, None, :], float("-inf")).softmax(dim=-1)
-        return torch.einsum("bchw,bcwhd->bchd", weights, vf[:, key_c])
+        return (weights @ vf[:, :, key_c]).squeeze(-2)  # [batch, heads, chunk, head_dim]
 
     # Under autograd each chunk is recomputed in backward instead of keeping its gathered keys.
     tensors = (qf, kf, vf) + (() if bias_table is None else (bias_table,))
@@ -125,7 +124,7 @@ def neighborhood_attention_reference(
     outs = []
     for begin in range(0, tokens, chunk):
         sl = slice(begin, min(begin + chunk, tokens))
-        args = (qf[:, sl], key[sl], valid[sl], rel[sl], kf, vf, bias_table)
+        args = (qf[:, :, sl], key[sl], valid[sl], rel[sl], kf, vf, bias_table)
         outs.append(checkpoint(attend, *args, use_reentrant=False) if recompute else attend(*args))
-    out = torch.cat(outs, dim=1)
+    out = torch.cat(outs, dim=2).transpose(1, 2)
     return out.reshape(q.shape).to(q.dtype)

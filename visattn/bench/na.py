@@ -1,0 +1,258 @@
+"""Neighborhood attention: our Triton op vs reference, FlexAttention, NATTEN and dense SDPA.
+
+Times the forward and forward+backward (median ms) and the peak memory above the inputs
+(CUDA only) of: ``visattn.kernels.neighborhood_attention`` on the Triton and the PyTorch
+backends, ``torch.nn.attention.flex_attention`` with a neighborhood block mask (compiled on
+CUDA; eager on CPU unless --flex-compile), NATTEN's ``na{1,2,3}d`` when installed, and dense
+``scaled_dot_product_attention`` over the same tokens (a different, all-to-all computation,
+shown as the cost NA avoids). Shapes follow NAT-Tiny (56/28/14/7 grids, kernel 7, heads
+2/4/8/16, head_dim 32), a DiNAT dilated stage, one 1-D and one 3-D case; --device cpu uses
+small sizes. The last columns give the speed-up of our op (Triton, else the reference) over
+each row, measured in the same run. Failures are reported as "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from visattn.bench._timing import Measurement, measure, print_table, ratio
+from visattn.kernels import neighborhood_attention
+from visattn.kernels._dispatch import interpreter_enabled, triton_available
+from visattn.kernels.reference.neighborhood_attention import window_indices
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    spatial: tuple[int, ...]
+    heads: int
+    head_dim: int
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...] = ()
+
+    @property
+    def causal(self) -> tuple[bool, ...]:
+        return self.is_causal or (False,) * len(self.spatial)
+
+
+def _cases(device: str, batch: int | None) -> list[Case]:
+    if device == "cpu":
+        b = batch or 2
+        return [
+            Case("nat 14x14 h2", b, (14, 14), 2, 32, (7, 7), (1, 1)),
+            Case("nat 7x7 h4", b, (7, 7), 4, 32, (7, 7), (1, 1)),
+            Case("dinat 14x14 d2", b, (14, 14), 2, 32, (7, 7), (2, 2)),
+            Case("1-D 512 k31 causal", 1, (512,), 2, 32, (31,), (1,), (True,)),
+            Case("3-D 6x8x8 k3", 1, (6, 8, 8), 2, 32, (3, 3, 3), (1, 1, 1)),
+        ]
+    b = batch or 32
+    return [
+        Case("nat 56x56 h2", b, (56, 56), 2, 32, (7, 7), (1, 1)),
+        Case("nat 28x28 h4", b, (28, 28), 4, 32, (7, 7), (1, 1)),
+        Case("nat 14x14 h8", b, (14, 14), 8, 32, (7, 7), (1, 1)),
+        Case("nat 7x7 h16", b, (7, 7), 16, 32, (7, 7), (1, 1)),
+        Case("dinat 56x56 d8", b, (56, 56), 2, 32, (7, 7), (8, 8)),
+        Case("1-D 8192 k127", 4, (8192,), 8, 64, (127,), (1,)),
+        Case("3-D 16x32x32 k3x7x7", 2, (16, 32, 32), 4, 64, (3, 7, 7), (1, 1, 1)),
+    ]
+
+
+def _flex_fn(case: Case, device: str, compiled: bool, rpb: torch.Tensor | None):
+    """FlexAttention over ``[B, H, N, D]`` with the NA window as block mask (and rpb as score_mod)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    tables = []
+    for length, ks, dil, causal in zip(case.spatial, case.kernel_size, case.dilation, case.causal):
+        key, valid, _ = window_indices(length, ks, dil, causal, device)
+        first = key[:, 0]
+        last = torch.where(valid, key, -1).amax(1)
+        tables.append((length, dil, first, last))
+
+    def coords(idx):
+        out = []
+        for length, *_ in reversed(tables):
+            out.append(idx % length)
+            idx = idx // length
+        return out[::-1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = q_idx >= 0
+        for (_, dil, first, last), qc, kc in zip(tables, coords(q_idx), coords(kv_idx)):
+            ok = ok & (kc % dil == qc % dil) & (kc >= first[qc]) & (kc <= last[qc])
+        return ok
+
+    score_mod = None
+    if rpb is not None:
+        flat_rpb = rpb.reshape(rpb.shape[0], -1)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            idx = q_idx * 0
+            for (_, dil, *_), ks, qc, kc in zip(tables, case.kernel_size, coords(q_idx), coords(kv_idx)):
+                idx = idx * (2 * ks - 1) + (kc // dil - qc // dil + ks - 1).clamp(0, 2 * ks - 2)
+            return score + flat_rpb[h, idx]
+
+    tokens = math.prod(case.spatial)
+    block_mask = create_block_mask(mask_mod, None, None, tokens, tokens, device=device)
+    attn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+    def run(q, k, v):
+        b, *_, h, d = q.shape
+        qf, kf, vf = (t.reshape(b, tokens, h, d).transpose(1, 2) for t in (q, k, v))
+        out = attn(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=d**-0.5)
+        return out.transpose(1, 2).reshape(q.shape)
+
+    return run
+
+
+def _natten_fn(case: Case):
+    import natten
+
+    fn = getattr(natten, f"na{len(case.spatial)}d")
+    return lambda q, k, v: fn(
+        q, k, v, kernel_size=case.kernel_size, dilation=case.dilation, is_causal=case.causal
+    )
+
+
+def _sdpa_fn(case: Case):
+    tokens = math.prod(case.spatial)
+
+    def run(q, k, v):
+        b, *_, h, d = q.shape
+        qf, kf, vf = (t.reshape(b, tokens, h, d).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qf, kf, vf).transpose(1, 2).reshape(q.shape)
+
+    return run
+
+
+def _time(fn: Callable, inputs: list[torch.Tensor], device: str, backward: bool, warmup: int, iters: int):
+    grad = torch.randn_like(inputs[0])
+
+    detached = [t.detach() for t in inputs[:3]]
+
+    def step():
+        if not backward:  # detached too: flex_attention rejects inputs that require grad on CPU
+            with torch.no_grad():
+                return fn(*detached)
+        out = fn(*inputs[:3])
+        return torch.autograd.grad(out, inputs, grad, allow_unused=True)
+
+    return measure(step, device, warmup=warmup, iters=iters)
+
+
+def _ours(case: Case, rpb: torch.Tensor | None, backend: str):
+    return lambda q, k, v: neighborhood_attention(
+        q, k, v, case.kernel_size, case.dilation, case.causal, rpb=rpb, backend=backend
+    )
+
+
+def _failure(exc: Exception) -> str:
+    return f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:70] if str(exc) else ''}"
+
+
+def _measure_provider(
+    make, inputs, device, warmup, iters
+) -> tuple[Measurement | None, Measurement | None, str]:
+    """(forward, forward+backward, note); a baseline that cannot run a case is reported, not fatal."""
+    if make is None:
+        return None, None, "skipped"
+    fwd = bwd = None
+    try:
+        fn = make()
+        fwd = _time(fn, inputs, device, False, warmup, iters)
+        bwd = _time(fn, inputs, device, True, warmup, iters)
+        note = ""
+    except Exception as exc:
+        note = _failure(exc)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return fwd, bwd, note
+
+
+def _cells(m: Measurement | None) -> list[str]:
+    if m is None:
+        return ["-", "-"]
+    return [f"{m.ms:.3f}", "-" if m.peak_mib is None else f"{m.peak_mib:.0f}"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--batch", type=int, help="override the batch size of the 2-D cases")
+    parser.add_argument(
+        "--rpb", action="store_true", help="add NAT's relative positional bias (not in NATTEN)"
+    )
+    parser.add_argument("--flex-compile", action="store_true", help="torch.compile flex_attention on CPU too")
+    parser.add_argument("--case", default="", help="only run cases whose name contains this text")
+    parser.add_argument("--iters", type=int, help="timed iterations (default 20 on CUDA, 3 on CPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device
+    cuda = device.startswith("cuda")
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    iters = args.iters or (20 if cuda else 3)
+    warmup = 3 if cuda else 1
+    run_triton = triton_available() and (cuda or interpreter_enabled())
+    rows = []
+    for case in _cases("cuda" if cuda else "cpu", args.batch):
+        if args.case not in case.name:
+            continue
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        shape = (case.batch, *case.spatial, case.heads, case.head_dim)
+        qkv = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
+        rpb = None
+        if args.rpb and not any(case.causal):
+            rpb_shape = (case.heads, *(2 * k - 1 for k in case.kernel_size))
+            rpb = (0.02 * torch.randn(rpb_shape, generator=gen)).to(device=device, dtype=dtype)
+        inputs = [t.requires_grad_(True) for t in qkv + ([rpb] if rpb is not None else [])]
+
+        flex_compiled = cuda or args.flex_compile
+        providers: list[tuple[str, Callable[[], Callable] | None]] = [
+            ("visattn triton", partial(_ours, case, rpb, "triton") if run_triton else None),
+            ("visattn torch", partial(_ours, case, rpb, "torch")),
+            (
+                "flex" if flex_compiled else "flex (eager)",
+                partial(_flex_fn, case, device, flex_compiled, rpb),
+            ),
+            ("natten", partial(_natten_fn, case) if rpb is None else None),
+            ("sdpa dense", partial(_sdpa_fn, case)),
+        ]
+        results = [
+            (name, *_measure_provider(make, inputs, device, warmup, iters)) for name, make in providers
+        ]
+        mine = next((r for r in results if r[0].startswith("visattn") and r[1] is not None), None)
+        for name, fwd, bwd, note in results:
+            rows.append(
+                [case.name, name, *_cells(fwd), *_cells(bwd)]
+                + [ratio(fwd, mine[1]) if mine else "-", ratio(bwd, mine[2]) if mine else "-", note]
+            )
+    title = (
+        f"neighborhood attention on {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), "
+        f"{str(dtype).removeprefix('torch.')}, rpb={'on' if args.rpb else 'off'}; speed-up = row time / ours"
+    )
+    headers = [
+        "case",
+        "impl",
+        "fwd ms",
+        "fwd MiB",
+        "fwd+bwd ms",
+        "fwd+bwd MiB",
+        "ours fwd x",
+        "ours f+b x",
+        "note",
+    ]
+    print_table(headers, rows, title=title)
+    return 0
