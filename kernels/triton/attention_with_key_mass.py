@@ -2,8 +2,8 @@
 
 Two kernels:
 
-1. ``_key_mass_fwd``: online-softmax attention over key blocks; writes the output and the row
-   log-sum-exp ``lse[b, h, i]``.
+1. ``_key_mass_fwd``: online-softmax attention over key blocks (the shared base-2 blocks of
+   ``_common``); writes the output and the row log-sum-exp ``lse[b, h, i]`` (log2 units).
 2. ``_key_mass_accumulate``: one program per (key block, batch) recomputes the scores of the selected
    queries against its keys, turns them into probabilities with the stored ``lse`` and sums
    ``query_weight[i] * P[h, i, j]`` over queries and heads. Queries before ``q_lo`` have zero weight
@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
+
 
 @triton.jit
 def _key_mass_fwd(
@@ -23,7 +25,7 @@ def _key_mass_fwd(
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbq, sbk, sob, son, soh, sod,
     NQ, NK, H, GROUP, D, DV, scale,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -51,42 +53,31 @@ def _key_mass_fwd(
             mask=n_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         if HAS_BIAS:
             s += tl.load(
                 Bias + b * sbb + h * sbh + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
                 mask=m_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
+        s = tl.maximum(s, -1.0e30)  # a float32-min mask stays finite in log2 units (like the reference)
         valid = n_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, tl.where(valid, s * LOG2E, float("-inf")))
         v = tl.load(
             V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
             mask=n_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    out = acc / l_i[:, None]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    out, lse = finish_softmax(acc, m_i, l_i)
     tl.store(
         Out + b * sob + h * soh + offs_m[:, None] * son + offs_dv[None, :] * sod,
         out.to(Out.dtype.element_ty),
         mask=m_ok[:, None] & (offs_dv[None, :] < DV),
     )
-    tl.store(Lse + (b * H + h) * NQ + offs_m, m_i + tl.log(l_i), mask=m_ok)
+    tl.store(Lse + (b * H + h) * NQ + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -94,7 +85,7 @@ def _key_mass_accumulate(
     Q, K, Bias, Lse, W, Mass,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, sbb, sbh, sbq, sbk,
     NQ, NK, H, GROUP, D, scale, q_lo,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -119,22 +110,20 @@ def _key_mass_accumulate(
                 mask=m_ok[:, None] & (offs_d[None, :] < D),
                 other=0.0,
             )
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             if HAS_BIAS:
                 s += tl.load(
                     Bias + b * sbb + h * sbh + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
                     mask=m_ok[:, None] & n_ok[None, :],
                     other=0.0,
                 )
+            s = tl.maximum(s, -1.0e30)
             valid = m_ok[:, None] & n_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
             lse = tl.load(Lse + (b * H + h) * NQ + offs_m, mask=m_ok, other=0.0)
             w = tl.load(W + b * NQ + offs_m, mask=m_ok, other=0.0)
-            p = tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))
+            p = tl.exp2(tl.where(valid, s * LOG2E - lse[:, None], float("-inf")))
             acc += tl.sum(p * w[:, None], 0)
     tl.store(Mass + b * NK + offs_n, acc / H, mask=n_ok)
 
@@ -165,7 +154,7 @@ def attention_with_key_mass_triton(
     weight = query_weight.float().contiguous()
     bd, bdv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dv))
     bm = bn = 64 if max(bd, bdv) <= 128 else 32
-    ieee = q.dtype in (torch.float32, torch.float64)
+    prec = dot_precision(q.dtype)
     sb = _bias_strides(bias)
     bias_arg = bias if bias is not None else q
     group = heads // kv_heads
@@ -173,12 +162,12 @@ def attention_with_key_mass_triton(
         q, k, v, bias_arg, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
         nq, nk, heads, group, dim, dv, scale,
-        HAS_BIAS=bias is not None, CAUSAL=causal, IEEE=ieee, BM=bm, BN=bn, BD=bd, BDV=bdv,
+        HAS_BIAS=bias is not None, CAUSAL=causal, PREC=prec, BM=bm, BN=bn, BD=bd, BDV=bdv,
     )  # fmt: skip
     _key_mass_accumulate[(triton.cdiv(nk, bn), batch)](
         q, k, bias_arg, lse, weight, mass,
         *q.stride(), *k.stride(), *sb,
         nq, nk, heads, group, dim, scale, q_lo,
-        HAS_BIAS=bias is not None, CAUSAL=causal, IEEE=ieee, BM=bm, BN=bn, BD=bd,
+        HAS_BIAS=bias is not None, CAUSAL=causal, PREC=prec, BM=bm, BN=bn, BD=bd,
     )  # fmt: skip
     return out, mass
