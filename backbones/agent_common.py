@@ -1,0 +1,136 @@
+"""The agent-attention layer shared by Agent-Swin, Agent-PVT and Agent-DeiT.
+
+Paper: Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention", ECCV 2024
+(arXiv 2312.08874). Official code: https://github.com/LeapLabTHU/Agent-Attention
+(agent_transformer/models/agent_{swin,pvt,deit}.py, class ``AgentAttention``).
+
+Every family projects its own q/k/v (``qkv`` or ``q`` + ``kv`` Linears) and then shares the same
+mechanics, collected in :class:`AgentAttentionBase`:
+
+- agent tokens: the queries average-pooled to a ``sqrt(agent_num) x sqrt(agent_num)`` grid;
+- position biases (parameter names as in the official code): ``an_bias``/``na_bias`` of shape
+  ``(heads, agent_num, 7, 7)``, bilinearly resized to the key/query grid, plus the separable
+  ``ah_bias + aw_bias`` (agent -> key) and ``ha_bias + wa_bias`` (query -> agent);
+- the attention itself, :func:`visattn.kernels.agent_attention` (one scale ``head_dim ** -0.5``);
+- ``dwc``: a depthwise 3x3 convolution of V added to the output ("diversity restoration"), then ``proj``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from visattn.kernels import agent_attention
+
+
+def agent_pool_size(agent_num: int) -> int:
+    """Side of the square agent grid; ``agent_num`` must be a perfect square (9, 16, 49, 81, ...)."""
+    side = math.isqrt(agent_num)
+    if side * side != agent_num or agent_num <= 0:
+        raise ValueError(
+            f"agent_num must be a positive perfect square (agents are pooled on a grid), got {agent_num}"
+        )
+    return side
+
+
+class AgentAttentionBase(nn.Module):
+    """Biases, agent pooling, DWC and output projection of one agent-attention layer.
+
+    ``kv_size`` is the (H, W) grid of the keys/values and ``q_size`` the grid of the queries at the
+    training resolution; they fix the shapes of the separable biases.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        agent_num: int,
+        q_size: tuple[int, int],
+        kv_size: tuple[int, int],
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        if attn_drop:
+            raise ValueError("agent attention has no attention dropout (the fused op never forms the maps)")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.agent_num = agent_num
+        self.pool_size = agent_pool_size(agent_num)
+        self.q_size = tuple(q_size)
+        self.kv_size = tuple(kv_size)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
+        self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
+        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, kv_size[0], 1))
+        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, kv_size[1]))
+        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, q_size[0], 1, agent_num))
+        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, q_size[1], agent_num))
+        for bias in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
+            trunc_normal_(bias, std=0.02)
+
+    def agent_tokens(self, q: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Pool queries ``[B, H*W, C]`` on the ``size`` grid to agents ``[B, agent_num, heads, head_dim]``."""
+        b, _, c = q.shape
+        grid = q.reshape(b, size[0], size[1], c).permute(0, 3, 1, 2)
+        agents = F.adaptive_avg_pool2d(grid, self.pool_size).reshape(b, c, -1).transpose(1, 2)
+        return agents.reshape(b, self.agent_num, self.num_heads, self.head_dim)
+
+    def position_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(agent_bias [1, heads, A, Nk], query_bias [1, heads, Nq, A])`` at the training grids."""
+        h, a = self.num_heads, self.agent_num
+        agent_bias = F.interpolate(self.an_bias, size=self.kv_size, mode="bilinear").reshape(1, h, a, -1)
+        agent_bias = agent_bias + (self.ah_bias + self.aw_bias).reshape(1, h, a, -1)
+        query_bias = F.interpolate(self.na_bias, size=self.q_size, mode="bilinear").reshape(1, h, a, -1)
+        query_bias = query_bias.transpose(-1, -2) + (self.ha_bias + self.wa_bias).reshape(1, h, -1, a)
+        return agent_bias, query_bias
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        agents: torch.Tensor,
+        agent_bias: torch.Tensor,
+        query_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """q ``[B, Nq, C]``, k/v ``[B, Nk, C]``, agents ``[B, A, heads, head_dim]`` -> ``[B, Nq, C]``."""
+        b, nq, c = q.shape
+        nk = k.shape[1]
+        heads, hd = self.num_heads, self.head_dim
+        out = agent_attention(
+            q.reshape(b, nq, heads, hd),
+            k.reshape(b, nk, heads, hd),
+            v.reshape(b, nk, heads, hd),
+            agents,
+            scale=self.scale,
+            agent_bias=agent_bias,
+            query_bias=query_bias,
+        )
+        return out.reshape(b, nq, c)
+
+    def dwc_tokens(
+        self, v: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Depthwise 3x3 conv of ``v`` ``[B, h*w, C]`` laid out on the ``size`` grid, as tokens.
+
+        With ``out_size`` the grid is first resized bilinearly (PVT keys/values at reduced resolution).
+        """
+        b, n, c = v.shape
+        grid = v.transpose(1, 2).reshape(b, c, size[0], size[1])
+        if out_size is not None and tuple(out_size) != tuple(size):
+            grid = F.interpolate(grid, size=out_size, mode="bilinear")
+        return self.dwc(grid).flatten(2).transpose(1, 2)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_drop(self.proj(x))

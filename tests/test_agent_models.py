@@ -1,0 +1,162 @@
+"""Agent-DeiT / Agent-PVT / Agent-Swin: official conformance, checkpoint keys, parameter counts, battery."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import visattn  # noqa: F401  (registers the models)
+from tests.model_battery import battery_names, checkpoint_filter_for, run_battery
+
+# Official constructor kwargs that are defaults of ours (or spelled differently) and are not passed on.
+_OFFICIAL_ONLY = {
+    "qk_scale": None,
+    "ape": False,
+    "patch_norm": True,
+    "use_checkpoint": False,
+    "in_chans": 3,
+    "norm_layer": "partial(nn.LayerNorm, eps=1e-6)",
+    "drop_rate": 0.0,
+    "attn_drop_rate": 0.0,
+}
+_FIXTURES = {
+    "agent_deit_r1": "agent_deit_tiny",
+    "agent_pvt_r1": "agent_pvt_tiny",
+    "agent_swin_r1": "agent_swin_tiny",
+}
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _model_kwargs(config: dict) -> dict:
+    kwargs = {}
+    for key, value in config["constructor_kwargs"].items():
+        if key in _OFFICIAL_ONLY:
+            assert value == _OFFICIAL_ONLY[key], f"{key}={value!r} is not what our model hard-codes"
+        else:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return kwargs
+
+
+def _stage_features(name: str, model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our features in the fixture's layout (tokens ``[B, N, C]``)."""
+    final, inter = model.forward_intermediates(x)
+    tokens = [t.flatten(2).transpose(1, 2) for t in inter]
+    if name == "agent_deit_r1":  # fixtures keep the class token: compare the patch tokens
+        return {f"block{i}": t for i, t in enumerate(tokens)} | {"norm": final}
+    if name == "agent_pvt_r1":
+        return {f"block{i + 1}": t for i, t in enumerate(tokens)}
+    feats = {}  # swin: fixture layers include the PatchMerging at the stage end
+    for i, t in enumerate(inter):
+        stage_out = t.permute(0, 2, 3, 1)
+        if model.layers[i].downsample is not None:
+            stage_out = model.layers[i].downsample(stage_out)
+        feats[f"layer{i}"] = stage_out.flatten(1, 2)
+    feats["norm"] = final.flatten(1, 2)
+    return feats
+
+
+@pytest.mark.parametrize("fixture", sorted(_FIXTURES))
+def test_official_conformance(fixture, conformance_dir):
+    folder = conformance_dir / "agent"
+    config = json.loads((folder / f"{fixture}_config.json").read_text())
+    model = timm.create_model(_FIXTURES[fixture], **_model_kwargs(config)).eval()
+    official = {"model": _load(folder / f"{fixture}_state_dict.pt"), "epoch": 300}  # as the repo saves them
+    model.load_state_dict(checkpoint_filter_for(_FIXTURES[fixture])(official, model), strict=True)
+    x = _load(folder / f"{fixture}_input.pt")
+    expected = _load(folder / f"{fixture}_features.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _load(folder / f"{fixture}_logits.pt"), atol=1e-5, rtol=1e-4)
+        ours = _stage_features(fixture, model, x)
+    assert set(ours) == set(expected)
+    for key, value in expected.items():
+        if fixture == "agent_deit_r1" and key != "norm":
+            value = value[:, 1:]
+        torch.testing.assert_close(ours[key], value, atol=1e-4, rtol=1e-4, msg=f"{fixture} feature {key}")
+
+
+@pytest.mark.parametrize("variant", ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_tiny"])
+def test_full_size_official_keys_load(variant, conformance_dir):
+    lines = (conformance_dir / "agent" / f"{variant}_keys.txt").read_text().splitlines()
+    with torch.device("meta"):
+        model = timm.create_model(variant)
+        state = {}
+        for line in lines:
+            key, shape = line.split(" ")
+            dtype = torch.long if key.endswith("relative_position_index") else torch.float32
+            state[key] = torch.zeros(json.loads(shape), dtype=dtype)
+    filtered = checkpoint_filter_for(variant)({"model": state}, model)
+    model.load_state_dict(filtered, strict=True)
+    assert len(filtered) == len(lines) - sum(k.endswith("relative_position_index") for k in state)
+
+
+# Paper / official README parameter counts (millions).
+PAPER_PARAMS = {
+    "agent_deit_tiny": 6.0,
+    "agent_deit_small": 22.7,
+    "agent_deit_small_448": 23.1,
+    "agent_deit_base": 87.2,
+    "agent_pvt_tiny": 11.6,
+    "agent_pvt_small": 20.6,
+    "agent_pvt_medium": 35.9,
+    "agent_pvt_medium_256": 36.1,
+    "agent_pvt_large": 48.7,
+    "agent_swin_tiny": 29.0,
+    "agent_swin_small": 50.0,
+    "agent_swin_small_288": 50.0,
+    "agent_swin_base": 88.0,
+    "agent_swin_base_384": 88.0,
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER_PARAMS))
+def test_param_count_matches_paper(variant):
+    with torch.device("meta"):
+        model = timm.create_model(variant)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(millions - PAPER_PARAMS[variant]) / PAPER_PARAMS[variant] < 0.01, f"{variant}: {millions:.2f}M"
+
+
+def test_registered_variants_are_the_paper_ones():
+    assert set(visattn.list_models("agent_*")) == set(PAPER_PARAMS)
+
+
+_SWIN = dict(img_size=64, embed_dim=16, num_heads=(1, 2, 2, 4), agent_num=(4, 4, 4, 4), num_classes=5)
+_PVT = dict(
+    img_size=64,
+    embed_dims=(16, 32, 48, 64),
+    num_heads=(1, 2, 2, 4),
+    depths=(1, 1, 1, 1),
+    agent_num=(4, 4, 4, 4),
+    num_classes=5,
+)
+_DEIT = dict(
+    img_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=2, agent_num=(4, 4, 4, 4), num_classes=5
+)
+TINY = {
+    # window 8 < stage-1 grid 16: agent attention in 4 windows, block 1 cyclically shifted
+    "agent_swin_tiny": dict(_SWIN, depths=(2, 1, 1, 1), window_size=8),
+    "agent_swin_small": dict(_SWIN, depths=(1, 1, 2, 1), window_size=16),
+    "agent_swin_small_288": dict(_SWIN, depths=(1, 1, 1, 1), window_size=16),
+    "agent_swin_base": dict(_SWIN, depths=(1, 1, 3, 1), window_size=16),  # AAMB2: stage 3 mixes A and B
+    "agent_swin_base_384": dict(_SWIN, depths=(1, 1, 2, 1), window_size=16),
+    "agent_pvt_tiny": dict(_PVT, agent_sr_ratios="2111"),  # agent keys/values spatially reduced in stage 1
+    "agent_pvt_small": dict(_PVT, attn_type="AABB"),  # PVT spatial-reduction attention in stages 3-4
+    "agent_pvt_medium": _PVT,
+    "agent_pvt_medium_256": _PVT,
+    "agent_pvt_large": _PVT,
+    "agent_deit_tiny": _DEIT,
+    "agent_deit_small": _DEIT,
+    "agent_deit_small_448": _DEIT,
+    "agent_deit_base": dict(_DEIT, agent_layer=2, agent_num=(9, 9, 9, 9)),  # block 2 is a plain DeiT block
+}
+
+
+@pytest.mark.parametrize("name", battery_names(sorted(TINY)))
+def test_battery(name):
+    kwargs = dict(TINY[name])
+    size = kwargs.pop("img_size")  # through the pretrained cfg, so the battery feeds that size too
+    run_battery(name, pretrained_cfg_overlay=dict(input_size=(3, size, size)), **kwargs)
