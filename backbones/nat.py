@@ -1,0 +1,712 @@
+"""NAT and DiNAT: Neighborhood Attention Transformers (hierarchical, channels-last).
+
+Papers:
+    Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023,
+    https://arxiv.org/abs/2204.07143
+    Hassani, Shi, "Dilated Neighborhood Attention Transformer", 2022, https://arxiv.org/abs/2209.15001
+Official code: https://github.com/SHI-Labs/Neighborhood-Attention-Transformer
+    (classification/nat.py, dinat.py, dinats.py; MIT licence). This is a re-implementation whose module
+    and parameter names follow the official code, so the released checkpoints load unchanged.
+
+NAT: overlapping conv tokenizer (two 3x3 stride-2 convs + LayerNorm), four levels of pre-norm
+transformer layers whose token mixer is 2-D neighborhood attention (each query attends to the
+``kernel_size x kernel_size`` nearest keys, with a relative position bias table), and a 3x3 stride-2
+conv downsampler (+ LayerNorm) at the END of every level but the last. DiNAT is the same network with
+a per-layer dilation (alternating plain / dilated NA). DiNAT_s (``dinat_s_*``) uses the Swin layout:
+a 4x4 patch embedding and patch merging, MLP ratio 4.
+
+Tensors are (B, H, W, C) between the stem and the head. Feature maps (``forward_intermediates``,
+``features_only``) are the outputs of each level's layers before its downsampler: strides 4/8/16/32.
+The attention itself is :func:`visattn.kernels.neighborhood_attention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, SelectAdaptivePool2d, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from timm.models.swin_transformer import PatchMerging
+from torch import nn
+
+from visattn.kernels import neighborhood_attention
+
+__all__ = ["NAT", "NeighborhoodAttention2D", "checkpoint_filter_fn"]
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-5)
+
+
+class ConvTokenizer(nn.Module):
+    """NAT stem: 3x3/s2 conv (C/2) -> 3x3/s2 conv (C) -> LayerNorm. (B, 3, H, W) -> (B, H/4, W/4, C)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, norm_layer: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1),
+        )
+        self.norm = norm_layer(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class ConvDownsampler(nn.Module):
+    """NAT downsampler: 3x3/s2 conv without bias (C -> 2C) -> LayerNorm. (B, H, W, C) -> (B, H/2, W/2, 2C)."""
+
+    def __init__(self, dim: int, norm_layer: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = norm_layer(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class NeighborhoodAttention2D(nn.Module):
+    """2-D (dilated) neighborhood attention with relative position bias on (B, H, W, C) maps.
+
+    Parameters as NATTEN's module: ``qkv``, ``rpb`` (heads, 2k-1, 2k-1) and ``proj``. A map smaller
+    than the attention window (``kernel_size * dilation``) is zero-padded at the bottom/right before
+    the qkv projection and cropped after the attention, as NATTEN 0.14 (used to train NAT/DiNAT) did.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if kernel_size < 2 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd number > 1, got {kernel_size}")
+        if dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {dilation}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        trunc_normal_(self.rpb, std=0.02)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        window = self.kernel_size * self.dilation
+        pad_h, pad_w = max(0, window - H), max(0, window - W)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
+        x = neighborhood_attention(
+            q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale
+        )
+        x = x.reshape(B, Hp, Wp, C)[:, :H, :W]
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, dilation={self.dilation}, "
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+        )
+
+
+class NATLayer(nn.Module):
+    """Pre-norm transformer layer: x + NA(LN(x)), then x + MLP(LN(x)); optional layer scale gamma1/2."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm,
+        layer_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = NeighborhoodAttention2D(
+            dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.layer_scale = layer_scale is not None
+        if self.layer_scale:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        if self.layer_scale:
+            x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+            return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class NATLevel(nn.Module):
+    """One level (the official ``NATBlock`` / ``BasicLayer``): ``blocks`` then ``downsample``."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        kernel_size: int,
+        dilations: Sequence[int],
+        downsample: Callable[[int], nn.Module] | None,
+        drop_path: Sequence[float],
+        **layer_kwargs,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(
+            *[
+                NATLayer(dim, num_heads, kernel_size, dilations[i], drop_path=drop_path[i], **layer_kwargs)
+                for i in range(depth)
+            ]
+        )
+        self.downsample = downsample(dim) if downsample is not None else nn.Identity()
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers of this level, without the downsampler. (B, H, W, C) -> (B, H, W, C)."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(self.forward_blocks(x))
+
+
+class NAT(nn.Module):
+    """NAT / DiNAT / DiNAT_s classifier. Input (B, in_chans, H, W), logits (B, num_classes).
+
+    ``dilations`` (one list per level, one int per layer) turns NAT into DiNAT; ``layout="swin"`` gives
+    DiNAT_s (4x4 patch embedding and patch merging instead of the conv tokenizer / downsampler).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 64,
+        depths: Sequence[int] = (3, 4, 6, 5),
+        num_heads: Sequence[int] = (2, 4, 8, 16),
+        mlp_ratio: float = 3.0,
+        kernel_size: int = 7,
+        dilations: Sequence[Sequence[int]] | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        layer_scale: float | None = None,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm,
+        layout: str = "nat",
+    ) -> None:
+        """``drop_rate`` is the dropout before the classifier; ``proj_drop_rate`` is the official
+        ``drop_rate`` (after the stem, in the MLPs and after the attention projection)."""
+        super().__init__()
+        num_levels = len(depths)
+        if len(num_heads) != num_levels:
+            raise ValueError(
+                f"num_heads {tuple(num_heads)} needs one entry per level of depths {tuple(depths)}"
+            )
+        if dilations is None:
+            dilations = [[1] * d for d in depths]
+        if len(dilations) != num_levels or any(len(dl) != d for dl, d in zip(dilations, depths)):
+            raise ValueError(f"dilations {dilations} needs one int per layer of depths {tuple(depths)}")
+        if layout not in ("nat", "swin"):
+            raise ValueError(f"layout must be 'nat' or 'swin', got {layout!r}")
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_levels - 1))
+        self.grad_checkpointing = False
+
+        if layout == "nat":
+            self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer)
+            downsample = partial(ConvDownsampler, norm_layer=norm_layer)
+        else:
+            self.patch_embed = PatchEmbed(
+                img_size=None,
+                patch_size=4,
+                in_chans=in_chans,
+                embed_dim=embed_dim,
+                norm_layer=norm_layer,
+                output_fmt="NHWC",
+                strict_img_size=False,
+                dynamic_img_pad=True,
+            )
+            downsample = partial(PatchMerging, norm_layer=norm_layer)
+        self.pos_drop = nn.Dropout(proj_drop_rate)
+
+        # stochastic depth grows linearly over all layers (plain floats: works on the meta device)
+        total = sum(depths)
+        dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+        self.levels = nn.ModuleList()
+        self.feature_info = []
+        for i in range(num_levels):
+            dim = int(embed_dim * 2**i)
+            self.levels.append(
+                NATLevel(
+                    dim,
+                    depths[i],
+                    num_heads[i],
+                    kernel_size,
+                    dilations[i],
+                    downsample if i < num_levels - 1 else None,
+                    drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    proj_drop=proj_drop_rate,
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    layer_scale=layer_scale,
+                )
+            )
+            self.feature_info.append(
+                dict(num_chs=dim, reduction=4 * 2**i, module=f"levels.{i}.blocks.{depths[i] - 1}")
+            )
+
+        self.norm = norm_layer(self.num_features)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True, input_fmt="NHWC")
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The relative position bias tables (the official ``no_weight_decay_keywords = {"rpb"}``)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^levels\.(\d+)"
+            if coarse
+            else [
+                (r"^levels\.(\d+)\.blocks\.(\d+)", None),
+                (r"^levels\.(\d+)\.downsample", (99998,)),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for level in self.levels:
+            level.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True, input_fmt="NHWC")
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Level features before each downsampler, (B, C_i, H/s_i, W/s_i) for ``output_fmt="NCHW"``.
+
+        ``indices``: last n levels if int, all if None, else the listed levels. ``norm`` applies the final
+        norm to the last level's feature. Returns the intermediates, or (final NHWC features, intermediates).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.levels), indices)
+        last = len(self.levels) - 1
+        levels = self.levels if torch.jit.is_scripting() or not stop_early else self.levels[: max_index + 1]
+        intermediates = []
+        x = self.pos_drop(self.patch_embed(x))
+        i = 0
+        for i, level in enumerate(levels):
+            x = level.forward_blocks(x)
+            if i in take_indices:
+                feat = self.norm(x) if norm and i == last else x
+                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
+            if i < last:
+                x = level.downsample(x)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the levels (and downsampler, norm, head) not needed for ``indices``; returns kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.levels), indices)
+        prune_end = max_index < len(self.levels) - 1
+        self.levels = self.levels[: max_index + 1]
+        self.levels[-1].downsample = nn.Identity()
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> normalised last-level map (B, H/32, W/32, num_features)."""
+        x = self.pos_drop(self.patch_embed(x))
+        for level in self.levels:
+            x = level(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, h, w, num_features) -> pooled (B, num_features) if ``pre_logits`` else logits."""
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NAT) -> dict[str, torch.Tensor]:
+    """Map an official NAT / DiNAT / DiNAT_s state_dict onto :class:`NAT`.
+
+    Accepts the released files unchanged (a plain state_dict) or wrapped under ``'model'`` /
+    ``'state_dict'``. DiNAT_s names its levels ``layers.i`` (renamed to ``levels.i``). Relative
+    position bias tables of another kernel size are resized bicubically (how the official 11x11
+    checkpoints were made from the 7x7 ones).
+    """
+    for wrapper in ("model", "state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    target = model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("layers."):
+            key = "levels." + key[len("layers.") :]
+        if key.endswith(".rpb") and key in target and value.shape != target[key].shape:
+            size = target[key].shape[-2:]
+            value = F.interpolate(value[None].float(), size=size, mode="bicubic", align_corners=False)
+            value = value[0].to(target[key].dtype)
+        out[key] = value
+    return out
+
+
+def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
+    depths = kwargs.get("depths", (3, 4, 6, 5))
+    out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
+    return build_model_with_cfg(
+        NAT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+_NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/"
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/"
+
+
+def _cfg(url: str = "", **kwargs) -> dict:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj.0",
+        "classifier": "head",
+        "license": "mit",
+        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
+        **kwargs,
+    }
+
+
+def _dinat_cfg(path: str, **kwargs) -> dict:
+    return _cfg(_DINAT_URL + path, paper_ids="arXiv:2209.15001", **kwargs)
+
+
+_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+_IN22K = dict(num_classes=21841)
+_SWIN_STEM = dict(first_conv="patch_embed.proj")
+
+default_cfgs = generate_default_cfgs(
+    {
+        "nat_mini.in1k": _cfg(_NAT_URL + "nat_mini.pth", paper_ids="arXiv:2204.07143"),
+        "nat_tiny.in1k": _cfg(_NAT_URL + "nat_tiny.pth", paper_ids="arXiv:2204.07143"),
+        "nat_small.in1k": _cfg(_NAT_URL + "nat_small.pth", paper_ids="arXiv:2204.07143"),
+        "nat_base.in1k": _cfg(_NAT_URL + "nat_base.pth", paper_ids="arXiv:2204.07143"),
+        "dinat_mini.in1k": _dinat_cfg("imagenet1k/dinat_mini_in1k_224.pth"),
+        "dinat_tiny.in1k": _dinat_cfg("imagenet1k/dinat_tiny_in1k_224.pth"),
+        "dinat_small.in1k": _dinat_cfg("imagenet1k/dinat_small_in1k_224.pth"),
+        "dinat_base.in1k": _dinat_cfg("imagenet1k/dinat_base_in1k_224.pth"),
+        "dinat_large.in22k_ft_in1k": _dinat_cfg("imagenet1k/dinat_large_in22k_in1k_224.pth"),
+        "dinat_large_384.in22k_ft_in1k": _dinat_cfg("imagenet1k/dinat_large_in22k_in1k_384.pth", **_384),
+        "dinat_large_384_11x11.in22k_ft_in1k": _dinat_cfg(
+            "imagenet1k/dinat_large_in22k_in1k_384_11x11.pth", **_384
+        ),
+        "dinat_large_21k.in22k": _dinat_cfg("imagenet22k/dinat_large_in22k_224.pth", **_IN22K),
+        "dinat_large_21k_11x11.in22k": _dinat_cfg(
+            "imagenet22k/dinat_large_in22k_224_11x11interp.pth", **_IN22K
+        ),
+        "dinat_s_tiny.in1k": _dinat_cfg("imagenet1k/dinat_s_tiny_in1k_224.pth", **_SWIN_STEM),
+        "dinat_s_small.in1k": _dinat_cfg("imagenet1k/dinat_s_small_in1k_224.pth", **_SWIN_STEM),
+        "dinat_s_base.in1k": _dinat_cfg("imagenet1k/dinat_s_base_in1k_224.pth", **_SWIN_STEM),
+        "dinat_s_large.in22k_ft_in1k": _dinat_cfg("imagenet1k/dinat_s_large_in1k_224.pth", **_SWIN_STEM),
+        "dinat_s_large_384.in22k_ft_in1k": _dinat_cfg(
+            "imagenet1k/dinat_s_large_in1k_384.pth", **_SWIN_STEM, **_384
+        ),
+        "dinat_s_large_21k.in22k": _dinat_cfg(
+            "imagenet22k/dinat_s_large_in22k_224.pth", **_SWIN_STEM, **_IN22K
+        ),
+    }
+)
+
+
+def _alternating(depths: Sequence[int], dilated: Sequence[int]) -> list[list[int]]:
+    """DiNAT's schedule: in level i, even layers use dilation 1 and odd layers ``dilated[i]``."""
+    return [[1 if j % 2 == 0 else d for j in range(n)] for n, d in zip(depths, dilated)]
+
+
+_DEPTHS_NAT = (3, 4, 18, 5)
+_DEPTHS_DINAT_S = (2, 2, 18, 2)
+_DIL_224 = (8, 4, 2, 1)  # stage resolution 56/28/14/7 divided by kernel 7
+_DIL_384 = (13, 6, 3, 1)  # 96/48/24/12 divided by 7
+
+
+def _model(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> NAT:
+    return _create_nat(variant, pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    args = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3, drop_path_rate=0.2)
+    return _model("nat_mini", pretrained, args, kwargs)
+
+
+@register_model
+def nat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    args = dict(embed_dim=64, depths=_DEPTHS_NAT, num_heads=(2, 4, 8, 16), mlp_ratio=3, drop_path_rate=0.2)
+    return _model("nat_tiny", pretrained, args, kwargs)
+
+
+@register_model
+def nat_small(pretrained: bool = False, **kwargs) -> NAT:
+    args = dict(
+        embed_dim=96,
+        depths=_DEPTHS_NAT,
+        num_heads=(3, 6, 12, 24),
+        mlp_ratio=2,
+        drop_path_rate=0.3,
+        layer_scale=1e-5,
+    )
+    return _model("nat_small", pretrained, args, kwargs)
+
+
+@register_model
+def nat_base(pretrained: bool = False, **kwargs) -> NAT:
+    args = dict(
+        embed_dim=128,
+        depths=_DEPTHS_NAT,
+        num_heads=(4, 8, 16, 32),
+        mlp_ratio=2,
+        drop_path_rate=0.5,
+        layer_scale=1e-5,
+    )
+    return _model("nat_base", pretrained, args, kwargs)
+
+
+@register_model
+def dinat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    depths = (3, 4, 6, 5)
+    args = dict(
+        embed_dim=64,
+        depths=depths,
+        num_heads=(2, 4, 8, 16),
+        mlp_ratio=3,
+        drop_path_rate=0.2,
+        dilations=_alternating(depths, _DIL_224),
+    )
+    return _model("dinat_mini", pretrained, args, kwargs)
+
+
+@register_model
+def dinat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    args = dict(
+        embed_dim=64,
+        depths=_DEPTHS_NAT,
+        num_heads=(2, 4, 8, 16),
+        mlp_ratio=3,
+        drop_path_rate=0.2,
+        dilations=_alternating(_DEPTHS_NAT, _DIL_224),
+    )
+    return _model("dinat_tiny", pretrained, args, kwargs)
+
+
+@register_model
+def dinat_small(pretrained: bool = False, **kwargs) -> NAT:
+    args = dict(
+        embed_dim=96,
+        depths=_DEPTHS_NAT,
+        num_heads=(3, 6, 12, 24),
+        mlp_ratio=2,
+        drop_path_rate=0.3,
+        dilations=_alternating(_DEPTHS_NAT, _DIL_224),
+    )
+    return _model("dinat_small", pretrained, args, kwargs)
+
+
+@register_model
+def dinat_base(pretrained: bool = False, **kwargs) -> NAT:
+    args = dict(
+        embed_dim=128,
+        depths=_DEPTHS_NAT,
+        num_heads=(4, 8, 16, 32),
+        mlp_ratio=2,
+        drop_path_rate=0.5,
+        layer_scale=1e-5,
+        dilations=_alternating(_DEPTHS_NAT, _DIL_224),
+    )
+    return _model("dinat_base", pretrained, args, kwargs)
+
+
+def _dinat_large_args(drop_path_rate: float, kernel_size: int, dilated: Sequence[int]) -> dict:
+    return dict(
+        embed_dim=192,
+        depths=_DEPTHS_NAT,
+        num_heads=(6, 12, 24, 48),
+        mlp_ratio=2,
+        drop_path_rate=drop_path_rate,
+        kernel_size=kernel_size,
+        dilations=_alternating(_DEPTHS_NAT, dilated),
+    )
+
+
+@register_model
+def dinat_large(pretrained: bool = False, **kwargs) -> NAT:
+    return _model("dinat_large", pretrained, _dinat_large_args(0.35, 7, _DIL_224), kwargs)
+
+
+@register_model
+def dinat_large_384(pretrained: bool = False, **kwargs) -> NAT:
+    return _model("dinat_large_384", pretrained, _dinat_large_args(0.35, 7, _DIL_384), kwargs)
+
+
+@register_model
+def dinat_large_384_11x11(pretrained: bool = False, **kwargs) -> NAT:
+    # The official 11x11 model keeps the 224 dilation schedule.
+    return _model("dinat_large_384_11x11", pretrained, _dinat_large_args(0.35, 11, _DIL_224), kwargs)
+
+
+@register_model
+def dinat_large_21k(pretrained: bool = False, **kwargs) -> NAT:
+    return _model("dinat_large_21k", pretrained, _dinat_large_args(0.2, 7, _DIL_224), kwargs)
+
+
+@register_model
+def dinat_large_21k_11x11(pretrained: bool = False, **kwargs) -> NAT:
+    return _model("dinat_large_21k_11x11", pretrained, _dinat_large_args(0.2, 11, _DIL_224), kwargs)
+
+
+def _dinat_s_args(
+    embed_dim: int,
+    depths: Sequence[int],
+    num_heads: Sequence[int],
+    drop_path_rate: float,
+    dilated: Sequence[int] = _DIL_224,
+) -> dict:
+    return dict(
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=num_heads,
+        mlp_ratio=4,
+        drop_path_rate=drop_path_rate,
+        dilations=_alternating(depths, dilated),
+        layout="swin",
+    )
+
+
+@register_model
+def dinat_s_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    return _model("dinat_s_tiny", pretrained, _dinat_s_args(96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2), kwargs)
+
+
+@register_model
+def dinat_s_small(pretrained: bool = False, **kwargs) -> NAT:
+    return _model(
+        "dinat_s_small", pretrained, _dinat_s_args(96, _DEPTHS_DINAT_S, (3, 6, 12, 24), 0.3), kwargs
+    )
+
+
+@register_model
+def dinat_s_base(pretrained: bool = False, **kwargs) -> NAT:
+    return _model(
+        "dinat_s_base", pretrained, _dinat_s_args(128, _DEPTHS_DINAT_S, (4, 8, 16, 32), 0.5), kwargs
+    )
+
+
+@register_model
+def dinat_s_large(pretrained: bool = False, **kwargs) -> NAT:
+    return _model(
+        "dinat_s_large", pretrained, _dinat_s_args(192, _DEPTHS_DINAT_S, (6, 12, 24, 48), 0.35), kwargs
+    )
+
+
+@register_model
+def dinat_s_large_384(pretrained: bool = False, **kwargs) -> NAT:
+    args = _dinat_s_args(192, _DEPTHS_DINAT_S, (6, 12, 24, 48), 0.35, dilated=_DIL_384)
+    return _model("dinat_s_large_384", pretrained, args, kwargs)
+
+
+@register_model
+def dinat_s_large_21k(pretrained: bool = False, **kwargs) -> NAT:
+    return _model(
+        "dinat_s_large_21k", pretrained, _dinat_s_args(192, _DEPTHS_DINAT_S, (6, 12, 24, 48), 0.2), kwargs
+    )

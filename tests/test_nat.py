@@ -1,0 +1,188 @@
+"""NAT / DiNAT / DiNAT_s timm models: official-checkpoint conformance, key lists, sizes, battery."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import visattn  # noqa: F401  (registers the models)
+from tests.model_battery import battery_names, run_battery
+from visattn.backbones.nat import NAT, NeighborhoodAttention2D, checkpoint_filter_fn
+
+# Parameter counts (millions) of the papers' / official README tables (NAT.md, DiNAT.md), which round
+# to whole millions. The 21k variants are sized with a 1000-class head to compare with the same rows.
+PAPER_PARAMS_M = {
+    "nat_mini": 20,
+    "nat_tiny": 28,
+    "nat_small": 51,
+    "nat_base": 90,
+    "dinat_mini": 20,
+    "dinat_tiny": 28,
+    "dinat_small": 51,
+    "dinat_base": 90,
+    "dinat_large": 200,
+    "dinat_large_384": 200,
+    "dinat_large_384_11x11": 200,
+    "dinat_large_21k": 200,
+    "dinat_large_21k_11x11": 200,
+    "dinat_s_tiny": 28,
+    "dinat_s_small": 50,
+    "dinat_s_base": 88,
+    "dinat_s_large": 197,
+    "dinat_s_large_384": 197,
+    "dinat_s_large_21k": 197,
+}
+NAMES = sorted(PAPER_PARAMS_M)
+
+# Tiny battery config: stage grids 16/8/4/2 at 64 px; kernel 3 with dilation 2 in levels 0 and 2
+# (level 2's 4x4 map and level 3's 2x2 map are smaller than the window, so the padding path runs).
+TINY = dict(embed_dim=16, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), kernel_size=3, drop_path_rate=0.1)
+TINY_DILATIONS = [[1, 2], [1], [1, 2], [1]]
+# torch.compile is checked once per distinct code path (NAT, NAT + layer scale, DiNAT_s layout).
+COMPILE_CHECKED = {"nat_mini", "nat_small", "dinat_s_tiny"}
+
+
+@pytest.mark.parametrize("name", battery_names(NAMES))
+def test_battery(name):
+    kwargs = dict(TINY)
+    if name.startswith("dinat"):
+        kwargs["dilations"] = TINY_DILATIONS
+    run_battery(name, img_size=64, alt_img_size=56, compile_check=name in COMPILE_CHECKED, **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_size_params_and_cfg(name):
+    kwargs = dict(num_classes=1000) if "21k" in name else {}
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    n_params = sum(p.numel() for p in model.parameters())
+    paper = PAPER_PARAMS_M[name] * 1e6
+    # within 1%, or within the rounding of the table's whole-million figure
+    assert abs(n_params - paper) <= max(0.01 * paper, 0.5e6), (
+        f"{name}: {n_params / 1e6:.2f}M vs {paper / 1e6}M"
+    )
+    cfg = model.pretrained_cfg
+    assert cfg["url"].startswith("https://shi-labs.com/projects/") and cfg["url"].endswith(".pth")
+    size = 384 if "384" in name else 224
+    assert cfg["input_size"] == (3, size, size)
+    # DiNAT's dilated layers span the whole level-0 map of the training resolution (size/4 = 7 * dilation),
+    # except the 11x11 models, which keep the 224 schedule.
+    if name.startswith("dinat"):
+        dilation = model.levels[0].blocks[1].attn.dilation
+        assert dilation == (13 if size == 384 and "11x11" not in name else 8)
+    else:
+        assert all(b.attn.dilation == 1 for lvl in model.levels for b in lvl.blocks)
+    if "21k" in name:
+        assert timm.models.get_pretrained_cfg(name).num_classes == 21841
+
+
+@pytest.mark.parametrize("fixture,arch", [("nat_r1", "nat_mini"), ("dinat_r1", "dinat_mini")])
+@pytest.mark.parametrize("wrap", [None, "model", "state_dict"])
+def test_conformance_with_official(conformance_dir, fixture, arch, wrap):
+    """Official weights through checkpoint_filter_fn reproduce the official logits and level features."""
+    d = conformance_dir / "nat"
+    config = json.loads((d / f"{fixture}_config.json").read_text())
+    model = timm.create_model(arch, **config["constructor_kwargs"]).eval()
+    official = torch.load(d / f"{fixture}_state_dict.pt", weights_only=True)
+    checkpoint = official if wrap is None else {wrap: official, "epoch": 300}
+    model.load_state_dict(checkpoint_filter_fn(checkpoint, model), strict=True)
+    x = torch.load(d / f"{fixture}_input.pt", weights_only=True)
+    if wrap is not None:  # the loading path is all that differs: one forward pass suffices
+        torch.testing.assert_close(model.state_dict()["head.weight"], official["head.weight"], rtol=0, atol=0)
+        return
+
+    captured = {}
+    hooks = [model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("norm", o))]
+    for idx, level in enumerate(model.levels):
+        hooks.append(
+            level.register_forward_hook(lambda m, i, o, idx=idx: captured.__setitem__(f"level{idx}", o))
+        )
+    with torch.no_grad():
+        logits = model(x)
+        final, inter = model.forward_intermediates(x, norm=True)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(
+        logits, torch.load(d / f"{fixture}_logits.pt", weights_only=True), atol=1e-5, rtol=1e-4
+    )
+    features = torch.load(d / f"{fixture}_features.pt", weights_only=True)
+    assert set(features) == set(captured)
+    for key, ref in features.items():
+        torch.testing.assert_close(
+            captured[key], ref, atol=1e-4, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}"
+        )
+    # the last level has no downsampler: its intermediate (normed) is the official final-norm output
+    torch.testing.assert_close(inter[-1].permute(0, 2, 3, 1), features["norm"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(final, features["norm"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["nat_mini", "dinat_mini"])
+def test_full_size_official_keys_load(conformance_dir, arch):
+    lines = (conformance_dir / "nat" / f"{arch}_keys.txt").read_text().split("\n")
+    shapes = {}
+    for line in filter(None, lines):
+        key, dims = line.split(" ")
+        shapes[key] = [int(s) for s in dims.strip("[]").split(",") if s]
+    official = {k: torch.zeros(s) for k, s in shapes.items()}
+    with torch.device("meta"):
+        model = timm.create_model(arch)
+    result = model.load_state_dict(checkpoint_filter_fn(official, model), strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert model.levels[0].blocks[0].attn.rpb.shape == (2, 13, 13)
+
+
+def test_dinat_s_official_layer_names_and_rpb_resize():
+    """DiNAT_s checkpoints name levels ``layers.i``; rpb tables of another kernel size are resized."""
+    kwargs = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3)
+    src = timm.create_model("dinat_s_tiny", dilations=[[1]] * 4, **kwargs).eval()
+    official = {k.replace("levels.", "layers.", 1): v for k, v in src.state_dict().items()}
+    dst = timm.create_model("dinat_s_tiny", dilations=[[1]] * 4, **kwargs).eval()
+    dst.load_state_dict(checkpoint_filter_fn(official, dst), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+    big = timm.create_model("dinat_s_tiny", dilations=[[1]] * 4, **dict(kwargs, kernel_size=5))
+    table = (
+        torch.arange(5.0)[None, :, None].expand(1, 5, 5).contiguous()
+    )  # linear ramp along rows, 3x3 kernel
+    sd = dict(official, **{"layers.0.blocks.0.attn.rpb": table})
+    resized = checkpoint_filter_fn(sd, big)["levels.0.blocks.0.attn.rpb"]
+    assert resized.shape == (1, 9, 9)
+    # bicubic resizing keeps a constant-along-columns table constant along columns, monotone along rows
+    torch.testing.assert_close(resized, resized[:, :, :1].expand_as(resized))
+    assert (resized[0, 1:, 0] >= resized[0, :-1, 0]).all()
+
+
+def test_attention_module_matches_dense_attention_with_padding():
+    """A map smaller than the window is zero-padded like NATTEN 0.14: then NA with a window covering
+    the padded map is dense softmax attention over it with bias rpb[dy + k - 1, dx + k - 1]."""
+    torch.manual_seed(0)
+    k, heads, dim = 5, 2, 8
+    attn = NeighborhoodAttention2D(dim, heads, kernel_size=k).eval()
+    with torch.no_grad():
+        attn.rpb.normal_()
+    x = torch.randn(2, 3, 4, dim)
+    with torch.no_grad():
+        out = attn(x)
+        xp = torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 2))  # to 5x5
+        q, kk, v = attn.qkv(xp).reshape(2, 25, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        ys, xs = torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij")
+        dy = ys.flatten()[None, :] - ys.flatten()[:, None] + k - 1
+        dx = xs.flatten()[None, :] - xs.flatten()[:, None] + k - 1
+        bias = attn.rpb[:, dy, dx]  # heads, query, key
+        dense = torch.softmax(q @ kk.transpose(-1, -2) * attn.scale + bias, dim=-1) @ v
+        dense = dense.transpose(1, 2).reshape(2, 5, 5, dim)[:, :3, :4]
+    torch.testing.assert_close(out, attn.proj(dense), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_configs_raise():
+    with pytest.raises(ValueError, match="dilations"):
+        NAT(embed_dim=16, depths=(1, 1), num_heads=(1, 2), dilations=[[1], [1, 2]])
+    with pytest.raises(ValueError, match="num_heads"):
+        NAT(embed_dim=16, depths=(1, 1), num_heads=(1,))
+    with pytest.raises(ValueError, match="odd"):
+        NeighborhoodAttention2D(8, 2, kernel_size=4)
+    with pytest.raises(ValueError, match="layout"):
+        NAT(embed_dim=16, depths=(1, 1), num_heads=(1, 2), layout="vit")
