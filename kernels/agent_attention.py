@@ -18,7 +18,7 @@ import math
 import torch
 
 from visattn.kernels._checks import check_float_tensors, check_ndim
-from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels._dispatch import interpreter_enabled, resolve_backend
 from visattn.kernels.reference.agent_attention import agent_attention_reference
 
 OP = "agent_attention"
@@ -127,4 +127,123 @@ def agent_attention(
         chosen = "torch"
     if chosen == "torch":
         return agent_attention_reference(q, k, v, agent, scale, agent_bias, query_bias)
-    raise ValueError(f"{OP}: the Triton backend is not available yet; use backend='torch'")
+    _check_triton_limits(q, v, agent)
+    return _agent_attention_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
+
+
+def _check_triton_limits(q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{OP}: backend='triton' supports float16/bfloat16/float32, got {q.dtype}")
+    if agent.shape[1] > TRITON_MAX_AGENTS:
+        raise ValueError(
+            f"{OP}: backend='triton' holds all agents in one block: at most {TRITON_MAX_AGENTS} "
+            f"agents, got {agent.shape[1]}"
+        )
+    if max(q.shape[3], v.shape[3]) > TRITON_MAX_HEAD_DIM:
+        raise ValueError(
+            f"{OP}: backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got "
+            f"q/k {q.shape[3]}, v {v.shape[3]}"
+        )
+
+
+# Triton path as torch.library ops (fake + autograd) so it traces under torch.compile / export.
+# Outputs: out [B, Nq, H, Dv], agent_v [B, H, A, Dv] (fp32), base-2 log-sum-exps [B, H, A] and [B, H, Nq].
+@torch.library.custom_op("visattn::agent_attention_fwd", mutates_args=())
+def _agent_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agent: torch.Tensor,
+    agent_bias: torch.Tensor | None,
+    query_bias: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from visattn.kernels.triton.agent_attention import agent_attention_fwd
+
+    return agent_attention_fwd(q, k, v, agent, agent_bias, query_bias, scale, interpreter_enabled())
+
+
+@_agent_attention_op.register_fake
+def _(q, k, v, agent, agent_bias, query_bias, scale):
+    batch, nq, heads, _ = q.shape
+    num_agents, dv = agent.shape[1], v.shape[3]
+    return (
+        q.new_empty(batch, nq, heads, dv),
+        q.new_empty(batch, heads, num_agents, dv, dtype=torch.float32),
+        q.new_empty(batch, heads, num_agents, dtype=torch.float32),
+        q.new_empty(batch, heads, nq, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("visattn::agent_attention_bwd", mutates_args=())
+def _agent_attention_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agent: torch.Tensor,
+    agent_bias: torch.Tensor | None,
+    query_bias: torch.Tensor | None,
+    out: torch.Tensor,
+    agent_v: torch.Tensor,
+    lse_agent: torch.Tensor,
+    lse_query: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v, agent, agent_bias, query_bias (an empty tensor for an absent bias)."""
+    from visattn.kernels.triton.agent_attention import agent_attention_bwd
+
+    grads = agent_attention_bwd(
+        dout,
+        q,
+        k,
+        v,
+        agent,
+        agent_bias,
+        query_bias,
+        out,
+        agent_v,
+        lse_agent,
+        lse_query,
+        scale,
+        interpreter_enabled(),
+    )
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
+
+
+@_agent_attention_bwd_op.register_fake
+def _(dout, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse_agent, lse_query, scale):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        torch.empty_like(agent, memory_format=torch.contiguous_format),
+        torch.empty_like(agent_bias) if agent_bias is not None else q.new_empty(0),
+        torch.empty_like(query_bias) if query_bias is not None else q.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, agent, agent_bias, query_bias, scale = inputs
+    out, agent_v, lse_agent, lse_query = output
+    ctx.save_for_backward(q, k, v, agent, agent_bias, query_bias, out, agent_v, lse_agent, lse_query)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, _d_agent_v, _d_lse_agent, _d_lse_query):
+    q, k, v, agent, agent_bias, query_bias, out, agent_v, lse_agent, lse_query = ctx.saved_tensors
+    dq, dk, dv, d_agent, d_agent_bias, d_query_bias = _agent_attention_bwd_op(
+        dout, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse_agent, lse_query, ctx.scale
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        d_agent,
+        d_agent_bias if agent_bias is not None else None,
+        d_query_bias if query_bias is not None else None,
+        None,
+    )
+
+
+_agent_attention_op.register_autograd(_backward, setup_context=_setup_context)
