@@ -10,6 +10,7 @@ from visattn.kernels.attention_with_key_mass import attention_with_key_mass
 from visattn.kernels.bilevel_routing_attention import bilevel_routing_attention
 from visattn.kernels.large_kernel_attention import large_kernel_attention
 from visattn.kernels.neighborhood_attention import neighborhood_attention
+from visattn.kernels.visual_sink_attention import visual_sink_attention
 
 __all__ = [
     "BACKENDS",
@@ -21,4 +22,5 @@ __all__ = [
     "neighborhood_attention",
     "resolve_backend",
     "triton_available",
+    "visual_sink_attention",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 
 from visattn.mllm_tokens._core import ModelInfo, Reducer
 from visattn.mllm_tokens.fastv import FastV
+from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.vtc_cls import VTCCLS
 
 ADAPTERS = {}
@@ -71,4 +72,14 @@ def attach(model: nn.Module, reducer: Reducer) -> Handle:
     return Handle(model, reducer)
 
 
-__all__ = ["FastV", "VTCCLS", "Handle", "ModelInfo", "Reducer", "attach"]
+__all__ = [
+    "KNOWN_SINK_DIMS",
+    "VAR",
+    "VTCCLS",
+    "FastV",
+    "Handle",
+    "ModelInfo",
+    "Reducer",
+    "attach",
+    "calibrate_sink_dims",
+]

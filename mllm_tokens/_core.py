@@ -47,6 +47,7 @@ class Prefill:
     cls_scores: list[torch.Tensor] = field(default_factory=list)  # per vision layer: [images, patches]
     layer_visual: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] visual tokens seen
     layer_real: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] real tokens seen
+    extra: dict = field(default_factory=dict)  # reducer-specific prefill findings (e.g. VAR's sinks)
 
     def current(self, per_token: torch.Tensor) -> torch.Tensor:
         """Gather a ``[B, L]`` per-input-token tensor into the current layout ``[B, Lc]``."""

@@ -1,0 +1,128 @@
+"""Attention with visual-sink redistribution (VAR: Kang, Kim, Kim, Hwang, "See What You Are Told:
+Visual Attention Sink in Large Multimodal Models", ICLR 2025; official code MICV-yonsei/VisAttnSink).
+
+Keys carry a category (``0`` other, ``1`` text sink, ``2`` visual sink, ``3`` non-sink image token).
+For every (head, query) row whose query is marked in ``query_mask`` and that is *image-centric*
+(attention to image tokens ``>= min_image_attention`` and non-sink share of it ``>= rho``), each sink
+keeps ``1 - fraction`` of its probability and the freed budget is given to the non-sink image tokens
+in proportion to their probabilities (rows keep summing to one). Other rows are plain attention.
+
+The Triton backend does this in one flash-style pass (separate accumulators per key category,
+recombined at the end); the reference forms the probabilities chunk by chunk. Forward only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels.attention_with_key_mass import validate_attention_args
+from visattn.kernels.reference.attention_with_key_mass import additive_mask
+from visattn.kernels.reference.visual_sink_attention import visual_sink_attention_reference
+
+OP = "visual_sink_attention"
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{OP}: {name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{OP}: {name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+@torch.library.custom_op("visattn::visual_sink_attention", mutates_args=())
+def _visual_sink_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    category: torch.Tensor,
+    query_mask: torch.Tensor,
+    fraction: float,
+    rho: float,
+    min_image_attention: float,
+    bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    use_triton: bool,
+) -> torch.Tensor:
+    if use_triton:
+        from visattn.kernels.triton.visual_sink_attention import visual_sink_attention_triton
+
+        return visual_sink_attention_triton(
+            q, k, v, category, query_mask, fraction, rho, min_image_attention, bias, causal, scale
+        )
+    return visual_sink_attention_reference(
+        q, k, v, category, query_mask, fraction, rho, min_image_attention, bias, causal, scale
+    )
+
+
+@_visual_sink_op.register_fake
+def _(q, k, v, category, query_mask, fraction, rho, min_image_attention, bias, causal, scale, use_triton):
+    return q.new_empty(*q.shape[:3], v.shape[3])
+
+
+def visual_sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    category: torch.Tensor,
+    query_mask: torch.Tensor,
+    fraction: float = 0.4,
+    rho: float = 0.5,
+    min_image_attention: float = 0.2,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention with VAR's sink-to-image redistribution.
+
+    Args:
+        q: ``[B, Nq, H, D]``; k: ``[B, Nk, Hkv, D]``; v: ``[B, Nk, Hkv, Dv]``.
+        category: ``[B, Nk]`` integer key categories (0 other, 1 text sink, 2 visual sink, 3 image).
+        query_mask: ``[B, Nq]`` bool, the queries whose rows may be redistributed.
+        fraction: share of the sink attention moved to image tokens (official code keeps ``p=0.6``,
+            i.e. moves 0.4). rho: minimum non-sink share of the image attention (0.5).
+        min_image_attention: minimum attention to image tokens of a row (official ``summ=0.2``).
+        attn_mask / causal / scale: as in :func:`attention_with_key_mass`.
+
+    Returns:
+        ``[B, Nq, H, Dv]`` in q's dtype.
+    """
+    scale = validate_attention_args(OP, q, k, v, attn_mask, causal, scale)
+    batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    if (
+        not isinstance(category, torch.Tensor)
+        or tuple(category.shape) != (batch, nk)
+        or category.is_floating_point()
+    ):
+        got = tuple(category.shape) if isinstance(category, torch.Tensor) else type(category).__name__
+        raise ValueError(f"{OP}: category must be an integer tensor of shape [{batch}, {nk}], got {got}")
+    if (
+        not isinstance(query_mask, torch.Tensor)
+        or query_mask.dtype != torch.bool
+        or tuple(query_mask.shape)
+        != (
+            batch,
+            nq,
+        )
+    ):
+        got = tuple(query_mask.shape) if isinstance(query_mask, torch.Tensor) else type(query_mask).__name__
+        raise ValueError(f"{OP}: query_mask must be a bool tensor of shape [{batch}, {nq}], got {got}")
+    if category.numel() and (int(category.min()) < 0 or int(category.max()) > 3):
+        raise ValueError(f"{OP}: category values must be 0 (other), 1, 2 (text/visual sink) or 3 (image)")
+    fraction = _check_fraction("fraction", fraction)
+    rho = _check_fraction("rho", rho)
+    min_image_attention = _check_fraction("min_image_attention", min_image_attention)
+    which = resolve_backend(backend, q, k, v, op=OP)
+    if which == "triton" and q.dtype == torch.float64:
+        raise ValueError(f"{OP}: backend='triton' supports float16/bfloat16/float32, got float64")
+    category = category.to(device=q.device, dtype=torch.int8)
+    query_mask = query_mask.to(q.device)
+    return _visual_sink_op(
+        q, k, v, category, query_mask, fraction, rho, min_image_attention, additive_mask(attn_mask), causal,
+        scale, which == "triton",
+    )  # fmt: skip
