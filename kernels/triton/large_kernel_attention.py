@@ -248,7 +248,7 @@ def _tile(size: int, cap: int) -> int:
 def _planes_per_program(n_planes: int, device: torch.device) -> int:
     """One plane per program on a GPU; under the interpreter (which costs per op, not per element)
     as many planes as possible, so that a handful of programs does the whole tensor."""
-    return 1 if device.type == "cuda" else min(triton.next_power_of_2(n_planes), 32)
+    return 1 if device.type == "cuda" else min(triton.next_power_of_2(n_planes), 256)
 
 
 def _max_programs(device: torch.device) -> int:
