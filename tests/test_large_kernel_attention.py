@@ -135,3 +135,20 @@ def test_cuda_van_b2_stage_shapes(dtype):
     grad = torch.randn_like(out)
     for got, want in zip(_grads(out, args, grad), _grads(ref, [a.float() for a in args], grad.float())):
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_bench_runs_on_cpu(capsys):
+    import argparse
+
+    from visattn.bench import lka
+
+    parser = argparse.ArgumentParser()
+    lka.add_arguments(parser)
+    lka.run(
+        parser.parse_args(
+            ["--device", "cpu", "--batch", "1", "--img-size", "32", "--warmup", "0", "--iters", "1"]
+        )
+    )
+    out = capsys.readouterr().out
+    assert "VAN-B2 stages at 32x32" in out
+    assert out.count("official nn.Conv2d") == 5  # title + one row per stage
