@@ -126,3 +126,13 @@ def test_triton_errors():
         agent_attention(q, k, v, torch.zeros(2, 257, 2, 8), backend="triton")
     with pytest.raises(ValueError, match="float16/bfloat16/float32"):
         agent_attention(q.double(), k.double(), v.double(), agent.double(), backend="triton")
+
+
+def test_bench_runs_on_cpu(capsys):
+    from visattn.cli import main
+
+    assert (
+        main(["bench", "agent", "--device", "cpu", "--case", "pvt-t s4", "--batch", "1", "--iters", "1"]) == 0
+    )
+    table = capsys.readouterr().out
+    assert "official-style" in table and "visattn torch" in table and "n/a" not in table
