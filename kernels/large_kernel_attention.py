@@ -86,6 +86,9 @@ def _lka_fwd(
     from visattn.kernels.triton import large_kernel_attention as tk
 
     x = x.contiguous()
+    dw_bias, dwd_bias, pw_bias = (
+        b.contiguous() if b is not None else None for b in (dw_bias, dwd_bias, pw_bias)
+    )
     d = tk.dw_chain(x, _flat(dw_weight), dw_bias, _flat(dwd_weight), dwd_bias, dilation)
     return tk.pointwise_gate(_flat(pw_weight), pw_bias, d, x), d
 
@@ -131,7 +134,7 @@ def _lka_bwd(
     g_d = g_d.reshape(x.shape).contiguous()
 
     w1, w2 = _flat(dw_weight), _flat(dwd_weight)
-    a = tk.dwconv(x, w1, dw_bias)
+    a = tk.dwconv(x, w1, dw_bias.contiguous() if dw_bias is not None else None)
     g_a = tk.dwconv(g_d, w2, dilation=dilation, flip=True)
     g_x = tk.dwconv(g_a, w1, flip=True, add=(gf * attn).reshape(x.shape))
     g_w2, g_b2 = tk.dwconv_weight_grad(a, g_d, dwd_weight.shape[-1], dilation)
@@ -214,8 +217,16 @@ def large_kernel_attention(
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see :mod:`visattn.kernels._dispatch`).
 
     Returns:
-        ``[B, C, H, W]``, same dtype as ``x``.
+        ``[B, C, H, W]``, same dtype as ``x`` (under ``torch.autocast``: the autocast dtype, to which every
+        argument is cast first, as autocast does for convolutions).
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # like the convolutions it replaces: everything in the autocast dtype (weights stay fp32 masters)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias)
+        )
     _check_args(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)
     tensors = [t for t in (x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias) if t is not None]
     if resolve_backend(backend, *tensors, op=_OP) == "torch":

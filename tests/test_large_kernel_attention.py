@@ -61,6 +61,17 @@ def test_auto_on_cpu_is_the_reference():
     )
 
 
+def test_autocast_casts_like_a_convolution():
+    args = _inputs(1, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = large_kernel_attention(*args)
+    assert out.dtype == torch.bfloat16
+    ref = large_kernel_attention_reference(*args)
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+    out.float().sum().backward()  # gradients reach the fp32 weights through the casts
+    assert args[1].grad is not None and args[1].grad.dtype == torch.float32
+
+
 def test_reference_gradcheck_float64():
     args = _inputs(1, 2, 5, 6, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *a: large_kernel_attention(*a, backend="torch"), args)
@@ -122,6 +133,18 @@ def test_bad_dilation_backend_and_dtype():
         large_kernel_attention(*args, backend="cuda")
     with pytest.raises(ValueError, match="float64"):
         large_kernel_attention(*[a.double() for a in args], backend="triton")
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_triton():
+    args = _inputs(2, 32, 28, 28, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = large_kernel_attention(*args, backend="triton")
+    assert out.dtype == torch.bfloat16
+    ref = large_kernel_attention_reference(*args)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    out.float().sum().backward()
+    assert all(a.grad is not None and a.grad.dtype == torch.float32 for a in args)
 
 
 @pytest.mark.cuda

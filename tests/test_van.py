@@ -109,6 +109,14 @@ def test_pretrained_cfgs_point_at_official_weights():
         assert cfg.mean == (0.5, 0.5, 0.5) and cfg.crop_pct == 0.9
 
 
+def test_autocast_forward_backward():
+    model = timm.create_model("van_b0", **TINY).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 64))
+    out.float().pow(2).mean().backward()
+    assert model.block1[0].attn.spatial_gating_unit.conv0.weight.grad is not None
+
+
 def test_features_only_and_prune():
     model = timm.create_model("van_b0", features_only=True, out_indices=(1, 2), **TINY).eval()
     feats = model(torch.randn(1, 3, 64, 64))
