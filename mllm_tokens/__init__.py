@@ -8,9 +8,11 @@ tokens each decoder layer kept and the estimated prefill FLOPs saved.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from visattn.mllm_tokens._core import ModelInfo, Reducer
+from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.vtc_cls import VTCCLS
@@ -52,6 +54,12 @@ class Handle:
         return self._adapter.stats
 
     @property
+    def output_positions(self) -> torch.Tensor | None:
+        """``[B, Lout]`` position in the caller's ``input_ids`` of every output token (logits row) of the
+        last prefill, -1 for filler slots added by left padding; None if nothing was reduced."""
+        return self._adapter.output_positions()
+
+    @property
     def info(self) -> ModelInfo:
         return self._adapter.info
 
@@ -73,6 +81,8 @@ def attach(model: nn.Module, reducer: Reducer) -> Handle:
 
 
 __all__ = [
+    "DyVTE",
+    "DyVTERouters",
     "KNOWN_SINK_DIMS",
     "VAR",
     "VTCCLS",

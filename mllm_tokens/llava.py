@@ -139,6 +139,7 @@ class LlavaAdapter:
         self.orig_len = 0  # length of the caller's sequence at prefill
         self.in_mask: torch.Tensor | None = None  # [B, in_len] long mask given to the LLM at prefill
         self.pre_llm_reduced = False
+        self.pre_index: torch.Tensor | None = None  # [B, in_len] caller position of each LLM input slot
         self.pos_shift: torch.Tensor | None = None  # [B] tokens removed before the LLM
         self.layer_key_ok: dict[int, torch.Tensor] = {}  # layer -> [B, Lc] keys of its prefill cache
         self.override: dict[int, tuple] = {}  # prefill: layer -> (mask, (cos, sin), position_ids)
@@ -223,6 +224,7 @@ class LlavaAdapter:
             kwargs["attention_mask"] = None if mask is None and bool(valid.all()) else new_real.long()
             kwargs["position_ids"] = positions
             self.pos_shift = real.sum(1) - new_real.sum(1)
+            self.pre_index = torch.where(valid, index, -1)
             self.pre_llm_reduced = True
             length = index.shape[1]
             arange = torch.arange(length, device=visual.device).expand(b, length)
@@ -360,3 +362,14 @@ class LlavaAdapter:
             }
             for b in range(n_full.shape[0])
         ]
+
+    def output_positions(self) -> torch.Tensor | None:
+        """``[B, Lout]``: the caller's sequence position of every output slot of the last prefill
+        (-1 for filler slots), or None when that prefill was not reduced."""
+        state = self.state
+        if state is None:
+            return None
+        index = torch.where(state.valid, state.index, -1)
+        if self.pre_index is not None:
+            index = torch.where(index >= 0, self.pre_index.gather(1, index.clamp_min(0)), -1)
+        return index

@@ -1,0 +1,146 @@
+"""DyVTE: routers, exit inference through ``attach``, label derivation and the training recipe."""
+
+import pytest
+import torch
+
+from tests.test_mllm_tokens import (  # noqa: F401
+    IMG,
+    _one_thread,
+    embed,
+    manual_logits,
+    sample,
+    tiny_inputs,
+    tiny_llava,
+)
+from visattn.mllm_tokens import DyVTE, DyVTERouters, attach
+from visattn.mllm_tokens.dyvte import exit_labels, router_features
+from visattn.recipes import dyvte as recipe
+
+
+def random_routers(model, seed=3, margin=30.0):
+    torch.manual_seed(seed)
+    routers = DyVTERouters.for_model(model, router_dim=32)
+    with torch.no_grad():
+        for r in routers.routers:
+            r.w2.weight.mul_(margin)  # clear decisions, no near-ties
+    return routers
+
+
+@torch.no_grad()
+def reference_exit(model, sid, spix, routers):
+    """Unbatched official loop: route after every layer until the first exit, then drop the image."""
+    lm = model.model.language_model
+    hidden = embed(model, sid, spix)
+    visual = sid == IMG
+    for i, layer in enumerate(lm.layers[:-1]):
+        hidden = manual_layer(lm, layer, hidden)
+        feats = router_features(hidden, visual, torch.ones_like(visual))
+        logits = routers(i, feats)
+        if logits[0, 1] > logits[0, 0]:
+            return i
+    return -1
+
+
+def manual_layer(lm, layer, hidden):
+    n = hidden.shape[1]
+    pos = torch.arange(n)[None]
+    mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+    return layer(
+        hidden, attention_mask=mask, position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos
+    )
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_exit_matches_reference_and_generate_matches_cache_free(attn):
+    model = tiny_llava(attn, layers=5)
+    routers = random_routers(model)
+    ids, mask, pix = tiny_inputs(images=2, text_after=(5, 3))
+    gen = dict(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=3, do_sample=False)
+    with torch.no_grad(), attach(model, DyVTE(hypernet=routers)) as handle:
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        stats = handle.stats
+        generated = model.generate(**gen)[:, ids.shape[1] :]
+    exits = []
+    for b in range(2):
+        sid, spix = sample(ids, mask, pix, b, images=2)
+        exit_at = reference_exit(model, sid, spix, routers)
+        exits.append(exit_at)
+        text = (sid[0] != IMG).nonzero()[:, 0]
+        ref = manual_logits(model, embed(model, sid, spix), text, from_layer=exit_at + 1)
+        torch.testing.assert_close(out[b, -ref.shape[1] :], ref[0], atol=1e-5, rtol=1e-4)
+        expected = [32 if layer <= exit_at else 0 for layer in range(5)]
+        assert stats[b]["kept_per_layer"] == expected
+        tokens = sid
+        for _ in range(3):  # cache-free reference with the prefill's decision
+            keep = torch.cat([text, torch.arange(sid.shape[1], tokens.shape[1])])
+            logits = manual_logits(model, embed(model, tokens, spix), keep, from_layer=exit_at + 1)
+            tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(generated[b], tokens[0, sid.shape[1] :])
+    assert exits[0] != exits[1] and any(0 <= e < 4 for e in exits), exits  # per-sample, real exits
+
+
+def test_exit_labels_last_layer_agrees_and_features_match():
+    model = tiny_llava()
+    ids, mask, pix = tiny_inputs()
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]
+    feats, lab = exit_labels(model, 3, ids, pix, labels, mask)
+    assert lab.tolist() == [1, 1]  # removing the image after the last layer changes nothing
+    layer1 = {}
+    handle = model.model.language_model.layers[1].register_forward_hook(
+        lambda m, a, o: layer1.setdefault("h", o)
+    )
+    model(input_ids=ids, attention_mask=mask, pixel_values=pix)
+    handle.remove()
+    feats1, _ = exit_labels(model, 1, ids, pix, labels, mask)
+    end = torch.full((2,), ids.shape[1] - 3)
+    torch.testing.assert_close(feats1, router_features(layer1["h"], ids == IMG, mask.bool(), end))
+
+
+def test_recipe_trains_saves_and_loads(tmp_path):
+    model = tiny_llava("sdpa")
+    model.save_pretrained(tmp_path / "model")
+    cfg_file = tmp_path / "dyvte.yml"
+    cfg_file.write_text(f"model: {tmp_path / 'model'}\ndata: synthetic\namp: none\n")
+    cfg = recipe.load_config(
+        cfg_file,
+        [
+            "num_samples=8",
+            "batch_size=4",
+            "epochs=12",
+            "lr=3e-3",
+            "router_dim=32",
+            f"output={tmp_path / 'run'}",
+        ],
+    )
+    summary = recipe.train(cfg)
+    losses = summary["losses"]
+    assert len(losses) == 24
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6
+    loaded = DyVTERouters.load(summary["routers"])
+    assert (loaded.hidden_size, loaded.num_layers, loaded.router_dim) == (64, 4, 32)
+    ids, mask, pix = tiny_inputs()
+    with torch.no_grad(), attach(model, DyVTE(hypernet=summary["routers"])) as handle:
+        model(input_ids=ids, attention_mask=mask, pixel_values=pix)
+        assert len(handle.stats) == 2
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 24
+
+
+def test_invalid_arguments(tmp_path):
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="hypernet"):
+        DyVTE()
+    with pytest.raises(ValueError, match="outside"):
+        attach(model, DyVTE(exit_layer=4))
+    with pytest.raises(ValueError, match="routers are for"):
+        attach(model, DyVTE(hypernet=DyVTERouters(32, 4, 8)))
+    with pytest.raises(ValueError, match="positive int"):
+        DyVTERouters(0, 4)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="metadata"):
+        DyVTERouters.load(tmp_path / "other.safetensors")
+    (tmp_path / "bad.yml").write_text("model: x\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        recipe.load_config(tmp_path / "bad.yml")
