@@ -162,8 +162,8 @@ class DyVTE(Reducer):
         net = self.hypernet
         if net is not None and (net.hidden_size, net.num_layers) != (info.hidden_size, info.num_layers):
             raise ValueError(
-                f"DyVTE: routers are for hidden size {net.hidden_size} x {net.num_layers} layers, the model has "
-                f"{info.hidden_size} x {info.num_layers}"
+                f"DyVTE: routers are for hidden size {net.hidden_size} x {net.num_layers} layers, "
+                f"the model has {info.hidden_size} x {info.num_layers}"
             )
 
     def after_layer(self, layer: int, hidden: torch.Tensor, state: Prefill) -> torch.Tensor | None:
