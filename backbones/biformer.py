@@ -62,6 +62,7 @@ class BiLevelRoutingAttention(nn.Module):
         qk_scale: float | None = None,
         side_dwconv: int = 5,
         auto_pad: bool = False,
+        backend: str = "auto",
     ):
         super().__init__()
         self.dim = dim
@@ -73,6 +74,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.topk = topk
         self.scale = qk_scale or self.qk_dim**-0.5  # official: whole qk width
         self.auto_pad = auto_pad
+        self.backend = backend  # kernel backend of visattn.kernels.bilevel_routing_attention
         self.qkv = nn.Linear(dim, 2 * self.qk_dim + dim)
         self.lepe = (
             nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
@@ -95,6 +97,7 @@ class BiLevelRoutingAttention(nn.Module):
             num_regions=self.n_win,
             topk=self.topk,
             scale=self.scale,
+            backend=self.backend,
         ).flatten(-2)
         if self.lepe is not None:
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -65,10 +65,11 @@ def _keys_state_dict(path) -> dict:
     "name,keys", [("biformer_t", "biformer_tiny_keys.txt"), ("biformer_s", "biformer_small_keys.txt")]
 )
 def test_full_size_official_keys_load_strict(conformance_dir, name, keys):
-    model = timm.create_model(name)
+    with torch.device("meta"):
+        model = timm.create_model(name)
     sd = _keys_state_dict(conformance_dir / "biformer" / keys)
-    model.load_state_dict(checkpoint_filter_fn({"model": sd}, model), strict=True)
-    assert all(not p.detach().any() for p in model.parameters())
+    model.load_state_dict(checkpoint_filter_fn({"model": sd}, model), strict=True, assign=True)
+    assert all(p.device.type == "cpu" and not p.detach().any() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name,millions", [("biformer_t", 13.1), ("biformer_s", 25.5), ("biformer_b", 56.8)])
@@ -134,3 +135,22 @@ def test_auto_pad_matches_unmasked_padding():
 @pytest.mark.parametrize("name", battery_names(["biformer_t", "biformer_s", "biformer_b"]))
 def test_battery(name):
     run_battery(name, img_size=64, alt_img_size=80, **TINY)
+
+
+@pytest.mark.cuda
+def test_triton_backend_matches_reference_in_the_model():
+    torch.manual_seed(0)
+    model = timm.create_model("biformer_t", num_classes=10).cuda().train()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    outputs, grads = [], []
+    for backend in ("torch", "triton"):
+        for m in model.modules():
+            if isinstance(m, BiLevelRoutingAttention):
+                m.backend = backend
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append(model.stages[0].blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-3, rtol=1e-3)

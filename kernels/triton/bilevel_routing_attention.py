@@ -49,7 +49,7 @@ def _bra_fwd_kernel(
     T = RH * RW
     m_blocks = tl.cdiv(T, BLOCK_M)
     region = tl.program_id(0) // m_blocks
-    b = tl.program_id(1) // NH
+    b = (tl.program_id(1) // NH).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = tl.program_id(1) % NH
     t = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     qy, qx = _token_coords(region, t, S, RH, RW)
@@ -112,7 +112,7 @@ def _bra_bwd_dq_kernel(
     T = RH * RW
     m_blocks = tl.cdiv(T, BLOCK_M)
     region = tl.program_id(0) // m_blocks
-    b = tl.program_id(1) // NH
+    b = (tl.program_id(1) // NH).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = tl.program_id(1) % NH
     t = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     qy, qx = _token_coords(region, t, S, RH, RW)
@@ -179,7 +179,7 @@ def _bra_bwd_dkdv_kernel(
     T = RH * RW
     n_blocks = tl.cdiv(T, BLOCK_N)
     region = tl.program_id(0) // n_blocks
-    b = tl.program_id(1) // NH
+    b = (tl.program_id(1) // NH).to(tl.int64)  # batch offsets can pass 2**31 elements
     h = tl.program_id(1) % NH
     t = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     ky, kx = _token_coords(region, t, S, RH, RW)
