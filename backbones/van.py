@@ -23,6 +23,7 @@ Preprocessing: the official models were trained with timm 0.4.12's ``vision_tran
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -351,14 +352,17 @@ def checkpoint_filter_fn(state_dict: dict, model: VAN) -> dict[str, torch.Tensor
 
 def _create_van(variant: str, pretrained: bool = False, **kwargs) -> VAN:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        VAN,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    # The released .pth.tar files were written by timm 0.4.12's train.py, whose checkpoints also pickle the
+    # run's argparse.Namespace under 'args': allow that one plain class in timm's weights_only load.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return build_model_with_cfg(
+            VAN,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+            **kwargs,
+        )
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

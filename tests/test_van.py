@@ -1,5 +1,6 @@
 """VAN backbones: official-model conformance, full-size key loading, parameter counts, the shared battery."""
 
+import argparse
 import json
 
 import pytest
@@ -100,6 +101,21 @@ def test_full_size_keys_load_strict(conformance_dir):
     assert set(model.state_dict()) == set(official)
     # an unwrapped state_dict loads as well
     model.load_state_dict(checkpoint_filter_fn(official, model), strict=True)
+
+
+def test_pretrained_loads_a_train_script_checkpoint_file(tmp_path):
+    # what timm 0.4.12's train.py writes: the weights under 'state_dict' next to the run's argparse args
+    torch.manual_seed(1)
+    source = timm.create_model("van_b0", **TINY).eval()
+    path = tmp_path / "van_tiny.pth.tar"
+    args = argparse.Namespace(model="van_b0", lr=1e-3)
+    torch.save({"state_dict": source.state_dict(), "args": args, "epoch": 3}, path)
+    model = timm.create_model(
+        "van_b0", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **TINY
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
 
 
 def test_pretrained_cfgs_point_at_official_weights():
