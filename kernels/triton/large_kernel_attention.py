@@ -17,6 +17,13 @@ Backward: the 1x1 parts are GEMMs left to cuBLAS (``torch.matmul``); the depthwi
 adds the direct ``grad * attn`` term in its epilogue) and :func:`dwconv_weight_grad`
 (per-tile partial sums of every tap, reduced by ``torch.sum``). The intermediate
 ``dwconv(x)`` is recomputed instead of saved.
+
+``visattn bench lka`` times this against the official nn.Conv2d chain and against the same forward with
+the two depthwise convolutions as two :func:`dwconv` launches (row ``triton 2-kernel (fwd)``), which is
+the fallback should the fused chain not pay on some GPU.
+
+Under the CPU interpreter (which costs per operation, not per element) a program handles up to 256
+channel planes at once; on a GPU one plane per program.
 """
 
 from __future__ import annotations
