@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_list)
 
     _add_bench(sub)
+
+    from visattn.recipes.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

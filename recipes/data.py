@@ -1,0 +1,348 @@
+"""Datasets, transforms, samplers and loaders for the trainer.
+
+Where the images come from (:func:`build_datasets`):
+
+* ``dataset: digits`` — scikit-learn's handwritten digits (1,797 real 8x8 scans shipped inside
+  the scikit-learn wheel), upsampled to ``input_size`` RGB, stratified 80/20 train/val split.
+  Used when no ``--data-dir`` is given, so the main command needs no download.
+* ``dataset: ""`` (the default) — an ImageNet-style folder: ``DIR/train/<class>/*.jpg`` and
+  ``DIR/val/<class>/*.jpg`` (``validation/`` also accepted), read with timm's ``create_dataset``.
+* any other timm dataset kind (``torch/cifar10``, ``hfds/<name>``, ``tar`` files, ...) — passed
+  to ``timm.data.create_dataset(kind, root=DIR, split=...)``; map-style kinds only, because the
+  trainer shards with a sampler.
+
+Augmentation is made deterministic per sample: the sampler yields ``(index, seed)`` pairs
+where the seed depends on (recipe seed, epoch, position of the sample in the global order),
+and :class:`SeededDataset` seeds ``random``/``numpy``/``torch`` from it before the timm
+transform runs. A sample therefore gets the same augmentation whatever the number of
+workers or devices, and a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data import Mixup, auto_augment, create_dataset, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+
+from visattn.recipes.config import Recipe
+
+IMG_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits as RGB PIL images of ``size`` x ``size`` pixels.
+
+    ``split`` is ``"train"`` (1,437 images) or ``"validation"`` (360 images), a stratified
+    split with a fixed seed. Items are ``(PIL.Image, int label)``.
+    """
+
+    def __init__(self, split: str = "train", size: int = 32) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # [1797, 8, 8], 0..16 -> 0..255
+        idx = np.arange(len(images))
+        train_idx, val_idx = train_test_split(idx, test_size=0.2, stratify=digits.target, random_state=0)
+        chosen = train_idx if split == "train" else val_idx
+        self.images = [
+            Image.fromarray(images[i], mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+            for i in chosen
+        ]
+        self.targets = [int(digits.target[i]) for i in chosen]
+        self.classes = [str(c) for c in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.images[index], self.targets[index]
+
+
+def _find_split_dir(root: Path, split: str) -> Path:
+    names = {"train": ["train"], "validation": ["val", "validation"], "val": ["val", "validation"]}.get(
+        split, [split]
+    )
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(
+        f"data dir {root} has no '{split}' split: expected one of {', '.join(str(root / n) for n in names)}"
+    )
+
+
+def check_image_folder(split_dir: Path) -> list[str]:
+    """Class names of an ImageNet-style split folder; raise if it has no classes or an empty class."""
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(
+            f"{split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>)"
+        )
+    empty = []
+    for name in classes:
+        has_image = any(
+            os.path.splitext(f)[1].lower() in IMG_EXTENSIONS
+            for _, _, files in os.walk(split_dir / name)
+            for f in files
+        )
+        if not has_image:
+            empty.append(name)
+    if empty:
+        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
+        raise ValueError(f"{split_dir}: {len(empty)} class folder(s) contain no images: {shown}")
+    return classes
+
+
+def build_datasets(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dataset, Dataset, int]:
+    """``(train, val, num_classes)`` for ``recipe``; datasets return ``(PIL image, label)``."""
+    kind = recipe.dataset
+    if kind == "digits":
+        train, val = DigitsDataset("train", recipe.input_size), DigitsDataset("validation", recipe.input_size)
+        return train, val, 10
+    if data_dir is None:
+        raise ValueError(
+            f"recipe {recipe.name!r} trains on {kind or 'an ImageNet-style folder'}: pass --data-dir DIR "
+            "(or use --recipe digits, the embedded dataset)"
+        )
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data dir {root} does not exist")
+    if kind in ("", "folder", "imagefolder"):
+        train_dir = _find_split_dir(root, recipe.train_split)
+        val_dir = _find_split_dir(root, recipe.val_split)
+        classes = check_image_folder(train_dir)
+        val_classes = check_image_folder(val_dir)
+        missing = sorted(set(val_classes) - set(classes))
+        if missing:
+            raise ValueError(f"{val_dir} has classes absent from {train_dir}: {', '.join(missing[:10])}")
+        class_map = {c: i for i, c in enumerate(classes)}
+        train = create_dataset("", root=str(train_dir), search_split=False, class_map=class_map)
+        val = create_dataset("", root=str(val_dir), search_split=False, class_map=class_map)
+        return train, val, len(classes)
+    train = create_dataset(kind, root=str(root), split=recipe.train_split, is_training=True, download=False)
+    val = create_dataset(kind, root=str(root), split=recipe.val_split, is_training=False, download=False)
+    for ds in (train, val):
+        if isinstance(ds, IterableDataset):
+            raise ValueError(
+                f"dataset kind {kind!r} is a streaming (iterable) dataset; the trainer needs map-style"
+            )
+    num_classes = recipe.num_classes or _count_classes(train)
+    return train, val, num_classes
+
+
+def build_eval_dataset(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dataset, int]:
+    """``(val, num_classes)`` for evaluation; a train folder, when present, fixes the class order."""
+    if recipe.dataset in ("", "folder", "imagefolder") and data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"data dir {root} does not exist")
+        val_dir = _find_split_dir(root, recipe.val_split)
+        try:
+            classes = check_image_folder(_find_split_dir(root, recipe.train_split))
+        except FileNotFoundError:
+            classes = check_image_folder(val_dir)
+        check_image_folder(val_dir)
+        class_map = {c: i for i, c in enumerate(classes)}
+        return create_dataset("", root=str(val_dir), search_split=False, class_map=class_map), len(classes)
+    _, val, num_classes = build_datasets(recipe, data_dir)
+    return val, num_classes
+
+
+def _count_classes(dataset: Dataset) -> int:
+    reader = getattr(dataset, "reader", None)
+    for obj in (dataset, reader, getattr(dataset, "dataset", None)):
+        classes = getattr(obj, "classes", None)
+        if classes is not None and len(classes):
+            return len(classes)
+        class_to_idx = getattr(obj, "class_to_idx", None)
+        if class_to_idx:
+            return len(class_to_idx)
+    raise ValueError("cannot tell the number of classes of this dataset: set num_classes in the recipe")
+
+
+def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, also for ``bits_to_keep <= 0`` (keep no bit: a black image).
+
+    timm's ``PosterizeIncreasing`` yields 0 bits at RandAugment level 10 (reached by
+    ``rand-m9-mstd0.5``), which Pillow 13 rejects with a ValueError; older Pillow returned black.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform) -> None:
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = _posterize_any_bits
+
+
+def build_transforms(recipe: Recipe):
+    """``(train_transform, eval_transform)`` from timm's ``create_transform``."""
+    common = dict(input_size=recipe.input_size, mean=tuple(recipe.mean), std=tuple(recipe.std))
+    train = create_transform(
+        is_training=True,
+        scale=tuple(recipe.scale),
+        ratio=tuple(recipe.ratio),
+        hflip=recipe.hflip,
+        color_jitter=recipe.color_jitter or None,
+        auto_augment=recipe.aa,
+        interpolation=recipe.train_interpolation,
+        re_prob=recipe.reprob,
+        re_mode=recipe.remode,
+        re_count=recipe.recount,
+        **common,
+    )
+    _fix_posterize(train)
+    val = create_transform(
+        is_training=False, interpolation=recipe.interpolation, crop_pct=recipe.crop_pct, **common
+    )
+    return train, val
+
+
+def _unwrap_image_dataset(dataset: Dataset) -> Dataset:
+    """Turn off a timm dataset's own transform: :class:`SeededDataset` applies it."""
+    if hasattr(dataset, "transform"):
+        dataset.transform = None
+    return dataset
+
+
+class SeededDataset(Dataset):
+    """Apply ``transform`` to ``dataset[index]`` after seeding the RNGs with the sample's seed.
+
+    Indexed with ``(index, seed)`` pairs (from :class:`SeededSampler`) or a plain index (no seeding).
+    In the main process the global RNG states are saved and restored around the call, so data
+    loading with ``workers=0`` leaves the training RNG untouched.
+    """
+
+    def __init__(self, dataset: Dataset, transform) -> None:
+        self.dataset = _unwrap_image_dataset(dataset)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        if not isinstance(item, tuple):
+            img, target = self.dataset[item]
+            return self.transform(img), target
+        index, seed = item
+        in_main = torch.utils.data.get_worker_info() is None
+        if in_main:
+            saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            img, target = self.dataset[index]
+            return self.transform(img), target
+        finally:
+            if in_main:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+class SeededSampler(Sampler):
+    """Wrap a per-rank sampler: yield ``(index, seed)`` and optionally skip the first ``skip`` items.
+
+    The seed of the sample at global position ``p`` (``p = local_position * world + rank``, the
+    same order ``DistributedSampler`` deals indices in) is a hash of (seed, epoch, p), so it
+    does not depend on the number of devices.
+    """
+
+    def __init__(self, inner: Sampler, seed: int, rank: int, world: int) -> None:
+        self.inner, self.seed, self.rank, self.world = inner, seed, rank, world
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.skip, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.seed * 1_000_003 + self.epoch) * 2_147_483_647
+        for pos, index in enumerate(self.inner):
+            if pos < self.skip:
+                continue
+            yield int(index), (base + pos * self.world + self.rank) % (2**63 - 1)
+
+
+class ShardSampler(Sampler):
+    """Deterministic evaluation sharding without padding: rank ``r`` reads items ``r, r+world, ...``."""
+
+    def __init__(self, length: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, length, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def build_loaders(recipe: Recipe, train: Dataset, val: Dataset, rank: int, world: int, device: torch.device):
+    """``(train_loader, val_loader)``; the train loader's sampler is a :class:`SeededSampler`."""
+    train_tf, val_tf = build_transforms(recipe)
+    if recipe.aug_repeats > 0:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        inner = RepeatAugSampler(train, num_replicas=world, rank=rank, num_repeats=recipe.aug_repeats)
+    else:
+        inner = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed)
+    sampler = SeededSampler(inner, recipe.seed, rank, world)
+    pin = device.type == "cuda"
+    workers = recipe.workers
+    train_loader = DataLoader(
+        SeededDataset(train, train_tf),
+        batch_size=recipe.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        drop_last=True,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(recipe.seed),  # iterators must not draw from the global RNG
+    )
+    val_loader = DataLoader(
+        SeededDataset(val, val_tf),
+        batch_size=recipe.batch_size,
+        sampler=ShardSampler(len(val), rank, world),
+        num_workers=workers,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(recipe.seed),
+    )
+    if len(train_loader) < recipe.accum_steps:
+        raise ValueError(
+            f"the training set gives {len(train_loader)} batch(es) of {recipe.batch_size} per device, "
+            f"fewer than accum_steps={recipe.accum_steps}: lower batch_size"
+        )
+    return train_loader, val_loader
+
+
+def build_mixup(recipe: Recipe, num_classes: int) -> Mixup | None:
+    """timm's batch-level ``Mixup`` (mixup/cutmix + label smoothing) or ``None`` when off."""
+    if not recipe.mixup_active:
+        return None
+    return Mixup(
+        mixup_alpha=recipe.mixup,
+        cutmix_alpha=recipe.cutmix,
+        prob=recipe.mixup_prob,
+        switch_prob=recipe.mixup_switch_prob,
+        mode=recipe.mixup_mode,
+        label_smoothing=recipe.smoothing,
+        num_classes=num_classes,
+    )

@@ -1,0 +1,665 @@
+"""The trainer: one process (CPU or one GPU) or ``torchrun`` DDP over many GPUs and nodes.
+
+Built from timm's pieces: ``create_transform`` + a ``DataLoader`` over a ``DistributedSampler``
+(or timm's ``RepeatAugSampler``), ``Mixup``, ``create_optimizer_v2`` (weight-decay exclusions
+from ``no_weight_decay()`` / ``no_weight_decay_keywords()``), ``create_scheduler_v2`` (stepped
+per optimizer update or per epoch, as the recipe says), ``ModelEmaV3``, timm's losses and
+``accuracy``.
+
+Batch and learning rate: ``global batch = batch_size x world_size x accum_steps``; the
+recipe's ``lr`` is scaled by ``global_batch / lr_base_batch`` (``lr_scaling: linear``), its
+square root (``sqrt``) or not at all (``none``). Total epochs = ``epochs + cooldown_epochs``
+(timm's convention: the schedule runs ``epochs``, then ``cooldown_epochs`` at ``min_lr``).
+
+A run directory holds ``recipe.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per log
+step and per epoch), ``metrics.csv`` (per epoch), ``ckpt-<step>.pth`` (last ``keep_last``),
+``best.pth`` and ``curves.png``. ``resume="auto"`` continues from the newest checkpoint
+exactly: epoch, position inside the epoch, optimizer, scheduler, scaler, EMA and RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.optim._param_groups import param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
+from torch import nn
+
+from visattn.recipes import checkpoint as ckpt
+from visattn.recipes.config import Recipe, dump_recipe
+from visattn.recipes.data import build_datasets, build_loaders, build_mixup
+
+CKPT_FORMAT = "visattn-train-v1"
+EPOCH_COLUMNS = [
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "ema_val_top1",
+    "img_per_s",
+    "epoch_s",
+]
+
+
+# ---------------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world`` processes, on ``device``."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: str | None = None) -> DistInfo:
+    """Read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); init the process group.
+
+    ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). The backend is NCCL on
+    CUDA and gloo on CPU.
+    """
+    use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _broadcast_object(obj: Any, info: DistInfo) -> Any:
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------- model pieces
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` when ``name`` is not a registered timm model (visattn's register on import)."""
+    import visattn
+
+    if not timm.is_model(name):
+        ours = ", ".join(visattn.list_models()) or "(none registered yet)"
+        raise ValueError(f"model {name!r} is not registered with timm; visattn models: {ours}")
+
+
+def create_model(recipe: Recipe, num_classes: int) -> nn.Module:
+    """``timm.create_model`` with the recipe's drop path / drop rate and ``model_kwargs``."""
+    check_model_name(recipe.model)
+    kwargs = dict(recipe.model_kwargs)
+    if recipe.drop_path is not None:
+        kwargs.setdefault("drop_path_rate", recipe.drop_path)
+    if recipe.drop_rate:
+        kwargs.setdefault("drop_rate", recipe.drop_rate)
+    return timm.create_model(recipe.model, num_classes=num_classes, **kwargs)
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """Weight-decay groups: 1-d params/biases (``wd_exclude_1d``), ``no_weight_decay()`` names,
+    ``no_weight_decay_keywords()`` substrings and the recipe's ``wd_exclude`` globs get none."""
+    names = set(getattr(model, "no_weight_decay", set)())
+    keywords = set(getattr(model, "no_weight_decay_keywords", set)())
+    patterns = names | {f"*{k}*" for k in keywords} | set(recipe.wd_exclude)
+    return param_groups_weight_decay(model, recipe.weight_decay, recipe.wd_exclude_1d, sorted(patterns))
+
+
+def create_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {}
+    if recipe.opt_eps is not None:
+        kwargs["eps"] = recipe.opt_eps
+    if recipe.opt_betas is not None:
+        kwargs["betas"] = tuple(recipe.opt_betas)
+    return create_optimizer_v2(
+        model,
+        opt=recipe.opt,
+        lr=lr,
+        weight_decay=recipe.weight_decay,
+        momentum=recipe.momentum,
+        param_group_fn=lambda m: param_groups(m, recipe),
+        **kwargs,
+    )
+
+
+def create_scheduler(optimizer, recipe: Recipe, warmup_lr: float, min_lr: float, steps_per_epoch: int):
+    """``(scheduler or None, total_epochs)`` from timm's ``create_scheduler_v2``."""
+    if recipe.sched == "none":
+        return None, recipe.epochs + recipe.cooldown_epochs
+    return create_scheduler_v2(
+        optimizer,
+        sched=recipe.sched,
+        num_epochs=recipe.epochs,
+        decay_epochs=recipe.decay_epochs,
+        decay_rate=recipe.decay_rate,
+        cooldown_epochs=recipe.cooldown_epochs,
+        min_lr=min_lr,
+        warmup_lr=warmup_lr,
+        warmup_epochs=recipe.warmup_epochs,
+        warmup_prefix=recipe.warmup_prefix,
+        step_on_epochs=not recipe.sched_on_updates,
+        updates_per_epoch=steps_per_epoch,
+    )
+
+
+def amp_context(amp: str, device: torch.device):
+    """``torch.autocast`` for ``bf16``/``fp16``, a null context for ``none``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    info: DistInfo,
+    amp: str = "none",
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over the whole loader, summed exactly across ranks."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct@1, correct@5, count
+    for x, y in loader:
+        x = x.to(info.device, non_blocking=True)
+        y = y.to(info.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp_context(amp, info.device):
+            out = model(x)
+        out = out.float()
+        k5 = min(5, out.shape[1])
+        top1, top5 = accuracy(out, y, topk=(1, k5))
+        n = y.shape[0]
+        sums[0] += loss_fn(out, y).item()
+        sums[1] += round(top1.item() * n / 100)
+        sums[2] += round(top5.item() * n / 100)
+        sums[3] += n
+    loss, c1, c5, count = _all_reduce_sum(sums, info)
+    count = max(count, 1)
+    return {"loss": loss / count, "top1": 100 * c1 / count, "top5": 100 * c5 / count, "count": int(count)}
+
+
+# ---------------------------------------------------------------------------------- metrics
+class MetricsWriter:
+    """Append-only ``metrics.jsonl`` (+ per-epoch ``metrics.csv``), written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records newer than ``step`` (written after the checkpoint a run resumes from)."""
+        if not self.enabled or not self.jsonl.exists():
+            return
+        kept = [
+            ln for ln in self.jsonl.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+        ]
+        self.jsonl.write_text("".join(ln + "\n" for ln in kept))
+        rows = [json.loads(ln) for ln in kept]
+        self._rewrite_csv([r for r in rows if r.get("kind") == "epoch"])
+
+    def _rewrite_csv(self, rows: list[dict[str, Any]]) -> None:
+        with open(self.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record.get("kind") == "epoch":
+            new = not self.csv.exists()
+            with open(self.csv, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(record)
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, leave=False
+    )
+
+
+# ---------------------------------------------------------------------------------- run directory
+def resolve_run_dir(recipe: Recipe, output: str | None, resume: str | None, info: DistInfo) -> Path:
+    """``output`` if given; with ``resume="auto"`` and no output, the newest ``runs/<recipe>-*``;
+    else a fresh ``runs/<recipe>-<UTC time>``. Decided on rank 0 and broadcast."""
+    choice = None
+    if info.is_main:
+        if output:
+            choice = Path(output)
+        else:
+            runs = sorted(Path("runs").glob(f"{recipe.name or recipe.model}-*")) if resume == "auto" else []
+            runs = [r for r in runs if ckpt.list_checkpoints(r)]
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            choice = runs[-1] if runs else Path("runs") / f"{recipe.name or recipe.model}-{stamp}"
+        choice = str(choice.resolve())
+    return Path(_broadcast_object(choice, info))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------- training
+def train(
+    recipe: Recipe,
+    data_dir: str | None = None,
+    output: str | None = None,
+    resume: str | None = None,
+    device: str | None = None,
+    progress: bool | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train ``recipe``; return a summary (run dir, best/final top-1, steps, wall time).
+
+    ``resume``: ``"auto"`` (newest checkpoint in the run dir, or a fresh start when there is
+    none) or a checkpoint path. ``progress``: tqdm bars (default: only on a TTY, rank 0).
+    ``max_steps`` stops after that many optimizer steps in total (checkpointing first), as if the
+    run were interrupted there.
+    """
+    info = setup_distributed(device)
+    try:
+        return _train(recipe, data_dir, output, resume, info, progress, max_steps)
+    finally:
+        cleanup_distributed()
+
+
+def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps) -> dict[str, Any]:
+    start_time = time.perf_counter()
+    check_model_name(recipe.model)
+    run_dir = resolve_run_dir(recipe, output, resume, info)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _seed_all(recipe.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+
+    train_ds, val_ds, num_classes = build_datasets(recipe, data_dir)
+    if recipe.num_classes is not None and recipe.num_classes != num_classes:
+        raise ValueError(
+            f"recipe says num_classes={recipe.num_classes} but the dataset has {num_classes} classes"
+        )
+    train_loader, val_loader = build_loaders(recipe, train_ds, val_ds, info.rank, info.world, info.device)
+    sampler = train_loader.sampler
+    accum = recipe.accum_steps
+    batches_per_epoch = (len(train_loader) // accum) * accum
+    steps_per_epoch = batches_per_epoch // accum
+    global_batch = recipe.global_batch(info.world)
+    lr, warmup_lr, min_lr = recipe.scaled_lrs(info.world)
+
+    model = create_model(recipe, num_classes)
+    if recipe.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(info.device)
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+    core = model  # unwrapped module: what checkpoints and EMA see
+    optimizer = create_optimizer(core, recipe, lr)
+    scheduler, total_epochs = create_scheduler(optimizer, recipe, warmup_lr, min_lr, steps_per_epoch)
+    scaler = torch.amp.GradScaler(info.device.type) if recipe.amp == "fp16" else None
+    if info.distributed:
+        ids = [info.local_rank] if info.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ema = ModelEmaV3(core, decay=recipe.model_ema_decay) if recipe.model_ema else None
+    fwd = torch.compile(model) if recipe.compile else model
+    mixup_fn = build_mixup(recipe, num_classes)
+    if mixup_fn is not None:
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif recipe.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=recipe.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    manager = CheckpointManagerFor(run_dir, recipe.keep_last, info)
+    metrics = MetricsWriter(run_dir, info.is_main)
+    epoch, batch_in_epoch, step, best_top1 = 0, 0, 0, -1.0
+    resumed_loss: tuple[float, int] = (0.0, 0)
+    _seed_all(recipe.seed + info.rank)  # per-rank randomness (drop path, mixup) from here on
+    loaded = _load_resume(resume, run_dir)
+    if loaded is not None:
+        path, state = loaded
+        _check_same_model(state, recipe.model, str(path))
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("model_ema") is not None:
+            ema.load_state_dict(state["model_ema"])
+        epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        best_top1 = state.get("best_top1", -1.0)
+        rngs = state["rng"]
+        if len(rngs) == info.world:
+            ckpt.restore_rng(rngs[info.rank])
+            resumed_loss = tuple(state["epoch_loss"][info.rank])
+        elif info.is_main:
+            print(
+                f"note: checkpoint written by {len(rngs)} process(es), now {info.world}: RNG streams restart"
+            )
+        metrics.truncate_after(step)
+        if info.is_main:
+            print(f"resumed from {path} (epoch {epoch}, step {step})", flush=True)
+    elif info.is_main:
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+
+    if info.is_main:
+        print(
+            f"run dir {run_dir} | model {recipe.model} | {len(train_ds)} train / {len(val_ds)} val images, "
+            f"{num_classes} classes | world {info.world} x batch {recipe.batch_size} x accum {accum} = "
+            f"global batch {global_batch} | lr {lr:.3g} | {total_epochs} epochs x {steps_per_epoch} steps "
+            f"| device {info.device}",
+            flush=True,
+        )
+    show_progress = info.is_main and (sys.stderr.isatty() if progress is None else progress)
+    last_eval: dict[str, float] = {}
+
+    def state_dict(epoch_: int, batch_: int, partial_loss: tuple[float, int] = (0.0, 0)) -> dict[str, Any]:
+        rng = _gather_object(ckpt.capture_rng(), info)
+        return {
+            "format": CKPT_FORMAT,
+            "model_name": recipe.model,
+            "model_kwargs": dict(recipe.model_kwargs),
+            "num_classes": num_classes,
+            "recipe": recipe.to_dict(),
+            "model": core.state_dict(),
+            "model_ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch_,
+            "batch_in_epoch": batch_,
+            "step": step,
+            "best_top1": best_top1,
+            "epoch_loss": _gather_object([float(partial_loss[0]), int(partial_loss[1])], info),
+            "world_size": info.world,
+            "rng": rng,
+        }
+
+    stopped = False
+    while epoch < total_epochs and not stopped:
+        epoch_start = time.perf_counter()
+        sampler.set_epoch(epoch, skip=batch_in_epoch * recipe.batch_size)
+        model.train()
+        bar = _progress(
+            batches_per_epoch * recipe.batch_size * info.world,
+            batch_in_epoch * recipe.batch_size * info.world,
+            f"epoch {epoch + 1}/{total_epochs}",
+            show_progress,
+        )
+        loss_sum = torch.tensor(resumed_loss[0], dtype=torch.float64, device=info.device)
+        loss_count = resumed_loss[1]
+        resumed_loss = (0.0, 0)
+        window_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+        window_n, window_start = 0, time.perf_counter()
+        epoch_imgs_start = batch_in_epoch
+        it = iter(train_loader)
+        for b in range(batch_in_epoch, batches_per_epoch):
+            x, y = next(it)
+            x = x.to(info.device, non_blocking=True)
+            y = y.to(info.device, non_blocking=True)
+            if mixup_fn is not None:
+                x, y = mixup_fn(x, y)
+            if recipe.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            last_micro = (b + 1) % accum == 0
+            sync = contextlib.nullcontext() if last_micro or not info.distributed else model.no_sync()
+            with sync:
+                with amp_context(recipe.amp, info.device):
+                    out = fwd(x)
+                    loss = criterion(out, y)
+                scaled = loss / accum
+                if scaler is not None:
+                    scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            loss_sum += loss.detach().double()
+            window_loss += loss.detach().double()
+            loss_count += 1
+            window_n += 1
+            if bar is not None:
+                bar.update(recipe.batch_size * info.world)
+            if not last_micro:
+                continue
+            if scaler is not None:
+                if recipe.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    dispatch_clip_grad(core.parameters(), recipe.clip_grad, mode=recipe.clip_mode)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                if recipe.clip_grad is not None:
+                    dispatch_clip_grad(core.parameters(), recipe.clip_grad, mode=recipe.clip_mode)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if ema is not None:
+                ema.update(core, step=step)
+            if scheduler is not None and recipe.sched_on_updates:
+                scheduler.step_update(num_updates=step)
+            if step % recipe.log_interval == 0:
+                wl, wn = _all_reduce_sum([window_loss.item(), float(window_n)], info)
+                elapsed = time.perf_counter() - window_start
+                rate = window_n * recipe.batch_size * info.world / max(elapsed, 1e-9)
+                cur_lr = optimizer.param_groups[0]["lr"]
+                metrics.log(
+                    {
+                        "kind": "step",
+                        "epoch": epoch,
+                        "step": step,
+                        "loss": wl / max(wn, 1),
+                        "lr": cur_lr,
+                        "img_per_s": rate,
+                    }
+                )
+                if bar is not None:
+                    bar.set_postfix(loss=f"{wl / max(wn, 1):.3f}", lr=f"{cur_lr:.2e}")
+                window_loss.zero_()
+                window_n, window_start = 0, time.perf_counter()
+            mid_epoch = b + 1 < batches_per_epoch
+            hit_max = max_steps is not None and step >= max_steps
+            if mid_epoch and (
+                hit_max or (recipe.ckpt_interval_steps and step % recipe.ckpt_interval_steps == 0)
+            ):
+                state = state_dict(epoch, b + 1, (loss_sum.item(), loss_count))
+                manager.save(state, step)
+            if hit_max and mid_epoch:
+                stopped = True
+                break
+        if bar is not None:
+            bar.close()
+        if stopped:
+            break
+        # ---- end of epoch: schedule, evaluate, checkpoint
+        epoch_time = time.perf_counter() - epoch_start
+        total_loss, total_n = _all_reduce_sum([loss_sum.item(), float(loss_count)], info)
+        if scheduler is not None and not recipe.sched_on_updates:
+            scheduler.step(epoch + 1)
+        last_eval = evaluate(fwd, val_loader, info, recipe.amp, recipe.channels_last)
+        record = {
+            "kind": "epoch",
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": total_loss / max(total_n, 1),
+            "val_loss": last_eval["loss"],
+            "val_top1": last_eval["top1"],
+            "val_top5": last_eval["top5"],
+            "img_per_s": (batches_per_epoch - epoch_imgs_start) * recipe.batch_size * info.world / epoch_time,
+            "epoch_s": epoch_time,
+            "world_size": info.world,
+            "global_batch": global_batch,
+        }
+        if ema is not None:
+            ema_eval = evaluate(ema.module, val_loader, info, recipe.amp, recipe.channels_last)
+            record["ema_val_top1"] = ema_eval["top1"]
+            record["ema_val_top5"] = ema_eval["top5"]
+        metrics.log(record)
+        is_best = last_eval["top1"] > best_top1
+        best_top1 = max(best_top1, last_eval["top1"])
+        epoch += 1
+        batch_in_epoch = 0
+        state = state_dict(epoch, 0)
+        manager.save(state, step)
+        if is_best:
+            manager.save_best(_weights_only(state, last_eval))
+        if info.is_main:
+            ema_txt = f" | ema top-1 {record['ema_val_top1']:.2f}" if ema is not None else ""
+            print(
+                f"epoch {epoch}/{total_epochs} | step {step} | train loss {record['train_loss']:.4f} | "
+                f"val loss {last_eval['loss']:.4f} | top-1 {last_eval['top1']:.2f} | "
+                f"top-5 {last_eval['top5']:.2f}"
+                f"{ema_txt} | {record['img_per_s']:.0f} img/s | {epoch_time:.1f}s",
+                flush=True,
+            )
+        if max_steps is not None and step >= max_steps:
+            break
+
+    wall = time.perf_counter() - start_time
+    summary = {
+        "run_dir": str(run_dir),
+        "epoch": epoch,
+        "step": step,
+        "best_top1": best_top1,
+        "final_top1": last_eval.get("top1"),
+        "final_top5": last_eval.get("top5"),
+        "wall_s": wall,
+        "world_size": info.world,
+        "global_batch": global_batch,
+        "lr": lr,
+    }
+    if info.is_main and (run_dir / "metrics.jsonl").exists():
+        from visattn.recipes.plot import plot_run
+
+        png = plot_run(run_dir)
+        if epoch >= total_epochs:
+            head = f"finished in {wall:.0f}s | best top-1 {best_top1:.2f}"
+        else:
+            head = (
+                f"stopped at step {step} (epoch {epoch + 1}) after {wall:.0f}s; continue with --resume auto"
+            )
+        best = f" | best weights: {run_dir / 'best.pth'}" if best_top1 >= 0 else ""
+        print(
+            f"{head} | run dir {run_dir}\n"
+            f"  metrics: {run_dir / 'metrics.jsonl'} (+ metrics.csv) | plot: {png}{best}",
+            flush=True,
+        )
+    return summary
+
+
+def _weights_only(state: dict[str, Any], evaluation: dict[str, float]) -> dict[str, Any]:
+    keep = (
+        "format",
+        "model_name",
+        "model_kwargs",
+        "num_classes",
+        "recipe",
+        "model",
+        "model_ema",
+        "epoch",
+        "step",
+    )
+    out = {k: state[k] for k in keep}
+    out["val_top1"] = evaluation["top1"]
+    out["val_top5"] = evaluation["top5"]
+    return out
+
+
+class CheckpointManagerFor(ckpt.CheckpointManager):
+    """A :class:`~visattn.recipes.checkpoint.CheckpointManager` that only rank 0 writes through."""
+
+    def __init__(self, run_dir: Path, keep_last: int, info: DistInfo) -> None:
+        super().__init__(run_dir, keep_last)
+        self.info = info
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        path = super().save(state, step) if self.info.is_main else self.run_dir / f"ckpt-{step:08d}.pth"
+        if self.info.distributed:
+            dist.barrier()
+        return path
+
+    def save_best(self, state: dict[str, Any]) -> Path:
+        return super().save_best(state) if self.info.is_main else self.run_dir / "best.pth"
+
+
+def _load_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        return ckpt.CheckpointManager(run_dir).load_latest()
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+    return path, ckpt.load(path)
+
+
+def _check_same_model(state: dict[str, Any], model_name: str, where: str) -> None:
+    found = state.get("model_name")
+    if found is not None and found != model_name:
+        raise ValueError(f"checkpoint {where} was trained for model {found!r}, not {model_name!r}")

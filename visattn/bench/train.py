@@ -1,0 +1,137 @@
+"""Training throughput: images/s and peak memory of forward + backward + AdamW step per model.
+
+On CUDA the step runs under bf16 autocast (``--amp none`` for fp32) at the model's default
+input size; on CPU use small sizes, e.g.
+``visattn bench train --model van_b0 --device cpu --batch-size 4 --img-size 64 --tiny``.
+``--tiny`` shrinks each model to a 2-stage toy (for smoke runs, not for numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import timm
+import torch
+
+from visattn.bench._timing import measure, print_table
+
+TINY_KWARGS: dict[str, dict] = {
+    "nat": dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], kernel_size=3, mlp_ratio=2),
+    "dinat": dict(
+        embed_dim=32,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 4, 8],
+        kernel_size=3,
+        mlp_ratio=2,
+        dilations=[[1], [1], [1], [1]],
+    ),
+    "biformer": dict(
+        embed_dims=[32, 64, 128, 256],
+        depths=[1, 1, 1, 1],
+        n_win=2,
+        topks=[1, 2, -2, -2],
+        head_dim=16,
+        mlp_ratios=[2, 2, 2, 2],
+    ),
+    "van": dict(embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2]),
+    "agent_swin": dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], agent_num=[4, 4, 4, 1]),
+    "agent_pvt": dict(
+        embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], agent_num=[4, 4, 4, 1]
+    ),
+    "agent_deit": dict(embed_dim=64, depth=2, num_heads=2, agent_num=[4, 4, 4, 4]),
+}
+
+
+def tiny_kwargs(name: str, img_size: int) -> dict:
+    """Toy-size constructor kwargs for ``name`` (by family prefix), including ``img_size`` where needed."""
+    for prefix in sorted(TINY_KWARGS, key=len, reverse=True):
+        if name.startswith(prefix):
+            kwargs = dict(TINY_KWARGS[prefix])
+            if prefix.startswith("agent"):
+                kwargs["img_size"] = img_size
+                if prefix == "agent_swin":
+                    kwargs["window_size"] = img_size // 4
+                if prefix == "agent_deit":
+                    kwargs["patch_size"] = 4
+            return kwargs
+    raise ValueError(f"no tiny configuration for {name!r}; known families: {', '.join(TINY_KWARGS)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", nargs="+", required=True, help="model names (visattn list shows them)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--img-size", type=int, default=None, help="default: the model's input size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on CUDA"
+    )
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="toy-size models (smoke runs)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+
+
+def _train_step_fn(model, x, y, optimizer, amp: str, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(args: argparse.Namespace) -> None:
+    import visattn  # noqa: F401  (registers the models)
+
+    device = torch.device(args.device)
+    amp = args.amp if device.type == "cuda" else "none"
+    rows: list[list[object]] = []
+    for name in args.model:
+        if not timm.is_model(name):
+            raise ValueError(f"unknown model {name!r}; see `visattn list`")
+        probe = timm.create_model(name, pretrained=False) if not args.tiny else None
+        img = args.img_size or (probe.pretrained_cfg["input_size"][-1] if probe is not None else 32)
+        kwargs = tiny_kwargs(name, img) if args.tiny else {}
+        model = timm.create_model(name, num_classes=1000, **kwargs).to(device).train()
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        x = torch.randn(args.batch_size, 3, img, img, device=device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (args.batch_size,), device=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        m = measure(_train_step_fn(model, x, y, optimizer, amp, device), device, args.warmup, args.iters)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        peak = "-" if m.peak_mib is None else f"{m.peak_mib:.0f}"
+        rows.append(
+            [
+                name,
+                f"{params:.1f}",
+                img,
+                args.batch_size,
+                amp,
+                f"{m.ms:.1f}",
+                f"{args.batch_size * 1000 / m.ms:.1f}",
+                peak,
+            ]
+        )
+        del model, optimizer, x, y
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(
+        ["model", "params (M)", "img", "batch", "amp", "ms/step", "img/s", "peak MiB"],
+        rows,
+        title=f"training step (forward + backward + AdamW) on {device}",
+    )
