@@ -182,7 +182,7 @@ def _na_bwd_dq_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     HAS_RPB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, RPB_SPLITS: tl.constexpr,
 ):  # fmt: skip
     pid_q, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
@@ -216,6 +216,8 @@ def _na_bwd_dq_kernel(
     hi = _flatten(tl.max(e0, 0) - 1, tl.max(e1, 0) - 1, tl.max(e2, 0) - 1, G1, G2) + 1
     n_rpb = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     rpb_h = RPB + h * n_rpb
+    # fp32 partial sums per (batch, query block % RPB_SPLITS) spread the atomics over more addresses.
+    drpb_h = DRPB + ((b * RPB_SPLITS + pid_q % RPB_SPLITS) * H + h) * n_rpb
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_K):
@@ -237,7 +239,7 @@ def _na_bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if HAS_RPB:
             ridx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2)
-            tl.atomic_add(DRPB + h * n_rpb + ridx, ds, mask=mask)
+            tl.atomic_add(drpb_h + ridx, ds, mask=mask)
     tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -319,6 +321,10 @@ def _na_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
+# fp32 partial rpb-gradient buffers per batch element (fewer atomics on one address).
+_RPB_SPLITS = 8
+
+
 def _lift(q, kernel_size, dilation, is_causal):
     """Pad the per-dim arguments to 3 dims (leading dims of extent 1, kernel 1)."""
     spatial = tuple(q.shape[1:-2])
@@ -350,6 +356,12 @@ def _grid(spatial, dilation, block, batch_heads):
 
 def _rpb_table(rpb: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return q.new_zeros((1,), dtype=torch.float32) if rpb is None else rpb.float().contiguous()
+
+
+def _reduce_drpb(partial: torch.Tensor, rpb: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if rpb is None:
+        return partial.to(q.dtype)
+    return partial.sum(0).to(rpb.dtype)
 
 
 def na_forward(
@@ -405,9 +417,12 @@ def na_backward(
         (grad_out.float() * out.float()).sum(-1).reshape(batch, tokens, heads).transpose(1, 2).contiguous()
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    drpb = torch.zeros((0,) if rpb is None else rpb.shape, device=q.device, dtype=torch.float32)
+    # dq's pass scatters d(logits) into fp32 partial rpb gradients [batch * splits, heads, *rpb.shape[1:]].
+    partial = torch.zeros(
+        (0,) if rpb is None else (batch * _RPB_SPLITS, *rpb.shape), device=q.device, dtype=torch.float32
+    )
     if q.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), drpb.to(q.dtype if rpb is None else rpb.dtype)
+        return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_drpb(partial, rpb, q)
     block_q, block_k, block_d, warps = _blocks(head_dim)
     common = (
         scale, scale * LOG2E.value, *spatial, *dil, heads, head_dim,
@@ -415,10 +430,10 @@ def na_backward(
     )  # fmt: skip
     rpb_table = _rpb_table(rpb, q)
     _na_bwd_dq_kernel[_grid(spatial, dil, block_q, batch * heads)](
-        q, k, v, rpb_table, grad_out, lse, delta, dq, drpb if rpb is not None else rpb_table, *common,
-        num_warps=warps,
+        q, k, v, rpb_table, grad_out, lse, delta, dq, partial if rpb is not None else rpb_table, *common,
+        _RPB_SPLITS, num_warps=warps,
     )  # fmt: skip
     _na_bwd_dkdv_kernel[_grid(spatial, dil, block_k, batch * heads)](
         q, k, v, rpb_table, grad_out, lse, delta, dk, dv, *common, num_warps=warps
     )
-    return dq, dk, dv, drpb.to(q.dtype if rpb is None else rpb.dtype)
+    return dq, dk, dv, _reduce_drpb(partial, rpb, q)
