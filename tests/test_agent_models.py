@@ -139,7 +139,7 @@ _DEIT = dict(
 TINY = {
     # window 8 < stage-1 grid 16: agent attention in 4 windows, block 1 cyclically shifted
     "agent_swin_tiny": dict(_SWIN, depths=(2, 1, 1, 1), window_size=8),
-    "agent_swin_small": dict(_SWIN, depths=(1, 1, 2, 1), window_size=16),
+    "agent_swin_small": dict(_SWIN, depths=(1, 1, 2, 1), window_size=16),  # AABB
     "agent_swin_small_288": dict(_SWIN, depths=(1, 1, 1, 1), window_size=16),
     "agent_swin_base": dict(_SWIN, depths=(1, 1, 3, 1), window_size=16),  # AAMB2: stage 3 mixes A and B
     "agent_swin_base_384": dict(_SWIN, depths=(1, 1, 2, 1), window_size=16),
@@ -155,8 +155,17 @@ TINY = {
 }
 
 
+# torch.compile is slow on CPU: traced once per model class (the other variants share the code path).
+COMPILE_CHECKED = {"agent_swin_base", "agent_pvt_small", "agent_deit_base"}
+
+
 @pytest.mark.parametrize("name", battery_names(sorted(TINY)))
 def test_battery(name):
     kwargs = dict(TINY[name])
     size = kwargs.pop("img_size")  # through the pretrained cfg, so the battery feeds that size too
-    run_battery(name, pretrained_cfg_overlay=dict(input_size=(3, size, size)), **kwargs)
+    run_battery(
+        name,
+        compile_check=name in COMPILE_CHECKED,
+        pretrained_cfg_overlay=dict(input_size=(3, size, size)),
+        **kwargs,
+    )

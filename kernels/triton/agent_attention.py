@@ -462,6 +462,11 @@ def _tile(n: int, block_a: int, interpret: bool) -> int:
     return _block(n, 64 if block_a <= 64 else 32)
 
 
+def _warps(block_a: int) -> int:
+    """More warps when the agent tile (and its accumulators) is large, to keep them in registers."""
+    return 4 if block_a <= 64 else 8
+
+
 def _splits(bh: int, tiles: int, device: torch.device) -> int:
     """Programs per (batch, head) in the backward so that the GPU has a few waves of work."""
     if device.type != "cuda":
@@ -524,6 +529,7 @@ def agent_attention_fwd(
         BLOCK_N=_tile(nk, block_a, interpret),
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
+        num_warps=_warps(block_a),
     )
     block_m = _tile(nq, block_a, interpret)
     _broadcast_fwd[(bh, triton.cdiv(nq, block_m))](
@@ -549,6 +555,7 @@ def agent_attention_fwd(
         BLOCK_A=block_a,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
+        num_warps=_warps(block_a),
     )
     return out, agent_v, lse_agent, lse_query
 
@@ -621,6 +628,7 @@ def agent_attention_bwd(
         BLOCK_A=block_a,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
+        num_warps=_warps(block_a),
     )
     d_agent_v = d_agent_v.sum(0)
 
@@ -658,6 +666,7 @@ def agent_attention_bwd(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
+        num_warps=_warps(block_a),
     )
     d_agent = (d_agent_q.sum(0) + d_agent_k.sum(0)).transpose(1, 2).to(agent.dtype)
     return (
