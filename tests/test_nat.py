@@ -4,6 +4,7 @@ import json
 
 import pytest
 import timm
+import timm.optim
 import torch
 
 import visattn  # noqa: F401  (registers the models)
@@ -41,6 +42,16 @@ TINY = dict(embed_dim=16, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), kernel_si
 TINY_DILATIONS = [[1, 2], [1], [1, 2], [1]]
 # torch.compile is checked once per distinct code path (NAT, NAT + layer scale, DiNAT_s layout).
 COMPILE_CHECKED = {"nat_mini", "nat_small", "dinat_s_tiny"}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """These models are tiny: intra-op threads only add synchronisation (and spin badly on a busy
+    machine), so this file runs single-threaded and restores the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", battery_names(NAMES))
@@ -186,3 +197,20 @@ def test_bad_configs_raise():
         NeighborhoodAttention2D(8, 2, kernel_size=4)
     with pytest.raises(ValueError, match="layout"):
         NAT(embed_dim=16, depths=(1, 1), num_heads=(1, 2), layout="vit")
+
+
+def test_grad_checkpointing_grads_and_rpb_without_weight_decay():
+    model = timm.create_model("dinat_mini", dilations=TINY_DILATIONS, **dict(TINY, drop_path_rate=0.0))
+    x = torch.randn(2, 3, 64, 64)
+    model(x).square().mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().mean().backward()
+    for (name, p), g in zip(model.named_parameters(), plain):
+        torch.testing.assert_close(p.grad, g, msg=lambda m, name=name: f"{name}: {m}")
+
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    rpbs = [p for n, p in model.named_parameters() if n.endswith(".rpb")]
+    assert len(rpbs) == sum(TINY["depths"]) and not any(id(p) in decayed for p in rpbs)
