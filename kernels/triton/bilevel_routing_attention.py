@@ -42,7 +42,8 @@ def _bra_fwd_kernel(
     sob, soy, sox, soh, sod,
     srb, srr, srk,
     slb, slh, sly, slx,
-    H, W, S, RH, RW, TOPK, NH, qk_scale,
+    H, W, TOPK, NH, qk_scale,
+    S: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -105,7 +106,8 @@ def _bra_bwd_dq_kernel(
     slb, slh, sly, slx,
     sdb, sdy, sdx, sdh,
     sdqb, sdqy, sdqx, sdqh, sdqd,
-    H, W, S, RH, RW, TOPK, NH, qk_scale, scale,
+    H, W, TOPK, NH, qk_scale, scale,
+    S: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -172,7 +174,8 @@ def _bra_bwd_dkdv_kernel(
     sdb, sdy, sdx, sdh,
     sdkb, sdky, sdkx, sdkh, sdkd,
     sdvb, sdvy, sdvx, sdvh, sdvd,
-    H, W, S, RH, RW, NH, qk_scale, scale,
+    H, W, NH, qk_scale, scale,
+    S: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -276,8 +279,9 @@ def bra_forward(
     _bra_fwd_kernel[grid](
         q, k, v, routing, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *routing.stride(), *lse.stride(),
-        h, w, num_regions, cfg["rh"], cfg["rw"], routing.shape[-1], heads, scale * LOG2E.value,
-        D=d, DV=v.shape[-1], BLOCK_M=cfg["own"], BLOCK_N=cfg["other"],
+        h, w, routing.shape[-1], heads, scale * LOG2E.value,
+        S=num_regions, RH=cfg["rh"], RW=cfg["rw"], D=d, DV=v.shape[-1],
+        BLOCK_M=cfg["own"], BLOCK_N=cfg["other"],
         BLOCK_D=cfg["block_d"], BLOCK_DV=cfg["block_dv"], PRECISION=cfg["precision"],
     )  # fmt: skip
     return out, lse
@@ -320,6 +324,9 @@ def bra_backward(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     n_regions = num_regions * num_regions
     consts = dict(
+        S=num_regions,
+        RH=cfg["rh"],
+        RW=cfg["rw"],
         D=d,
         DV=dv_dim,
         BLOCK_D=cfg["block_d"],
@@ -331,7 +338,7 @@ def bra_backward(
         q, k, v, do, route32, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *route32.stride(), *lse.stride(),
         *delta.stride(), *dq.stride(),
-        h, w, num_regions, cfg["rh"], cfg["rw"], routing.shape[-1], heads, scale * LOG2E.value, scale,
+        h, w, routing.shape[-1], heads, scale * LOG2E.value, scale,
         BLOCK_M=cfg["own"], BLOCK_N=cfg["other"], **consts,
     )  # fmt: skip
     q_list, q_off, q_cnt = _inverse_routing(routing)
@@ -340,7 +347,7 @@ def bra_backward(
         q, k, v, do, lse, delta, q_list, q_off, q_cnt, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride(),
         *dk.stride(), *dv.stride(),
-        h, w, num_regions, cfg["rh"], cfg["rw"], heads, scale * LOG2E.value, scale,
+        h, w, heads, scale * LOG2E.value, scale,
         BLOCK_M=cfg["other"], BLOCK_N=cfg["own"], **consts,
     )  # fmt: skip
     return dq, dk, dv
