@@ -134,3 +134,52 @@ class AgentAttentionBase(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_drop(self.proj(x))
+
+
+_SEPARABLE_BIASES = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
+
+
+def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Resize resolution-bound tensors of a checkpoint to ``model``, as the official ``load_pretrained``
+    does when fine-tuning at another resolution (e.g. Agent-Swin-B 224 -> 384).
+
+    - separable agent biases ``ah/aw/ha/wa_bias``: linear interpolation along their spatial axis;
+    - ``relative_position_bias_table`` ``[(2W-1)**2, heads]``: bicubic on the ``(2W-1) x (2W-1)`` grid;
+    - ``pos_embed*`` ``[1, prefix + S*S, C]``: bicubic on the ``S x S`` grid, prefix tokens kept.
+
+    Tensors whose non-spatial dims (heads, agents, channels) differ are left for ``load_state_dict`` to
+    report.
+    """
+    target = model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        want = target.get(key)
+        if want is not None and value.shape != want.shape and value.ndim == want.ndim:
+            name = key.rsplit(".", 1)[-1]
+            if name in _SEPARABLE_BIASES:
+                diff = [d for d in range(value.ndim) if value.shape[d] != want.shape[d]]
+                if len(diff) == 1:
+                    moved = value.movedim(diff[0], -1)
+                    flat = F.interpolate(
+                        moved.reshape(1, -1, moved.shape[-1]).float(), size=want.shape[diff[0]], mode="linear"
+                    )
+                    value = flat.reshape(*moved.shape[:-1], -1).movedim(-1, diff[0]).to(value.dtype)
+            elif name == "relative_position_bias_table" and value.shape[1] == want.shape[1]:
+                old, new = math.isqrt(value.shape[0]), math.isqrt(want.shape[0])
+                grid = value.T.reshape(1, -1, old, old).float()
+                value = (
+                    F.interpolate(grid, size=(new, new), mode="bicubic")
+                    .reshape(-1, new * new)
+                    .T.to(value.dtype)
+                )
+            elif name.startswith("pos_embed") and value.shape[-1] == want.shape[-1]:
+                old, new = math.isqrt(value.shape[1]), math.isqrt(want.shape[1])
+                prefix = value.shape[1] - old * old
+                if prefix == want.shape[1] - new * new:
+                    grid = value[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+                    grid = (
+                        F.interpolate(grid, size=(new, new), mode="bicubic").permute(0, 2, 3, 1).flatten(1, 2)
+                    )
+                    value = torch.cat([value[:, :prefix], grid.to(value.dtype)], dim=1)
+        out[key] = value
+    return out

@@ -17,14 +17,14 @@ from functools import partial
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from visattn.backbones.agent_common import AgentAttentionBase
+from visattn.backbones.agent_common import AgentAttentionBase, resize_to_model
 
 __all__ = ["AgentVisionTransformer"]
 
@@ -263,15 +263,10 @@ class AgentVisionTransformer(nn.Module):
 def checkpoint_filter_fn(state_dict: dict, model: AgentVisionTransformer) -> dict:
     """Official checkpoints (``{'model': state_dict, ...}`` or bare) -> our state_dict (same key names).
 
-    A ``pos_embed`` of another grid is resampled to the model's (the agent biases are not).
+    ``pos_embed`` and the separable agent biases of another resolution are resized as the official
+    ``load_pretrained`` does (see ``resize_to_model``).
     """
-    state_dict = state_dict.get("model", state_dict.get("state_dict", state_dict))
-    out = {}
-    for k, v in state_dict.items():
-        if k == "pos_embed" and v.shape != model.pos_embed.shape:
-            v = resample_abs_pos_embed(v, list(model.patch_embed.grid_size), num_prefix_tokens=1)
-        out[k] = v
-    return out
+    return resize_to_model(state_dict.get("model", state_dict.get("state_dict", state_dict)), model)
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:

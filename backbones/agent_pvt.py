@@ -24,7 +24,7 @@ from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visattn.backbones.agent_common import AgentAttentionBase
+from visattn.backbones.agent_common import AgentAttentionBase, resize_to_model
 
 __all__ = ["AgentPyramidVisionTransformer"]
 
@@ -295,8 +295,11 @@ class AgentPyramidVisionTransformer(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: AgentPyramidVisionTransformer) -> dict:
-    """Official checkpoints (``{'model': state_dict, ...}`` or bare) load unchanged: same key names."""
-    return dict(state_dict.get("model", state_dict.get("state_dict", state_dict)))
+    """Official checkpoints (``{'model': state_dict, ...}`` or bare) load unchanged: same key names.
+
+    Agent biases and position embeddings of another resolution are resized (see ``resize_to_model``).
+    """
+    return resize_to_model(state_dict.get("model", state_dict.get("state_dict", state_dict)), model)
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:

@@ -26,7 +26,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
-from visattn.backbones.agent_common import AgentAttentionBase
+from visattn.backbones.agent_common import AgentAttentionBase, resize_to_model
 
 __all__ = ["AgentSwinTransformer"]
 
@@ -359,11 +359,12 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentSwinTransformer) -> dict:
     """Official checkpoints (``{'model': state_dict, ...}`` or bare) -> our state_dict.
 
     Key names are the official ones; the index/mask buffers the official code saves are rebuilt here
-    (non-persistent), so they are dropped, as the official ``load_pretrained`` does.
+    (non-persistent), so they are dropped, as the official ``load_pretrained`` does. Agent biases and
+    relative position tables of another resolution are resized (see ``resize_to_model``).
     """
     state_dict = state_dict.get("model", state_dict.get("state_dict", state_dict))
     drop = ("relative_position_index", "relative_coords_table", "attn_mask")
-    return {k: v for k, v in state_dict.items() if not k.endswith(drop)}
+    return resize_to_model({k: v for k, v in state_dict.items() if not k.endswith(drop)}, model)
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:

@@ -169,3 +169,28 @@ def test_battery(name):
         pretrained_cfg_overlay=dict(input_size=(3, size, size)),
         **kwargs,
     )
+
+
+@pytest.mark.parametrize(
+    "name, small, large, extra",
+    [
+        ("agent_swin_tiny", 64, 96, dict(window_size=16)),  # windows 16 -> 24, Swin table 3x3 -> 5x5
+        ("agent_pvt_tiny", 64, 96, {}),
+        ("agent_deit_tiny", 32, 48, {}),
+    ],
+)
+def test_checkpoint_from_another_resolution(name, small, large, extra):
+    """Fine-tuning at a new size (official load_pretrained): biases and embeddings are interpolated."""
+    kwargs = {k: v for k, v in TINY[name].items() if k not in ("img_size", "window_size")} | extra
+    source = timm.create_model(name, img_size=small, **kwargs)
+    if "window_size" in extra:
+        kwargs["window_size"] = extra["window_size"] * large // small
+    target = timm.create_model(name, img_size=large, **kwargs).eval()
+    filtered = checkpoint_filter_for(name)({"model": source.state_dict()}, target)
+    target.load_state_dict(filtered, strict=True)
+    key = next(k for k in filtered if k.endswith("ah_bias"))
+    old = source.state_dict()[key]  # (1, heads, agents, h, 1): official resize = linear over h
+    expected = torch.nn.functional.interpolate(old[0, ..., 0], size=filtered[key].shape[3], mode="linear")
+    torch.testing.assert_close(filtered[key], expected[None, ..., None])
+    with torch.no_grad():
+        assert torch.isfinite(target(torch.randn(1, 3, large, large))).all()
