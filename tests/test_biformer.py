@@ -87,7 +87,7 @@ def test_long_names_are_aliases():
     assert "biformer_small" not in visattn.list_models()
 
 
-def test_load_pretrained_from_official_file(tmp_path):
+def test_load_pretrained_from_official_file(tmp_path, monkeypatch):
     model = timm.create_model("biformer_t", **TINY).eval()
     official = {}
     for key, value in model.state_dict().items():  # write it back in the official layout
@@ -115,6 +115,20 @@ def test_load_pretrained_from_official_file(tmp_path):
     other = timm.create_model("biformer_t", **dict(TINY, num_classes=3))
     other.load_pretrained(str(path))  # a head of another size is skipped, the rest loads
     torch.testing.assert_close(other.stem[0].weight, model.stem[0].weight)
+    # pretrained=True: the cfg names the official URL with a per-variant cache file name.
+    fetched = []
+
+    def fake_download(url, **kwargs):
+        fetched.append(url)
+        return str(path)
+
+    monkeypatch.setattr(timm.models._builder, "download_cached_file", fake_download)
+    pretrained = timm.create_model("biformer_t", pretrained=True, **TINY).eval()
+    assert fetched[0][0].startswith("https://api.onedrive.com/") and fetched[0][1] == "biformer_tiny_in1k.pth"
+    with torch.no_grad():
+        torch.testing.assert_close(pretrained(x), model(x), rtol=0, atol=0)
+    # A plain (unwrapped) official state_dict maps the same way.
+    assert checkpoint_filter_fn(official, model).keys() == model.state_dict().keys()
 
 
 def test_auto_pad_matches_unmasked_padding():
