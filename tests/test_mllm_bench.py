@@ -1,0 +1,19 @@
+"""`visattn bench mllm` runs end to end on tiny CPU sizes (timings are not asserted)."""
+
+import argparse
+
+from tests.test_mllm_tokens import _one_thread  # noqa: F401
+from visattn.bench import mllm
+
+
+def test_bench_mllm_runs_on_cpu(capsys):
+    parser = argparse.ArgumentParser()
+    mllm.add_arguments(parser)
+    args = parser.parse_args(
+        "--device cpu --hidden 64 --layers 3 --batches 1 --keep 64 --decode-tokens 2 --score-tokens 64 "
+        "--warmup 0 --iters 1".split()
+    )
+    assert mllm.run(args) == 0
+    out = capsys.readouterr().out
+    for method in ("unreduced", "FastV K=2 keep=64", "VTC-CLS keep=64", "DyVTE", "VAR", "key-mass last"):
+        assert method in out
