@@ -1,6 +1,8 @@
 """NAT / DiNAT / DiNAT_s timm models: official-checkpoint conformance, key lists, sizes, battery."""
 
+import functools
 import json
+from unittest import mock
 
 import pytest
 import timm
@@ -9,7 +11,9 @@ import torch
 
 import visattn  # noqa: F401  (registers the models)
 from tests.model_battery import battery_names, run_battery
+from visattn.backbones import nat as nat_module
 from visattn.backbones.nat import NAT, NeighborhoodAttention2D, checkpoint_filter_fn
+from visattn.kernels import interpreter_enabled, neighborhood_attention
 
 # Parameter counts (millions) of the papers' / official README tables (NAT.md, DiNAT.md), which round
 # to whole millions. The 21k variants are sized with a 1000-class head to compare with the same rows.
@@ -214,3 +218,27 @@ def test_grad_checkpointing_grads_and_rpb_without_weight_decay():
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     rpbs = [p for n, p in model.named_parameters() if n.endswith(".rpb")]
     assert len(rpbs) == sum(TINY["depths"]) and not any(id(p) in decayed for p in rpbs)
+
+
+def test_triton_backend_through_the_model():
+    """The model on the op's Triton path (GPU, or the interpreter on CPU) matches the PyTorch reference,
+    forward and backward, with dilation and the small-map padding in play."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not interpreter_enabled():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    model = timm.create_model("dinat_mini", dilations=TINY_DILATIONS, **dict(TINY, drop_path_rate=0.0)).to(
+        device
+    )
+    x = torch.randn(1, 3, 64, 64, device=device)
+    results = []
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        op = functools.partial(neighborhood_attention, backend=backend)
+        with mock.patch.object(nat_module, "neighborhood_attention", op):
+            out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for (name, _), g, rg in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
