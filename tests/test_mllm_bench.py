@@ -10,8 +10,26 @@ def test_bench_mllm_runs_on_cpu(capsys):
     parser = argparse.ArgumentParser()
     mllm.add_arguments(parser)
     args = parser.parse_args(
-        "--device cpu --hidden 64 --layers 3 --batches 1 --keep 64 --decode-tokens 2 --score-tokens 64 "
-        "--warmup 0 --iters 1".split()
+        [
+            "--device",
+            "cpu",
+            "--hidden",
+            "64",
+            "--layers",
+            "3",
+            "--batches",
+            "1",
+            "--keep",
+            "64",
+            "--decode-tokens",
+            "2",
+            "--score-tokens",
+            "64",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+        ]
     )
     assert mllm.run(args) == 0
     out = capsys.readouterr().out
