@@ -242,3 +242,20 @@ def test_triton_backend_through_the_model():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for (name, _), g, rg in zip(model.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_dinat_s_patch_merging_follows_the_official_layout():
+    """DiNAT_s merges 2x2 patches as cat[(even row, even col), (odd, even), (even, odd), (odd, odd)]
+    after zero-padding odd maps at the bottom/right, then LayerNorm(4C) and Linear(4C -> 2C)."""
+    model = timm.create_model(
+        "dinat_s_tiny", embed_dim=8, depths=(1, 1), num_heads=(1, 2), dilations=[[1], [1]]
+    )
+    merge = model.levels[0].downsample
+    with torch.no_grad():
+        merge.norm.weight.normal_()
+        merge.norm.bias.normal_()
+        x = torch.randn(2, 5, 7, 8)
+        xp = torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 1))
+        parts = [xp[:, 0::2, 0::2], xp[:, 1::2, 0::2], xp[:, 0::2, 1::2], xp[:, 1::2, 1::2]]
+        expected = merge.reduction(merge.norm(torch.cat(parts, dim=-1)))
+        torch.testing.assert_close(merge(x), expected)
