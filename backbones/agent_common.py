@@ -41,8 +41,11 @@ class AgentAttentionBase(nn.Module):
     """Biases, agent pooling, DWC and output projection of one agent-attention layer.
 
     ``kv_size`` is the (H, W) grid of the keys/values and ``q_size`` the grid of the queries at the
-    training resolution; they fix the shapes of the separable biases.
+    training resolution; they fix the shapes of the separable biases. ``backend`` is passed to
+    :func:`visattn.kernels.agent_attention` (``"auto"``: Triton on CUDA); set it on a layer to force one.
     """
+
+    backend: str = "auto"
 
     def __init__(
         self,
@@ -116,6 +119,7 @@ class AgentAttentionBase(nn.Module):
             scale=self.scale,
             agent_bias=agent_bias,
             query_bias=query_bias,
+            backend=self.backend,
         )
         return out.reshape(b, nq, c)
 

@@ -8,6 +8,7 @@ import torch
 
 import visattn  # noqa: F401  (registers the models)
 from tests.model_battery import battery_names, checkpoint_filter_for, run_battery
+from visattn.backbones.agent_common import AgentAttentionBase
 
 # Official constructor kwargs that are defaults of ours (or spelled differently) and are not passed on.
 _OFFICIAL_ONLY = {
@@ -194,3 +195,21 @@ def test_checkpoint_from_another_resolution(name, small, large, extra):
     torch.testing.assert_close(filtered[key], expected[None, ..., None])
     with torch.no_grad():
         assert torch.isfinite(target(torch.randn(1, 3, large, large))).all()
+
+
+@pytest.mark.parametrize("name", ["agent_swin_small", "agent_pvt_tiny", "agent_deit_base"])
+def test_models_on_the_triton_backend(name):
+    """The layouts the models hand to the op (fused-projection views, broadcast biases) run on Triton."""
+    kwargs = dict(TINY[name])
+    size = kwargs.pop("img_size")
+    model = timm.create_model(name, img_size=size, **kwargs)
+    x = torch.randn(2, 3, size, size)
+    ref = model(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    for module in model.modules():
+        if isinstance(module, AgentAttentionBase):
+            module.backend = "triton"
+    out = model(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for g, g_ref in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), ref_grads):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-3)
