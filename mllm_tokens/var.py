@@ -15,8 +15,10 @@ code MULTIPLIES sink attention by ``p`` (moves 40%): ``fraction=0.4`` here. The 
 with ``p`` as the moved share; pass ``fraction=0.6`` for that reading. Layers: sinks are searched
 from layer 2 on and the last layer is excluded, i.e. layers ``2 .. L-2``. The official head test is
 "sink share <= rho", the paper's "non-sink share >= rho": identical at the default 0.5 (we use the
-paper's form). Official code needs eager attention and batch size 1; this one runs under SDPA too and
-takes padded batches.
+paper's form); like the official code, a layer whose input has no visual sink is left unchanged
+(text sinks alone do not trigger redistribution). ``phi`` uses the official RMS norm (eps 1e-6).
+Official code needs eager attention and batch size 1; this one runs under SDPA too and takes padded
+batches (with several images, "after the image" means after the first image token).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ _AUTO = {(4096, 32): "llama-2-7b", (5120, 40): "llama-2-13b"}
 def sink_scores(hidden: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """``phi(x)`` ``[B, N]``: the largest ``|x_d| / rms(x)`` over the sink dimensions ``dims``."""
     x = hidden.float()
-    rms = x.pow(2).mean(-1).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
-    return (x[..., list(dims)].abs() / rms[..., None]).amax(-1)
+    inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # the official RMS norm, eps 1e-6
+    return (x[..., list(dims)].abs() * inv_rms).amax(-1)
 
 
 @torch.no_grad()
@@ -177,6 +179,8 @@ class VAR(Reducer):
             extra = k.shape[1] - category.shape[1]
             category = torch.cat([category, category.new_zeros(category.shape[0], extra)], dim=1)
             queries = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+        # the official HeadFork selects no head at all in a layer without visual sinks
+        queries = queries & (category == VISUAL_SINK).any(1, keepdim=True)
         return visual_sink_attention(
             q, k, v, category, queries, fraction=self.fraction, rho=self.rho,
             min_image_attention=self.min_image_attention, attn_mask=attn_mask, causal=causal, scale=scale,

@@ -57,7 +57,7 @@ def var_reference(model, ids, pix, var):
                 - torch.where(sink & visual, 1, 0)
                 + torch.where(sink & ~visual, 1, 0)
             )
-            queries = (visual.cumsum(1) > 0) & ~visual
+            queries = (visual.cumsum(1) > 0) & ~visual & bool((category == 2).any())
             probs = redistribute(probs, category, queries, var.fraction, var.rho, var.min_image_attention)
         out = (probs @ v).transpose(1, 2).reshape(1, n, -1)
         hidden = hidden + attn.o_proj(out)
@@ -118,3 +118,18 @@ def test_calibrate_sink_dims_and_validation():
     with pytest.raises(ValueError, match="sink_dims"):
         VAR(sink_dims="gpt-2")
     assert VAR(sink_dims="llama-2-7b").sink_dims == "llama-2-7b"
+
+
+def test_text_sinks_alone_do_not_redistribute():
+    model = tiny_llava("sdpa")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[1, list(DIMS)] = 60.0  # BOS sink, no visual sink
+    ids, mask, pix = tiny_inputs()
+    real = mask.bool()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        with attach(model, VAR(sink_dims=DIMS, tau=TAU, min_image_attention=0.0)) as handle:
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+            category = handle.reducer.sinks(handle._adapter.state)[2]
+    assert bool((category == 1).any()) and not bool((category == 2).any())
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
