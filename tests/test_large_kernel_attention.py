@@ -175,3 +175,42 @@ def test_bench_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "VAN-B2 stages at 32x32" in out
     assert out.count("official nn.Conv2d") == 5  # title + one row per stage
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from visattn.kernels.triton import large_kernel_attention as tk
+
+def compile_(fn, consts, dtype):
+    sig = {name: "constexpr" if name in consts else ("i32" if not name.endswith("_ptr") else
+           "*fp32" if name in ("scratch_ptr", "partial_ptr") else "*" + dtype) for name in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4})
+
+c = dict(K1=5, K2=7, DIL=3, PB=1, RH=64, RW=64, HAS_B1=True, HAS_B2=True)
+compile_(tk._dw_chain_kernel, c, "bf16")
+c = dict(K=7, DIL=3, FLIP=True, HAS_BIAS=True, HAS_ADD=True, PB=1, BH=32, BW=64)
+compile_(tk._dwconv_kernel, c, "bf16")
+compile_(tk._dwconv_wgrad_kernel, dict(K=7, DIL=3, PB=1, BH=32, BW=64), "bf16")
+for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32")):
+    c = dict(HAS_BIAS=True, BM=64, BN=128, BK=32, PRECISION=precision)
+    compile_(tk._pointwise_gate_kernel, c, dtype)
+"""
+
+
+def test_kernels_compile_for_a_gpu_target():
+    # The interpreter does not lower the kernels; compiling them for sm_90 (no GPU needed) catches what
+    # only the GPU compiler rejects. A subprocess, because TRITON_INTERPRET=1 is set in this one.
+    import os
+    import subprocess
+    import sys
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
