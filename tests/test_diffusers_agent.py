@@ -1,5 +1,6 @@
 """AgentSD processors for diffusers UNets (visattn.integrations.diffusers), tiny UNets built from configs."""
 
+import argparse
 import math
 
 import pytest
@@ -339,3 +340,16 @@ def test_non_square_latents_use_the_recorded_grid():
     assert out.shape == (2, 4, 12, 20)
     assert handle.state.latent_size == (12, 20)
     assert math.prod(handle.processors[next(iter(handle.processors))].grid(240)) == 240
+
+
+def test_sd_benchmark_runs_on_cpu(capsys):
+    from visattn.bench import sd
+
+    parser = argparse.ArgumentParser()
+    sd.add_arguments(parser)
+    args = parser.parse_args(
+        ["--device", "cpu", "--latent", "8", "--batch", "2", "--warmup", "0", "--iters", "1"]
+    )
+    assert sd.run(args) == 0
+    table = capsys.readouterr().out
+    assert "stock processors" in table and "AgentSD early" in table and "unavailable" not in table
