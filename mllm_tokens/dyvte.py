@@ -173,6 +173,8 @@ class DyVTE(Reducer):
             leave = torch.full_like(exited, layer == self.exit_layer, dtype=torch.bool)
         else:
             feats = router_features(hidden, visual, state.current(state.real))
+            if self.hypernet.routers[0].w1.weight.device != hidden.device:
+                self.hypernet.to(hidden.device)
             with torch.no_grad():
                 logits = self.hypernet(layer, feats)
             leave = logits[:, 1] > logits[:, 0]
