@@ -144,3 +144,49 @@ def test_invalid_arguments(tmp_path):
     (tmp_path / "bad.yml").write_text("model: x\nlearning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
         recipe.load_config(tmp_path / "bad.yml")
+
+
+def _tiny_processor(path):
+    """An offline LlavaProcessor: word-level tokenizer (``<image>`` = id 100) and a 32 px CLIP processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>"] + [f"w{i}" for i in range(2, 100)] + ["<image>", "USER:", "ASSISTANT:", "<unk>"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(
+        image_processor=images, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1,
+    ).save_pretrained(path)  # fmt: skip
+
+
+def test_recipe_reads_llava_json(tmp_path):
+    import json
+
+    from PIL import Image
+
+    model = tiny_llava("sdpa")
+    model.save_pretrained(tmp_path / "model")
+    _tiny_processor(tmp_path / "model")
+    entries = []
+    for i in range(4):
+        Image.new("RGB", (40, 36), color=(40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+        turns = [{"from": "human", "value": f"<image>\nw{5 + i} w9"}, {"from": "gpt", "value": "w7 w8"}]
+        entries.append({"image": f"{i}.png", "conversations": turns})
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    cfg = recipe.DyVTERecipe(
+        model=str(tmp_path / "model"), data=str(tmp_path / "data.json"), image_root=str(tmp_path),
+        batch_size=2, router_dim=16, amp="none", output=str(tmp_path / "run"),
+    ).validate()  # fmt: skip
+    samples = recipe.llava_json_samples(cfg)
+    assert len(samples) == 4
+    first = samples[0]
+    assert int((first["input_ids"] == IMG).sum()) == 16
+    assert first["labels"][first["labels"] != -100].tolist() == [7, 8]
+    assert first["pixel_values"].shape == (1, 3, 32, 32)
+    assert recipe.train(cfg)["steps"] == 2
