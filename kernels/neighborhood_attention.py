@@ -115,6 +115,11 @@ def neighborhood_attention(
             f"{_OP}: backend='triton' supports head_dim <= {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}; "
             "use backend='torch'"
         )
+    if backend == "triton" and q.shape[0] * q.shape[-2] > 65535:
+        raise ValueError(
+            f"{_OP}: backend='triton' supports batch * heads <= 65535 (one grid axis), got "
+            f"{q.shape[0]} * {q.shape[-2]}; split the batch"
+        )
     if backend == "torch":
         return neighborhood_attention_reference(q, k, v, kernel_size, dilation, is_causal, rpb, scale)
     out, _ = torch.ops.visattn.na_forward(

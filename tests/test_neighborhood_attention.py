@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -260,6 +261,28 @@ def test_triton_head_dim_and_dtype_limits():
     q, k, v, _ = _inputs((1, 5, 1, 8))
     with pytest.raises(ValueError, match="float64"):
         neighborhood_attention(q, k, v, 3, backend="triton")
+
+
+def test_launch_falls_back_to_smaller_tiles_when_out_of_resources():
+    import triton
+
+    from visattn.kernels.triton import neighborhood_attention as tna
+
+    tried = []
+
+    def launch(config):
+        tried.append(config)
+        if config[0] == 64:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+
+    kernel = SimpleNamespace(fn=SimpleNamespace(__name__="fake_kernel"))
+    configs = [(64, 64, 32, 4, 3), (32, 32, 32, 4, 2)]
+    tna._launch(kernel, ("key",), configs, launch)
+    tna._launch(kernel, ("key",), configs, launch)  # remembered: no second failed attempt
+    assert tried == [configs[0], configs[1], configs[1]]
+    tried.clear()
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        tna._launch(kernel, ("other",), configs[:1], launch)
 
 
 def test_opcheck():

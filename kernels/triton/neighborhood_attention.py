@@ -337,16 +337,44 @@ def _lift(q, kernel_size, dilation, is_causal):
     )
 
 
-def _blocks(head_dim: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_Q, BLOCK_K, BLOCK_D, num_warps)``: big tiles under the interpreter (few programs)."""
+def _configs(head_dim: int, dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+    """Candidate ``(BLOCK_Q, BLOCK_K, BLOCK_D, num_warps, num_stages)``, best first; later ones need
+    less shared memory (GPUs with smaller shared memory, large fp32 head dims)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if interpreter_enabled():
-        return 64, 64, block_d, 4
-    if block_d <= 64:
-        return 64, 64, block_d, 4
-    if block_d <= 128:
-        return 64, 32, block_d, 4
-    return 32, 32, block_d, 8
+    if interpreter_enabled():  # big tiles, few programs: the interpreter pays per program and step
+        return [(64, 64, block_d, 4, 1)]
+    row_bytes = block_d * dtype.itemsize
+    if row_bytes <= 128:
+        first = (64, 64, block_d, 4, 3)
+    elif row_bytes <= 256:
+        first = (64, 32, block_d, 4, 3)
+    elif row_bytes <= 512:
+        first = (64, 32, block_d, 4, 2)
+    else:
+        first = (32, 32, block_d, 8, 2)
+    return [first, (32, 32, block_d, 4, 2), (16, 16, block_d, 4, 1)]
+
+
+# (kernel, dtype, BLOCK_D, has rpb, device) -> the first config that fit on that device.
+_CHOSEN: dict[tuple, tuple[int, int, int, int, int]] = {}
+
+
+def _launch(kernel, key: tuple, configs: list, launch) -> None:
+    """``launch(config)``, falling back to the next config when one needs more resources than the GPU has
+    (raised before the kernel runs, so nothing was written)."""
+    key = (kernel.fn.__name__, *key)
+    if key in _CHOSEN:
+        launch(_CHOSEN[key])
+        return
+    for i, config in enumerate(configs):
+        try:
+            launch(config)
+        except triton.runtime.errors.OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _CHOSEN[key] = config
+        return
 
 
 def _grid(spatial, dilation, block, batch_heads):
@@ -384,13 +412,19 @@ def na_forward(
     lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    block_q, block_k, block_d, warps = _blocks(head_dim)
-    _na_fwd_kernel[_grid(spatial, dil, block_q, batch * heads)](
-        q, k, v, _rpb_table(rpb, q), out, lse,
-        scale * LOG2E.value, *spatial, *dil, heads, head_dim,
-        *ks, *causal, rpb is not None, block_q, block_k, block_d, dot_precision(q.dtype),
-        num_warps=warps,
-    )  # fmt: skip
+    rpb_table = _rpb_table(rpb, q)
+
+    def launch(config):
+        block_q, block_k, block_d, warps, stages = config
+        _na_fwd_kernel[_grid(spatial, dil, block_q, batch * heads)](
+            q, k, v, rpb_table, out, lse,
+            scale * LOG2E.value, *spatial, *dil, heads, head_dim,
+            *ks, *causal, rpb is not None, block_q, block_k, block_d, dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    key = (q.dtype, triton.next_power_of_2(head_dim), rpb is not None, q.device)
+    _launch(_na_fwd_kernel, key, _configs(head_dim, q.dtype), launch)
     return out, lse
 
 
@@ -423,17 +457,28 @@ def na_backward(
     )
     if q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_drpb(partial, rpb, q)
-    block_q, block_k, block_d, warps = _blocks(head_dim)
-    common = (
-        scale, scale * LOG2E.value, *spatial, *dil, heads, head_dim,
-        *ks, *causal, rpb is not None, block_q, block_k, block_d, dot_precision(q.dtype),
-    )  # fmt: skip
     rpb_table = _rpb_table(rpb, q)
-    _na_bwd_dq_kernel[_grid(spatial, dil, block_q, batch * heads)](
-        q, k, v, rpb_table, grad_out, lse, delta, dq, partial if rpb is not None else rpb_table, *common,
-        _RPB_SPLITS, num_warps=warps,
-    )  # fmt: skip
-    _na_bwd_dkdv_kernel[_grid(spatial, dil, block_k, batch * heads)](
-        q, k, v, rpb_table, grad_out, lse, delta, dk, dv, *common, num_warps=warps
-    )
+    drpb_out = partial if rpb is not None else rpb_table
+    fixed = (scale, scale * LOG2E.value, *spatial, *dil, heads, head_dim, *ks, *causal, rpb is not None)
+
+    def launch_dq(config):
+        block_q, block_k, block_d, warps, stages = config
+        _na_bwd_dq_kernel[_grid(spatial, dil, block_q, batch * heads)](
+            q, k, v, rpb_table, grad_out, lse, delta, dq, drpb_out,
+            *fixed, block_q, block_k, block_d, dot_precision(q.dtype), _RPB_SPLITS,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    def launch_dkdv(config):
+        block_q, block_k, block_d, warps, stages = config
+        _na_bwd_dkdv_kernel[_grid(spatial, dil, block_k, batch * heads)](
+            q, k, v, rpb_table, grad_out, lse, delta, dk, dv,
+            *fixed, block_q, block_k, block_d, dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    key = (q.dtype, triton.next_power_of_2(head_dim), rpb is not None, q.device)
+    configs = _configs(head_dim, q.dtype)
+    _launch(_na_bwd_dq_kernel, key, configs, launch_dq)
+    _launch(_na_bwd_dkdv_kernel, key, configs, launch_dkdv)
     return dq, dk, dv, _reduce_drpb(partial, rpb, q)
