@@ -105,6 +105,7 @@ class Recipe:
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     # -- precision and speed
+    threads: int = 0
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
@@ -177,6 +178,7 @@ class Recipe:
             (self.clip_mode in CLIP_MODES, f"clip_mode must be one of {CLIP_MODES}"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 or null"),
             (self.aug_repeats >= 0 and self.workers >= 0, "aug_repeats and workers must be >= 0"),
+            (self.threads >= 0, "threads must be >= 0 (0: PyTorch's default)"),
             (self.keep_last >= 1 and self.log_interval >= 1, "keep_last and log_interval must be >= 1"),
             (self.ckpt_interval_steps >= 0, "ckpt_interval_steps must be >= 0"),
         ]

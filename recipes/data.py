@@ -314,7 +314,7 @@ def build_loaders(recipe: Recipe, train: Dataset, val: Dataset, rank: int, world
         num_workers=workers,
         pin_memory=pin,
         drop_last=True,
-        persistent_workers=False,
+        persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(recipe.seed),  # iterators must not draw from the global RNG
     )
     val_loader = DataLoader(
@@ -322,6 +322,7 @@ def build_loaders(recipe: Recipe, train: Dataset, val: Dataset, rank: int, world
         batch_size=recipe.batch_size,
         sampler=ShardSampler(len(val), rank, world),
         num_workers=workers,
+        persistent_workers=workers > 0,
         pin_memory=pin,
         generator=torch.Generator().manual_seed(recipe.seed),
     )

@@ -196,6 +196,14 @@ def create_scheduler(optimizer, recipe: Recipe, warmup_lr: float, min_lr: float,
     )
 
 
+def to_channels_last(model: nn.Module) -> None:
+    """Channels-last storage for every 4-D parameter/buffer (``Module.to`` refuses models that
+    also hold 5-D tensors, such as Agent attention's biases)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
 def amp_context(amp: str, device: torch.device):
     """``torch.autocast`` for ``bf16``/``fp16``, a null context for ``none``."""
     if amp == "none":
@@ -326,15 +334,19 @@ def train(
     run were interrupted there.
     """
     info = setup_distributed(device)
+    threads = torch.get_num_threads()
     try:
         return _train(recipe, data_dir, output, resume, info, progress, max_steps)
     finally:
+        torch.set_num_threads(threads)
         cleanup_distributed()
 
 
 def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps) -> dict[str, Any]:
     start_time = time.perf_counter()
     check_model_name(recipe.model)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
     run_dir = resolve_run_dir(recipe, output, resume, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -358,7 +370,7 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
         model.set_grad_checkpointing(True)
     model.to(info.device)
     if recipe.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     core = model  # unwrapped module: what checkpoints and EMA see
     optimizer = create_optimizer(core, recipe, lr)
     scheduler, total_epochs = create_scheduler(optimizer, recipe, warmup_lr, min_lr, steps_per_epoch)

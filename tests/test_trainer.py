@@ -339,3 +339,18 @@ def test_randaugment_posterize_accepts_zero_bits():
     assert op.aug_fn(img, 0).getpixel((0, 0)) == (0, 0, 0)
     assert op.aug_fn(img, 1).getpixel((0, 0)) == (128, 0, 0)
     assert op.aug_fn(img, 8) is img
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_channels_last_checkpointing_clipping(amp, tmp_path):
+    """Autocast (fp16 with a GradScaler), channels-last, grad checkpointing and clipping together."""
+    recipe = load_recipe(
+        "digits",
+        [f"amp={amp}", "channels_last=true", "grad_checkpointing=true", "clip_grad=1.0", "batch_size=8",
+         "model=nat_mini", f"model_kwargs={json.dumps(tiny_kwargs('nat_mini', 32))}", "workers=0"],
+    )  # fmt: skip
+    summary = train(recipe, output=str(tmp_path / "run"), max_steps=2, progress=False)
+    assert summary["step"] == 2
+    state = ckpt.load(ckpt.list_checkpoints(tmp_path / "run")[0][1])
+    assert (state["scaler"] is not None) == (amp == "fp16")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -14,6 +14,7 @@ import timm
 import torch
 
 from visattn.bench._timing import measure, print_table
+from visattn.recipes.trainer import to_channels_last
 
 TINY_KWARGS: dict[str, dict] = {
     "nat": dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], kernel_size=3, mlp_ratio=2),
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
             model.set_grad_checkpointing(True)
         x = torch.randn(args.batch_size, 3, img, img, device=device)
         if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (args.batch_size,), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
