@@ -126,6 +126,19 @@ def test_fp16_keeps_dtype():
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
 
+@pytest.mark.cuda
+def test_cuda_fp16_forward_and_removal():
+    unet = tiny_unet().to("cuda", torch.float16)
+    sample, t, ehs = (x.to("cuda") for x in unet_inputs())
+    sample, ehs = sample.half(), ehs.half()
+    base = run(unet, (sample, t, ehs))
+    apply_agent_attention(unet, seed=0, backend="torch")
+    out = run(unet, (sample, t, ehs))
+    assert out.dtype == torch.float16 and out.shape == base.shape and torch.isfinite(out).all()
+    remove_agent_attention(unet)
+    assert torch.equal(run(unet, (sample, t, ehs)), base)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -258,6 +271,10 @@ def test_token_matching_merges_like_tome_and_unmerges():
     torch.testing.assert_close(sort_rows(agents), sort_rows(brute_force_merge(metric, x, [0, 4], 50)[0]))
     # too few tokens saved for agents: 2 * (N - agent_r) must be < N - r, else ToMe only
     assert bipartite_token_matching(metric, h, w, 2, 2, r=20, agent_r=30).num_agents is None
+    # a grid smaller than one cell has no dst token: nothing is merged, no agents
+    small = bipartite_token_matching(metric[:, :6], 2, 3, 4, 4, r=3, agent_r=5)
+    assert small.num_merged == 6 and small.num_agents is None
+    assert torch.equal(small.merge(x[:, :6])[0], x[:, :6])
 
 
 def test_random_dst_is_one_per_cell_and_seeded():

@@ -167,10 +167,9 @@ class TokenMatching:
         return None if self.agent_r is None else self.num_tokens - self.agent_r
 
     def _reduce(self, x: torch.Tensor, r: int) -> torch.Tensor:
-        batch, _, channels = x.shape
+        """Average the ``r`` best-matched src rows of ``x [B, N, C]`` into their dst rows."""
+        channels = x.shape[-1]
         src, dst = x[:, self.src_idx], x[:, self.dst_idx]
-        if r == 0:
-            return torch.cat([src, dst], dim=1)
         kept = self.order[:, r:, None].expand(-1, -1, channels)
         moved = self.order[:, :r, None].expand(-1, -1, channels)
         target = self.best_dst.gather(1, self.order[:, :r])[..., None].expand(-1, -1, channels)
