@@ -13,7 +13,9 @@ def as_tuple(value, n: int, name: str, kind: type = int) -> tuple:
     """Broadcast an int/bool or a length-``n`` sequence to an ``n``-tuple of ``kind``."""
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != n:
-            raise ValueError(f"{name} needs {n} values (one per spatial dim), got {len(value)}: {tuple(value)}")
+            raise ValueError(
+                f"{name} needs {n} values (one per spatial dim), got {len(value)}: {tuple(value)}"
+            )
         values = tuple(value)
     else:
         values = (value,) * n
@@ -53,5 +55,7 @@ def check_same_shape(op: str, **tensors: torch.Tensor) -> None:
 def check_ndim(op: str, name: str, t: torch.Tensor, allowed: Sequence[int], layout: str) -> None:
     """``t.ndim`` is one of ``allowed``; the message shows the expected ``layout``."""
     if t.ndim not in allowed:
-        raise ValueError(f"{op}: {name} must be laid out as {layout} ({' or '.join(map(str, allowed))}-D), "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{op}: {name} must be laid out as {layout} ({' or '.join(map(str, allowed))}-D), "
+            f"got shape {tuple(t.shape)}"
+        )

@@ -10,6 +10,10 @@ if not torch.cuda.is_available():
     # Must be set before triton is first imported: kernels decorated afterwards run interpreted.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite runs tiny models in two xdist workers on a 2-core machine: intra-op threads only
+# spin on such small ops (measured 4x slower with 2 threads per worker), so use one per worker.
+torch.set_num_threads(1)
+
 CONFORMANCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "conformance"
 
 
@@ -22,7 +26,9 @@ def _seed():
 def conformance_dir() -> Path:
     """``../shared/conformance`` beside the repository (official-model fixtures)."""
     if not CONFORMANCE_DIR.is_dir():
-        pytest.fail(f"conformance fixtures not found at {CONFORMANCE_DIR}: ../shared must sit beside the repo")
+        pytest.fail(
+            f"conformance fixtures not found at {CONFORMANCE_DIR} (../shared must sit beside the repo)"
+        )
     return CONFORMANCE_DIR
 
 

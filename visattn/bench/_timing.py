@@ -21,7 +21,9 @@ class Measurement:
         return f"{self.ms:.3f} ms / {mem} MiB"
 
 
-def measure(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, iters: int = 10) -> Measurement:
+def measure(
+    fn: Callable[[], object], device: torch.device | str, warmup: int = 3, iters: int = 10
+) -> Measurement:
     """Run ``fn`` ``warmup`` times, then time ``iters`` calls; report the median.
 
     On CUDA the calls are synchronised and the peak memory above what was
