@@ -117,8 +117,8 @@ class AgentAttentionBase(nn.Module):
             v.reshape(b, nk, heads, hd),
             agents,
             scale=self.scale,
-            agent_bias=agent_bias,
-            query_bias=query_bias,
+            agent_bias=agent_bias.to(q.dtype),  # fp32 parameters under autocast: follow the activations
+            query_bias=query_bias.to(q.dtype),
             backend=self.backend,
         )
         return out.reshape(b, nq, c)

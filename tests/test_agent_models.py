@@ -213,3 +213,16 @@ def test_models_on_the_triton_backend(name):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for g, g_ref in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), ref_grads):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["agent_swin_small", "agent_pvt_tiny", "agent_deit_base"])
+def test_autocast_bfloat16(name):
+    """Mixed precision: float32 bias parameters meet bfloat16 activations inside the agent layers."""
+    kwargs = dict(TINY[name])
+    size = kwargs.pop("img_size")
+    model = timm.create_model(name, img_size=size, **kwargs)
+    x = torch.randn(2, 3, size, size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), model(x), atol=0.05, rtol=0.05)
