@@ -93,6 +93,9 @@ def test_sd15_targets_and_sdxl_style_needs_larger_max_downsample():
     assert set(targets.values()) == {1}
     assert len(agent_attention_targets(sd15, max_downsample=2)) == 10
     assert len(agent_attention_targets(sd15, max_downsample=8)) == 16  # every transformer block
+    sd2 = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    with torch.device("meta"):
+        assert agent_attention_targets(UNet2DConditionModel(**sd2)) == targets
 
     xl_style = tiny_unet(down=("DownBlock2D", "CrossAttnDownBlock2D"))  # no attention at full resolution
     with pytest.raises(ValueError, match="raise max_downsample"):
