@@ -74,7 +74,9 @@ def test_autocast_casts_like_a_convolution():
 
 def test_reference_gradcheck_float64():
     args = _inputs(1, 2, 5, 6, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: large_kernel_attention(*a, backend="torch"), args)
+    assert torch.autograd.gradcheck(
+        lambda *a: large_kernel_attention(*a, backend="torch"), args, fast_mode=True
+    )
 
 
 def test_reference_matches_official_module_order():
