@@ -115,7 +115,8 @@ def agent_attention(
         scale: score scale used by both softmaxes; default ``D ** -0.5``.
         agent_bias: added to the agent->key scores, shape ``[B or 1, H, A, Nk]``.
         query_bias: added to the query->agent scores, shape ``[B or 1, H, Nq, A]``.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA for float16/bfloat16/float32 with at most 256 agents and
+            head dims up to 256, the PyTorch reference otherwise), ``"triton"`` or ``"torch"``.
 
     Returns:
         ``[B, Nq, H, Dv]`` in the dtype of ``q``.
@@ -123,27 +124,32 @@ def agent_attention(
     scale = _validate(q, k, v, agent, scale, agent_bias, query_bias)
     tensors = [t for t in (q, k, v, agent, agent_bias, query_bias) if t is not None]
     chosen = resolve_backend(backend, *tensors, op=OP)
-    if chosen == "triton" and backend == "auto" and q.dtype == torch.float64:
-        chosen = "torch"
+    if chosen == "triton":
+        problem = _triton_limits(q, v, agent)
+        if problem and backend == "triton":
+            raise ValueError(f"{OP}: {problem}")
+        if problem:  # "auto": the reference handles what the Triton kernels do not
+            chosen = "torch"
     if chosen == "torch":
         return agent_attention_reference(q, k, v, agent, scale, agent_bias, query_bias)
-    _check_triton_limits(q, v, agent)
     return _agent_attention_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
 
 
-def _check_triton_limits(q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> None:
+def _triton_limits(q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these inputs, or None."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"{OP}: backend='triton' supports float16/bfloat16/float32, got {q.dtype}")
+        return f"backend='triton' supports float16/bfloat16/float32, got {q.dtype}"
     if agent.shape[1] > TRITON_MAX_AGENTS:
-        raise ValueError(
-            f"{OP}: backend='triton' holds all agents in one block: at most {TRITON_MAX_AGENTS} "
-            f"agents, got {agent.shape[1]}"
+        return (
+            f"backend='triton' holds all agents in one block: at most {TRITON_MAX_AGENTS} agents, "
+            f"got {agent.shape[1]} (backend='auto' falls back to the PyTorch reference)"
         )
     if max(q.shape[3], v.shape[3]) > TRITON_MAX_HEAD_DIM:
-        raise ValueError(
-            f"{OP}: backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got "
-            f"q/k {q.shape[3]}, v {v.shape[3]}"
+        return (
+            f"backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got q/k {q.shape[3]}, "
+            f"v {v.shape[3]}"
         )
+    return None
 
 
 # Triton path as torch.library ops (fake + autograd) so it traces under torch.compile / export.

@@ -1,5 +1,7 @@
 """visattn.kernels.agent_attention: reference, Triton (interpreter on CPU) and errors."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,15 @@ def test_bench_runs_on_cpu(capsys):
     )
     table = capsys.readouterr().out
     assert "official-style" in table and "visattn torch" in table and "n/a" not in table
+
+
+def test_auto_falls_back_to_reference_beyond_triton_limits(monkeypatch):
+    module = sys.modules["visattn.kernels.agent_attention"]  # the package attribute is the function
+    q, k, v, _, _, _ = _inputs()
+    agent = torch.randn(2, 300, 2, 8)
+    monkeypatch.setattr(module, "resolve_backend", lambda *a, **kw: "triton")  # as on a CUDA device
+    torch.testing.assert_close(
+        agent_attention(q, k, v, agent), agent_attention(q, k, v, agent, backend="torch")
+    )
+    with pytest.raises(ValueError, match="at most 256 agents"):
+        agent_attention(q, k, v, agent, backend="triton")
