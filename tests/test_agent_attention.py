@@ -8,14 +8,29 @@ import torch.nn.functional as F
 
 from visattn.kernels import agent_attention
 
+# Triton runs on the GPU when there is one, else under the CPU interpreter (tests/conftest.py).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-def _inputs(b=2, nq=20, nk=24, h=2, d=8, dv=8, a=5, dtype=torch.float32, bias_batch=1, requires_grad=False):
+
+def _inputs(
+    b=2,
+    nq=20,
+    nk=24,
+    h=2,
+    d=8,
+    dv=8,
+    a=5,
+    dtype=torch.float32,
+    bias_batch=1,
+    requires_grad=False,
+    device="cpu",
+):
     g = torch.Generator().manual_seed(0)
 
     def r(*shape, scale=1.0):
         return (
             (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
-            .to(dtype)
+            .to(device=device, dtype=dtype)
             .requires_grad_(requires_grad)
         )
 
@@ -77,7 +92,7 @@ def test_errors():
 
 
 def _grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
     return torch.autograd.grad(out, [t for t in inputs if t is not None], g)
 
 
@@ -92,7 +107,7 @@ def _grads(out, inputs, seed=1):
 def test_triton_matches_reference(case):
     case = dict(case)
     with_bias = case.pop("bias", True)
-    q, k, v, agent, ab, qb = _inputs(requires_grad=True, **case)
+    q, k, v, agent, ab, qb = _inputs(requires_grad=True, device=TRITON_DEVICE, **case)
     if not with_bias:
         ab = qb = None
     inputs = (q, k, v, agent, ab, qb)
@@ -107,7 +122,7 @@ def test_triton_matches_reference(case):
 
 def test_triton_strided_inputs_and_fp16():
     # q/k/v as views into one fused projection (the layout the models pass), agents pooled from q
-    x = torch.randn(2, 16, 3, 2, 8, dtype=torch.float16)
+    x = torch.randn(2, 16, 3, 2, 8, dtype=torch.float16, device=TRITON_DEVICE)
     q, k, v = x.unbind(2)
     agent = q.reshape(2, 4, 4, 2, 8).mean(2)
     ours = agent_attention(q, k, v, agent, backend="triton")
@@ -117,15 +132,15 @@ def test_triton_strided_inputs_and_fp16():
 
 
 def test_triton_opcheck():
-    q, k, v, agent, ab, qb = _inputs(nq=9, nk=11, a=4, requires_grad=True)
+    q, k, v, agent, ab, qb = _inputs(nq=9, nk=11, a=4, requires_grad=True, device=TRITON_DEVICE)
     op = torch.ops.visattn.agent_attention_fwd.default
     torch.library.opcheck(op, (q, k, v, agent, ab, qb, 0.3))
 
 
 def test_triton_errors():
-    q, k, v, agent, ab, qb = _inputs()
+    q, k, v, agent, ab, qb = _inputs(device=TRITON_DEVICE)
     with pytest.raises(ValueError, match="at most 256 agents"):
-        agent_attention(q, k, v, torch.zeros(2, 257, 2, 8), backend="triton")
+        agent_attention(q, k, v, torch.zeros(2, 257, 2, 8, device=TRITON_DEVICE), backend="triton")
     with pytest.raises(ValueError, match="float16/bfloat16/float32"):
         agent_attention(q.double(), k.double(), v.double(), agent.double(), backend="triton")
 
@@ -150,3 +165,22 @@ def test_auto_falls_back_to_reference_beyond_triton_limits(monkeypatch):
     )
     with pytest.raises(ValueError, match="at most 256 agents"):
         agent_attention(q, k, v, agent, backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(8, 3136, 3, 32, 9), (8, 196, 12, 32, 49), (4, 197, 12, 64, 81)])
+def test_triton_cuda_half_precision(dtype, shape):
+    """Agent-Swin-T stage 1 / 3 and Agent-DeiT-B shapes on the GPU, against the float32 reference."""
+    b, n, h, d, a = shape
+    q, k, v, agent, ab, qb = _inputs(b, n, n, h, d, d, a, dtype=dtype, device="cuda", requires_grad=True)
+    inputs = (q, k, v, agent, ab, qb)
+    ours = agent_attention(*inputs[:4], agent_bias=ab, query_bias=qb, backend="triton")
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    ref = agent_attention(
+        *ref_inputs[:4], agent_bias=ref_inputs[4], query_bias=ref_inputs[5], backend="torch"
+    )
+    torch.testing.assert_close(ours.float(), ref, atol=2e-2, rtol=2e-2)
+    for g, g_ref in zip(_grads(ours, inputs), _grads(ref, ref_inputs)):
+        scale = g_ref.abs().max().item() + 1e-6
+        assert (g.float() - g_ref).abs().max().item() / scale < 3e-2

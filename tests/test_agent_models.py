@@ -202,13 +202,16 @@ def test_models_on_the_triton_backend(name):
     """The layouts the models hand to the op (fused-projection views, broadcast biases) run on Triton."""
     kwargs = dict(TINY[name])
     size = kwargs.pop("img_size")
-    model = timm.create_model(name, img_size=size, **kwargs)
-    x = torch.randn(2, 3, size, size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton under the interpreter on CPU
+    model = timm.create_model(name, img_size=size, **kwargs).to(device)
+    x = torch.randn(2, 3, size, size, device=device)
+    layers = [m for m in model.modules() if isinstance(m, AgentAttentionBase)]
+    for layer in layers:
+        layer.backend = "torch"
     ref = model(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
-    for module in model.modules():
-        if isinstance(module, AgentAttentionBase):
-            module.backend = "triton"
+    for layer in layers:
+        layer.backend = "triton"
     out = model(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for g, g_ref in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), ref_grads):
