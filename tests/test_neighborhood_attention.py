@@ -214,6 +214,10 @@ TRITON_CASES = [
     ((1, 6, 5, 1, 8), (3, 2), 1, (True, False), False),
     ((1, 3, 4, 5, 1, 8), 3, 1, False, True),
     ((1, 4, 5, 6, 1, 8), (3, 2, 3), (1, 2, 2), (False, True, False), False),
+    # several (and partial) query/key boxes per dilation group
+    ((1, 12, 19, 1, 8), 5, (1, 2), False, True),
+    ((1, 150, 1, 8), 7, 2, True, False),
+    ((1, 5, 5, 6, 1, 8), 3, 1, False, True),
 ]
 
 
@@ -292,7 +296,10 @@ def test_opcheck():
     for t in (q, k, v, rpb):
         t.requires_grad_(True)
     torch.library.opcheck(_na_forward, (q, k, v, rpb, [3, 3], [1, 2], [False, False], 0.5))
-    torch.library.opcheck(_na_forward, (q, k, v, None, [3, 3], [1, 1], [True, False], 0.5))
+    q, k, v, _ = _inputs((1, 7, 1, 8), dtype=torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    torch.library.opcheck(_na_forward, (q, k, v, None, [3], [2], [True], 0.5))
 
 
 def test_traces_under_torch_compile():

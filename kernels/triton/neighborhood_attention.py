@@ -6,11 +6,14 @@ Every problem is lifted to 3 spatial dims (missing leading dims get extent 1, ke
 Dilated NA is plain NA on each dilation group (positions sharing ``index % dilation`` in every
 dim), so one program handles one group ``(r0, r1, r2)`` (grid axis 2) and works in *group
 coordinates*; token ``(c0, c1, c2)`` of the group lives at ``(c * dilation + r)`` in memory.
-Queries of a group are flattened row-major and tiled in blocks of ``BLOCK_Q``. For a block,
-the union of its neighbourhoods lies in the row-major range between the smallest window start
-and the largest window end of every dim; the kernel walks that range in ``BLOCK_K`` key tiles
-with ``tl.dot`` and masks each (query, key) pair with the exact per-dim window test (1-D tiling
-of an N-D layout: some FLOPs go to masked pairs, none to pairs outside the range).
+Each program owns a box of ``T0 x T1 x T2`` tokens of one group (queries in the forward and
+dq passes, keys in the dk/dv pass), chosen as cubic as the extents allow. The neighbourhoods of
+a query box lie inside a slightly larger key box (per dim: smallest window start to largest
+window end); the kernel walks that box in row-major ``BLOCK_K`` tiles with ``tl.dot`` and masks
+every (query, key) pair with the exact per-dim window test. Keys are gathered by coordinates,
+so the boxes need not be contiguous in memory. Masked pairs cost FLOPs (for 56x56 with a 7x7
+window an 8x8 query box walks a 14x14 key box: 25% of the pairs are live), pairs outside the box
+cost nothing.
 
 Forward: online softmax (base 2) over the key tiles; only the log-sum-exp per query is stored.
 
@@ -37,15 +40,33 @@ from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax,
 
 
 @triton.jit
-def _unflatten(offs, G1, G2):
-    """Row-major flat index -> 3-D group coordinates."""
-    rest = offs // G2
-    return rest // G1, rest % G1, offs % G2
+def _tile(pid, G0, G1, G2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Group coordinates of the ``pid``-th ``T0 x T1 x T2`` box of the group (row-major over boxes),
+    clamped into the group, and which of them are inside it. ``pid`` must be < ``_num_tiles``."""
+    nb1 = tl.cdiv(G1, T1)
+    nb2 = tl.cdiv(G2, T2)
+    i = tl.arange(0, T0 * T1 * T2)
+    c0 = (pid // (nb1 * nb2)) * T0 + i // (T1 * T2)
+    c1 = ((pid // nb2) % nb1) * T1 + (i // T2) % T1
+    c2 = (pid % nb2) * T2 + i % T2
+    ok = (c0 < G0) & (c1 < G1) & (c2 < G2)
+    return tl.minimum(c0, G0 - 1), tl.minimum(c1, G1 - 1), tl.minimum(c2, G2 - 1), ok
 
 
 @triton.jit
-def _flatten(c0, c1, c2, G1, G2):
-    return (c0 * G1 + c1) * G2 + c2
+def _num_tiles(G0, G1, G2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    return tl.cdiv(G0, T0) * tl.cdiv(G1, T1) * tl.cdiv(G2, T2)
+
+
+@triton.jit
+def _box_step(start, BLOCK: tl.constexpr, lo0, lo1, lo2, E1, E2, n):
+    """Coordinates ``start .. start + BLOCK`` of the row-major enumeration of the box with corner
+    ``lo`` and extents ``(n / (E1 E2), E1, E2)``, and which of them are inside it."""
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < n
+    flat = tl.minimum(offs, n - 1)
+    rest = flat // E2
+    return lo0 + rest // E1, lo1 + rest % E1, lo2 + flat % E2, ok
 
 
 @triton.jit
@@ -121,13 +142,13 @@ def _na_fwd_kernel(
     scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
+    BLOCK_Q: tl.constexpr = T0 * T1 * T2
     pid_q, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
-    n_group = G0 * G1 * G2
-    if pid_q * BLOCK_Q >= n_group:
+    if pid_q >= _num_tiles(G0, G1, G2, T0, T1, T2):
         return
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -137,9 +158,7 @@ def _na_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = offs_q < n_group
-    qg0, qg1, qg2 = _unflatten(tl.minimum(offs_q, n_group - 1), G1, G2)
+    qg0, qg1, qg2, q_ok = _tile(pid_q, G0, G1, G2, T0, T1, T2)
     tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
     q = tl.load(Q + q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
@@ -147,17 +166,17 @@ def _na_fwd_kernel(
     s0, e0 = _window(qg0, G0, K0, C0)
     s1, e1 = _window(qg1, G1, K1, C1)
     s2, e2 = _window(qg2, G2, K2, C2)
-    lo = _flatten(tl.min(s0, 0), tl.min(s1, 0), tl.min(s2, 0), G1, G2)
-    hi = _flatten(tl.max(e0, 0) - 1, tl.max(e1, 0) - 1, tl.max(e2, 0) - 1, G1, G2) + 1
+    # The block's windows all lie in the box [lo, lo + E) of key coordinates.
+    lo0, lo1, lo2 = tl.min(s0, 0), tl.min(s1, 0), tl.min(s2, 0)
+    E1, E2 = tl.max(e1, 0) - lo1, tl.max(e2, 0) - lo2
+    n_keys = (tl.max(e0, 0) - lo0) * E1 * E2
     rpb_h = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
 
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_K):
-        offs_k = start + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < hi
-        kg0, kg1, kg2 = _unflatten(tl.minimum(offs_k, hi - 1), G1, G2)
+    for start in range(0, n_keys, BLOCK_K):
+        kg0, kg1, kg2, k_ok = _box_step(start, BLOCK_K, lo0, lo1, lo2, E1, E2, n_keys)
         tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
         kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
         kv_mask = k_ok[:, None] & d_ok[None, :]
@@ -181,13 +200,13 @@ def _na_bwd_dq_kernel(
     scale, scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, RPB_SPLITS: tl.constexpr,
+    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, RPB_SPLITS: tl.constexpr,
 ):  # fmt: skip
+    BLOCK_Q: tl.constexpr = T0 * T1 * T2
     pid_q, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
-    n_group = G0 * G1 * G2
-    if pid_q * BLOCK_Q >= n_group:
+    if pid_q >= _num_tiles(G0, G1, G2, T0, T1, T2):
         return
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -197,9 +216,7 @@ def _na_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = offs_q < n_group
-    qg0, qg1, qg2 = _unflatten(tl.minimum(offs_q, n_group - 1), G1, G2)
+    qg0, qg1, qg2, q_ok = _tile(pid_q, G0, G1, G2, T0, T1, T2)
     tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
     q_mask = q_ok[:, None] & d_ok[None, :]
@@ -212,18 +229,18 @@ def _na_bwd_dq_kernel(
     s0, e0 = _window(qg0, G0, K0, C0)
     s1, e1 = _window(qg1, G1, K1, C1)
     s2, e2 = _window(qg2, G2, K2, C2)
-    lo = _flatten(tl.min(s0, 0), tl.min(s1, 0), tl.min(s2, 0), G1, G2)
-    hi = _flatten(tl.max(e0, 0) - 1, tl.max(e1, 0) - 1, tl.max(e2, 0) - 1, G1, G2) + 1
+    # The block's windows all lie in the box [lo, lo + E) of key coordinates.
+    lo0, lo1, lo2 = tl.min(s0, 0), tl.min(s1, 0), tl.min(s2, 0)
+    E1, E2 = tl.max(e1, 0) - lo1, tl.max(e2, 0) - lo2
+    n_keys = (tl.max(e0, 0) - lo0) * E1 * E2
     n_rpb = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     rpb_h = RPB + h * n_rpb
     # fp32 partial sums per (batch, query block % RPB_SPLITS) spread the atomics over more addresses.
     drpb_h = DRPB + ((b * RPB_SPLITS + pid_q % RPB_SPLITS) * H + h) * n_rpb
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_K):
-        offs_k = start + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < hi
-        kg0, kg1, kg2 = _unflatten(tl.minimum(offs_k, hi - 1), G1, G2)
+    for start in range(0, n_keys, BLOCK_K):
+        kg0, kg1, kg2, k_ok = _box_step(start, BLOCK_K, lo0, lo1, lo2, E1, E2, n_keys)
         tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
         kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
         kv_mask = k_ok[:, None] & d_ok[None, :]
@@ -249,13 +266,13 @@ def _na_bwd_dkdv_kernel(
     scale, scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
+    BLOCK_K: tl.constexpr = T0 * T1 * T2
     pid_k, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
-    n_group = G0 * G1 * G2
-    if pid_k * BLOCK_K >= n_group:
+    if pid_k >= _num_tiles(G0, G1, G2, T0, T1, T2):
         return
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -265,9 +282,7 @@ def _na_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < n_group
-    kg0, kg1, kg2 = _unflatten(tl.minimum(offs_k, n_group - 1), G1, G2)
+    kg0, kg1, kg2, k_ok = _tile(pid_k, G0, G1, G2, T0, T1, T2)
     tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
     kv_mask = k_ok[:, None] & d_ok[None, :]
@@ -287,16 +302,14 @@ def _na_bwd_dkdv_kernel(
         lo2, hi2 = tl.min(kg2, 0), tl.minimum(tl.max(kg2, 0) + K2 - 1, G2 - 1)
     else:
         lo2, hi2 = tl.maximum(tl.min(kg2, 0) - (K2 - 1), 0), tl.minimum(tl.max(kg2, 0) + K2 - 1, G2 - 1)
-    lo = _flatten(lo0, lo1, lo2, G1, G2)
-    hi = _flatten(hi0, hi1, hi2, G1, G2) + 1
+    E1, E2 = hi1 - lo1 + 1, hi2 - lo2 + 1
+    n_queries = (hi0 - lo0 + 1) * E1 * E2
     rpb_h = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
 
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_Q):
-        offs_q = start + tl.arange(0, BLOCK_Q)
-        q_ok = offs_q < hi
-        qg0, qg1, qg2 = _unflatten(tl.minimum(offs_q, hi - 1), G1, G2)
+    for start in range(0, n_queries, BLOCK_Q):
+        qg0, qg1, qg2, q_ok = _box_step(start, BLOCK_Q, lo0, lo1, lo2, E1, E2, n_queries)
         tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
         q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
         q_mask = q_ok[:, None] & d_ok[None, :]
@@ -377,9 +390,29 @@ def _launch(kernel, key: tuple, configs: list, launch) -> None:
         return
 
 
-def _grid(spatial, dilation, block, batch_heads):
-    largest_group = math.prod(-(-n // d) for n, d in zip(spatial, dilation))
-    return (triton.cdiv(largest_group, block), batch_heads, math.prod(dilation))
+def _tile_shape(extents: tuple[int, ...], block: int) -> tuple[int, int, int]:
+    """A power-of-2 box of at most ``block`` (and at least 16) tokens that is as cubic as the group
+    extents allow: its neighbourhoods overlap most, so the key box each program walks stays small."""
+    tile = [1, 1, 1]
+    grown = True
+    while grown and math.prod(tile) < block:
+        grown = False
+        for d in (2, 1, 0):
+            if math.prod(tile) < block and tile[d] < extents[d]:
+                tile[d] *= 2
+                grown = True
+    while math.prod(tile) < 16:  # tl.dot needs 16 rows
+        tile[2] *= 2
+    return tile[0], tile[1], tile[2]
+
+
+def _grid(extents: tuple[int, ...], tile: tuple[int, ...], dilation: tuple[int, ...], batch_heads: int):
+    """(tiles of the largest dilation group, batch * heads, dilation groups)."""
+    return (math.prod(-(-e // t) for e, t in zip(extents, tile)), batch_heads, math.prod(dilation))
+
+
+def _group_extents(spatial: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-(-n // d) for n, d in zip(spatial, dilation))
 
 
 def _rpb_table(rpb: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -414,12 +447,15 @@ def na_forward(
         return out, lse
     rpb_table = _rpb_table(rpb, q)
 
+    extents = _group_extents(spatial, dil)
+
     def launch(config):
         block_q, block_k, block_d, warps, stages = config
-        _na_fwd_kernel[_grid(spatial, dil, block_q, batch * heads)](
+        tile = _tile_shape(extents, block_q)
+        _na_fwd_kernel[_grid(extents, tile, dil, batch * heads)](
             q, k, v, rpb_table, out, lse,
             scale * LOG2E.value, *spatial, *dil, heads, head_dim,
-            *ks, *causal, rpb is not None, block_q, block_k, block_d, dot_precision(q.dtype),
+            *ks, *causal, rpb is not None, *tile, block_k, block_d, dot_precision(q.dtype),
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -461,19 +497,23 @@ def na_backward(
     drpb_out = partial if rpb is not None else rpb_table
     fixed = (scale, scale * LOG2E.value, *spatial, *dil, heads, head_dim, *ks, *causal, rpb is not None)
 
+    extents = _group_extents(spatial, dil)
+
     def launch_dq(config):
         block_q, block_k, block_d, warps, stages = config
-        _na_bwd_dq_kernel[_grid(spatial, dil, block_q, batch * heads)](
+        tile = _tile_shape(extents, block_q)
+        _na_bwd_dq_kernel[_grid(extents, tile, dil, batch * heads)](
             q, k, v, rpb_table, grad_out, lse, delta, dq, drpb_out,
-            *fixed, block_q, block_k, block_d, dot_precision(q.dtype), _RPB_SPLITS,
+            *fixed, *tile, block_k, block_d, dot_precision(q.dtype), _RPB_SPLITS,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     def launch_dkdv(config):
         block_q, block_k, block_d, warps, stages = config
-        _na_bwd_dkdv_kernel[_grid(spatial, dil, block_k, batch * heads)](
+        tile = _tile_shape(extents, block_k)
+        _na_bwd_dkdv_kernel[_grid(extents, tile, dil, batch * heads)](
             q, k, v, rpb_table, grad_out, lse, delta, dk, dv,
-            *fixed, block_q, block_k, block_d, dot_precision(q.dtype),
+            *fixed, *tile, block_q, block_d, dot_precision(q.dtype),
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
