@@ -8,7 +8,6 @@ under the Triton interpreter (``TRITON_INTERPRET=1`` set before the first
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Literal
@@ -19,10 +18,12 @@ Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 
-@functools.cache
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

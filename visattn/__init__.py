@@ -1,7 +1,9 @@
 """visattn: attention for vision backbones and multimodal LLMs.
 
 Importing ``visattn`` registers every backbone with timm, so
-``timm.create_model("nat_tiny")`` works right after ``import visattn``.
+``timm.create_model("nat_tiny")`` works right after ``import visattn``, and registers the
+open_clip configs whose vision tower is one of them (``open_clip.list_models()`` shows the
+``visattn-*`` names).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import timm
 
 from visattn import backbones  # noqa: F401  (registers the timm models)
+from visattn.integrations import open_clip as _open_clip_towers  # noqa: F401  (registers open_clip configs)
 
 __version__ = "0.1.0"
 
