@@ -42,6 +42,7 @@ class Recipe:
     source: str = ""
     model: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_checkpoint: str | None = None
     num_classes: int | None = None
     # -- data
     dataset: str = ""

@@ -150,6 +150,49 @@ def create_model(recipe: Recipe, num_classes: int) -> nn.Module:
     return timm.create_model(recipe.model, num_classes=num_classes, **kwargs)
 
 
+def load_init_checkpoint(model: nn.Module, model_name: str, source: str) -> list[str]:
+    """Initialise ``model`` from ``source`` (a file or an http(s) URL, cached by torch.hub) for fine-tuning.
+
+    Trainer checkpoints and official files (wrapped under ``model``/``state_dict`` or bare) go through
+    the model module's ``checkpoint_filter_fn``; tensors whose shape differs from the model's (a
+    classifier for another label set) are dropped and keep their fresh init. Returns the dropped keys;
+    ``ValueError`` if any other key is missing or unexpected.
+    """
+    if source.startswith(("http://", "https://")):
+        import hashlib
+
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"{model_name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}.pth"
+        if not path.exists():
+            torch.hub.download_url_to_file(source, str(path))
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"init_checkpoint {source} does not exist")
+    obj = ckpt.load(path)
+    _check_same_model(obj, model_name, str(path))
+    state = obj
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            state = obj[key]
+            break
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None and "format" not in obj:
+        state = filter_fn(state, model)
+    own = model.state_dict()
+    dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in dropped]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"init_checkpoint {source} does not fit {model_name!r}: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return dropped
+
+
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """Weight-decay groups: 1-d params/biases (``wd_exclude_1d``), ``no_weight_decay()`` names,
     ``no_weight_decay_keywords()`` substrings and the recipe's ``wd_exclude`` globs get none."""
@@ -365,7 +408,15 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
     global_batch = recipe.global_batch(info.world)
     lr, warmup_lr, min_lr = recipe.scaled_lrs(info.world)
 
+    loaded = _load_resume(resume, run_dir)
     model = create_model(recipe, num_classes)
+    if recipe.init_checkpoint and loaded is None:
+        dropped = load_init_checkpoint(model, recipe.model, recipe.init_checkpoint)
+        if info.is_main:
+            print(
+                f"initialised from {recipe.init_checkpoint}"
+                + (f" (new: {', '.join(dropped)})" if dropped else "")
+            )
     if recipe.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(info.device)
@@ -393,7 +444,6 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
     epoch, batch_in_epoch, step, best_top1 = 0, 0, 0, -1.0
     resumed_loss: tuple[float, int] = (0.0, 0)
     _seed_all(recipe.seed + info.rank)  # per-rank randomness (drop path, mixup) from here on
-    loaded = _load_resume(resume, run_dir)
     if loaded is not None:
         path, state = loaded
         _check_same_model(state, recipe.model, str(path))

@@ -61,10 +61,37 @@ def test_imagenet_recipe_values_are_sane(path):
     assert r.dataset == "" and r.num_classes in (None, 1000)
     assert r.opt == "adamw" and r.opt_eps == pytest.approx(1e-8)
     lr, warmup_lr, min_lr = r.scaled_lrs(r.reference_batch // r.batch_size)
-    assert 1e-4 <= lr <= 5e-3, f"{path.name}: lr {lr} at the paper's batch is out of the usual AdamW range"
+    if r.init_checkpoint is None:  # from scratch
+        assert 1e-4 <= lr <= 5e-3, (
+            f"{path.name}: lr {lr} at the paper's batch is out of the usual AdamW range"
+        )
+        assert r.epochs >= 100 and r.warmup_epochs > 0
+    else:  # fine-tuning from released weights
+        assert r.init_checkpoint.startswith("https://"), (
+            "fine-tunes name the official weights they start from"
+        )
+        assert 1e-6 <= lr <= 1e-4 and r.epochs <= 100
     assert warmup_lr < lr and min_lr < lr
     if r.mixup_active:
         assert r.batch_size % 2 == 0
+
+
+# registered models for which the official repositories publish no ImageNet-1K recipe
+NO_OFFICIAL_RECIPE = {
+    "dinat_large_21k": "ImageNet-22K classifier; the repository has no 22K pre-training config",
+    "dinat_large_21k_11x11": "ImageNet-22K classifier (11x11 interpolated); no 22K pre-training config",
+    "dinat_s_large_21k": "ImageNet-22K classifier; no 22K pre-training config",
+    "van_b4": "VAN-Classification trains B0-B3 on ImageNet-1K only (README: B4 TODO)",
+    "van_b5": "no ImageNet-1K training command in VAN-Classification",
+    "van_b6": "no ImageNet-1K training command in VAN-Classification",
+}
+
+
+def test_every_registered_model_has_a_recipe():
+    """A new model gets its recipe (or an entry above saying why the papers give none)."""
+    have = {load_recipe(p).model for p in IMAGENET_RECIPES}
+    missing = [m for m in visattn.list_models() if m not in have and m not in NO_OFFICIAL_RECIPE]
+    assert not missing, f"registered models without a recipes/imagenet/*.yaml: {missing}"
 
 
 def test_every_backbone_family_has_a_recipe():

@@ -20,7 +20,7 @@ from visattn.cli import main as cli_main
 from visattn.recipes import checkpoint as ckpt
 from visattn.recipes.config import RECIPE_ROOT, apply_overrides, load_recipe
 from visattn.recipes.evaluate import run_eval
-from visattn.recipes.trainer import train
+from visattn.recipes.trainer import create_model, load_init_checkpoint, train
 
 IMAGENET_RECIPES = sorted((RECIPE_ROOT / "imagenet").glob("*.yaml"))
 # the smallest recipe of each backbone module whose model is registered now
@@ -354,3 +354,25 @@ def test_amp_channels_last_checkpointing_clipping(amp, tmp_path):
     state = ckpt.load(ckpt.list_checkpoints(tmp_path / "run")[0][1])
     assert (state["scaler"] is not None) == (amp == "fp16")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_init_checkpoint_for_fine_tuning(image_folder, tmp_path):
+    """init_checkpoint loads a 3-class run into a 10-class model: backbone copied, head left fresh."""
+    src = load_recipe("digits", _folder_overrides(dataset="", epochs=1, warmup_epochs=0))
+    train(src, data_dir=str(image_folder), output=str(tmp_path / "src"), progress=False, max_steps=1)
+    source = ckpt.list_checkpoints(tmp_path / "src")[0][1]
+    recipe = apply_overrides(src, [f"init_checkpoint={source}", "dataset=digits"])
+    model = create_model(recipe, num_classes=10)
+    dropped = load_init_checkpoint(model, recipe.model, str(source))
+    assert sorted(dropped) == ["head.bias", "head.weight"]
+    saved = ckpt.load(source)["model"]
+    for k, v in model.state_dict().items():
+        if k not in dropped:
+            torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+    assert model.state_dict()["head.weight"].shape == (10, saved["head.weight"].shape[1])
+    with pytest.raises(FileNotFoundError, match="init_checkpoint"):
+        load_init_checkpoint(model, recipe.model, str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="trained for model"):
+        load_init_checkpoint(
+            timm.create_model("nat_mini", **tiny_kwargs("nat_mini", 32)), "nat_mini", str(source)
+        )
