@@ -9,7 +9,10 @@ the FastV paper's "average attention received"), ``"last"`` (the last query only
 FastV code ranks by), or a boolean ``[B, Nq]`` tensor (mean over the marked queries, e.g. the text
 tokens). The Triton backend is flash-style (online softmax, then a second pass over the selected
 queries using the stored log-sum-exp); neither backend materialises the ``[Nq, Nk]`` matrix of all
-queries. Forward only: no method trains through this op.
+queries. ``backend="auto"`` with only a short suffix of selected queries (``"last"``: FastV's
+official scoring) takes the output from ``torch.nn.functional.scaled_dot_product_attention`` (its
+flash/cuDNN kernels) and scores those few rows directly, so scoring costs about one SDPA call.
+Forward only: no method trains through this op.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ import torch
 
 from visattn.kernels._checks import check_float_tensors, check_ndim
 from visattn.kernels._dispatch import resolve_backend
-from visattn.kernels.reference.attention_with_key_mass import additive_mask, attention_with_key_mass_reference
+from visattn.kernels.reference.attention_with_key_mass import (
+    additive_mask,
+    attention_with_key_mass_reference,
+    masked_scores,
+)
 
 OP = "attention_with_key_mass"
 QUERY_SETS = ("all", "last")
@@ -107,6 +114,32 @@ def query_weights(op: str, query_set, batch: int, nq: int, device: torch.device)
     return w / w.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
+MODE_REFERENCE, MODE_TRITON, MODE_SDPA_SUFFIX = 0, 1, 2
+SUFFIX_ROWS = 128  # auto: at most this many trailing selected queries -> SDPA output + dense suffix rows
+
+
+def sdpa_with_suffix_mass(q, k, v, query_weight, bias, causal, scale, q_lo):
+    """Output from ``scaled_dot_product_attention`` (flash/cuDNN kernels where they apply) and the mass
+    of the selected queries, which all lie in the short suffix ``q_lo:``, from those rows alone:
+    ``O((Nq - q_lo) * Nk)`` extra work. ``bias``: additive float32 or None."""
+    nq, nk, heads, kv_heads = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    mask = None if bias is None else bias.clamp_min(torch.finfo(q.dtype).min).to(q.dtype)
+    if causal and (mask is not None or nq != nk):
+        allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        causal_bias = torch.zeros(nq, nk, dtype=q.dtype, device=q.device).masked_fill(
+            ~allowed, torch.finfo(q.dtype).min
+        )
+        mask = causal_bias if mask is None else (mask + causal_bias).clamp_min(torch.finfo(q.dtype).min)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=causal and mask is None, scale=scale, enable_gqa=kv_heads != heads,
+    ).transpose(1, 2)  # fmt: skip
+    rows = slice(q_lo, nq)
+    p = torch.softmax(masked_scores(q, k, rows, scale, bias, causal), dim=-1)
+    mass = torch.einsum("bhqk,bq->bk", p, query_weight[:, rows].to(p.dtype)).float() / heads
+    return out.contiguous(), mass
+
+
 @torch.library.custom_op("visattn::attention_with_key_mass", mutates_args=())
 def _key_mass_op(
     q: torch.Tensor,
@@ -117,17 +150,19 @@ def _key_mass_op(
     causal: bool,
     scale: float,
     q_lo: int,
-    use_triton: bool,
+    mode: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton:
+    if mode == MODE_TRITON:
         from visattn.kernels.triton.attention_with_key_mass import attention_with_key_mass_triton
 
         return attention_with_key_mass_triton(q, k, v, query_weight, bias, causal, scale, q_lo)
+    if mode == MODE_SDPA_SUFFIX:
+        return sdpa_with_suffix_mass(q, k, v, query_weight, bias, causal, scale, q_lo)
     return attention_with_key_mass_reference(q, k, v, query_weight, bias, causal, scale)
 
 
 @_key_mass_op.register_fake
-def _(q, k, v, query_weight, bias, causal, scale, q_lo, use_triton):
+def _(q, k, v, query_weight, bias, causal, scale, q_lo, mode):
     out = q.new_empty(*q.shape[:3], v.shape[3])
     return out, q.new_empty(k.shape[0], k.shape[1], dtype=torch.float32)
 
@@ -164,4 +199,8 @@ def attention_with_key_mass(
     nz = weight.sum(0).nonzero()
     q_lo = int(nz[0]) if nz.numel() else q.shape[1]
     bias = additive_mask(attn_mask)
-    return _key_mass_op(q, k, v, weight, bias, causal, scale, q_lo, which == "triton")
+    if backend == "auto" and q.shape[1] - q_lo <= SUFFIX_ROWS:
+        mode = MODE_SDPA_SUFFIX
+    else:
+        mode = MODE_TRITON if which == "triton" else MODE_REFERENCE
+    return _key_mass_op(q, k, v, weight, bias, causal, scale, q_lo, mode)

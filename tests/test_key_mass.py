@@ -70,6 +70,26 @@ def test_triton_matches_reference(query_set, causal, mask_kind, nq):
     torch.testing.assert_close(tri[1], ref[1], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mask_kind,nq", [(None, 37), ("bool", 37), ("float", 5), (None, 5)])
+def test_auto_sdpa_path_for_last_query_matches_reference(mask_kind, nq):
+    q, k, v = _inputs(nq=nq, nk=37)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, nq, 37) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "float":
+        mask = torch.where(torch.rand(2, 4, nq, 37) > 0.3, 0.0, torch.finfo(torch.float32).min)
+    sel = torch.zeros(2, nq, dtype=torch.bool)
+    sel[:, -2:] = True
+    for query_set in ("last", sel):
+        ref = attention_with_key_mass(
+            q, k, v, attn_mask=mask, causal=True, query_set=query_set, backend="torch"
+        )
+        auto = attention_with_key_mass(q, k, v, attn_mask=mask, causal=True, query_set=query_set)
+        torch.testing.assert_close(auto[0], ref[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(auto[1], ref[1], atol=1e-6, rtol=1e-4)
+
+
 def test_triton_half_precision():
     q, k, v = _inputs(dtype=torch.float16)
     ref = attention_with_key_mass(q.float(), k.float(), v.float(), causal=True, backend="torch")
@@ -78,11 +98,12 @@ def test_triton_half_precision():
     torch.testing.assert_close(tri[1], ref[1], atol=2e-3, rtol=2e-2)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("mode", [0, 2])
+def test_opcheck(mode):
     q, k, v = _inputs(nq=6, nk=6)
     w = torch.full((2, 6), 1 / 6)
     torch.library.opcheck(
-        torch.ops.visattn.attention_with_key_mass.default, (q, k, v, w, None, True, 0.25, 0, False)
+        torch.ops.visattn.attention_with_key_mass.default, (q, k, v, w, None, True, 0.25, 0, mode)
     )
 
 
