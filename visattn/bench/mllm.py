@@ -9,7 +9,8 @@ for trained routers, VAR with LLaMA-2-7B's sink dims) it reports prefill latency
 decode tokens/s (greedy, KV cache) and the estimated prefill FLOPs saved, with speed-ups against the
 unreduced model of the same run. A second table times FastV's scoring attention at ``--score-tokens``
 tokens: eager attention that returns the probabilities (what ``output_attentions`` costs), plain SDPA,
-and visattn's ``attention_with_key_mass`` (last-query and all-query scoring).
+and visattn's ``attention_with_key_mass``: last-query scoring (``auto``: SDPA output + the scored row;
+on CUDA also the fused Triton kernels) and all-query scoring (Triton on CUDA, reference on CPU).
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ def _scoring_rows(n: int, device, dtype, heads: int, head_dim: int, warmup: int,
             lambda: attention_with_key_mass(q, k, v, causal=True, query_set="all"), device, warmup, iters
         ),
     }  # fmt: skip
+    if q.is_cuda:  # the fused Triton kernels, which "auto" uses for long query sets such as "all"
+        timed["key-mass last (triton)"] = measure(
+            lambda: attention_with_key_mass(q, k, v, causal=True, query_set="last", backend="triton"),
+            device, warmup, iters,
+        )  # fmt: skip
     eager_m, sdpa_m = timed["eager + probs"], timed["sdpa (no scores)"]
     return [
         (
