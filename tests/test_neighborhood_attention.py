@@ -252,6 +252,10 @@ def test_triton_noncontiguous_inputs():
     _compare_backends((1, 6, 7, 2, 8), (3, 5), (2, 1), False, True, noncontiguous=True)
 
 
+def test_triton_float16():
+    _compare_backends((1, 7, 6, 2, 16), 3, (2, 1), False, True, dtype=torch.float16)
+
+
 def test_triton_large_head_dim_forward():
     q, k, v, rpb = _inputs((1, 5, 1, 96), dtype=torch.float32, rpb_kernel=(3,))
     out = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="triton")
