@@ -376,3 +376,15 @@ def test_init_checkpoint_for_fine_tuning(image_folder, tmp_path):
         load_init_checkpoint(
             timm.create_model("nat_mini", **tiny_kwargs("nat_mini", 32)), "nat_mini", str(source)
         )
+
+
+def test_resume_auto_finds_the_latest_run_dir(tmp_path, monkeypatch):
+    """Without --output, --resume auto continues the newest runs/<recipe>-* that has checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("digits", ["batch_size=16", "workers=0", "log_interval=1"])
+    first = train(recipe, progress=False, max_steps=1)
+    assert Path(first["run_dir"]).parent == (tmp_path / "runs").resolve()
+    assert Path(first["run_dir"]).name.startswith("digits-")
+    second = train(recipe, resume="auto", progress=False, max_steps=2)
+    assert second["run_dir"] == first["run_dir"] and second["step"] == 2
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [Path(first["run_dir"]).name]
