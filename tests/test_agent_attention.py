@@ -1,5 +1,6 @@
 """visattn.kernels.agent_attention: reference, Triton (interpreter on CPU) and errors."""
 
+import math
 import sys
 
 import pytest
@@ -184,3 +185,20 @@ def test_triton_cuda_half_precision(dtype, shape):
     for g, g_ref in zip(_grads(ours, inputs), _grads(ref, ref_inputs)):
         scale = g_ref.abs().max().item() + 1e-6
         assert (g.float() - g_ref).abs().max().item() / scale < 3e-2
+
+
+def test_triton_split_keys_forward():
+    """Several programs per (batch, head) over the keys (as on a GPU with few heads), merged by lse."""
+    from visattn.kernels._dispatch import interpreter_enabled
+    from visattn.kernels.triton.agent_attention import agent_attention_fwd
+
+    q, k, v, agent, ab, qb = _inputs(nq=10, nk=300, a=6, device=TRITON_DEVICE)
+    out, agent_v, lse, _ = agent_attention_fwd(
+        q, k, v, agent, ab, qb, 8**-0.5, interpreter_enabled(), splits=3
+    )
+    torch.testing.assert_close(
+        out, agent_attention(q, k, v, agent, agent_bias=ab, query_bias=qb, backend="torch")
+    )
+    scores = torch.einsum("bahd,bnhd->bhan", agent * 8**-0.5, k) + ab
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1) / math.log(2))
+    torch.testing.assert_close(agent_v, scores.softmax(-1) @ v.transpose(1, 2))

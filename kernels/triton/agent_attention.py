@@ -2,9 +2,11 @@
 
 Forward, two kernels:
 
-1. ``_aggregate_fwd``, one program per (batch, head): the agent tile (``A <= 256`` rows) stays in
-   registers while the program streams over the keys/values with an online softmax per agent row,
-   producing ``agent_v [B, H, A, Dv]`` (float32) and its log-sum-exp.
+1. ``_aggregate_fwd``, one program per (batch, head) and key split: the agent tile (``A <= 256``
+   rows) stays in registers while the program streams over its keys/values with an online softmax
+   per agent row, producing ``agent_v [B, H, A, Dv]`` (float32) and its log-sum-exp. With few
+   (batch, head) pairs the keys are split over several programs (flash-decoding style) and the
+   partial softmaxes merged by their log-sum-exps.
 2. ``_broadcast_fwd``, one program per (batch, head, query tile): scores against all agents fit one
    block, so the softmax is exact in one pass; the output is ``p @ agent_v``.
 
@@ -53,6 +55,7 @@ def _aggregate_fwd(
     N,
     D,
     DV,
+    BH,
     scale,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -62,6 +65,7 @@ def _aggregate_fwd(
     BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     b = pid // H
     h = pid % H
     offs_a = tl.arange(0, BLOCK_A)
@@ -78,8 +82,8 @@ def _aggregate_fwd(
     m_i = tl.full([BLOCK_A], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_A], tl.float32)
     acc = tl.zeros([BLOCK_A, BLOCK_DV], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        n = start + offs_n
+    for tile in range(split, tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
+        n = tile * BLOCK_N + offs_n
         mask_n = n < N
         kt = tl.load(
             K + b * skb + h * skh + n[None, :] * skn + offs_d[:, None] * skd,
@@ -102,7 +106,7 @@ def _aggregate_fwd(
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     out, lse = finish_softmax(acc, m_i, l_i)
-    row = pid * A + offs_a
+    row = (split * BH + pid) * A + offs_a
     tl.store(
         AgentV + row[:, None] * DV + offs_dv[None, :], out, mask=mask_a[:, None] & (offs_dv[None, :] < DV)
     )
@@ -467,11 +471,12 @@ def _warps(block_a: int) -> int:
     return 4 if block_a <= 64 else 8
 
 
-def _splits(bh: int, tiles: int, device: torch.device) -> int:
-    """Programs per (batch, head) in the backward so that the GPU has a few waves of work."""
+def _splits(bh: int, tiles: int, device: torch.device, per_sm: int = 4) -> int:
+    """Programs per (batch, head) sharing its token tiles, so that ``bh * splits`` gives about
+    ``per_sm`` programs per streaming multiprocessor (1 off the GPU, never more than ``tiles``)."""
     if device.type != "cuda":
         return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(tiles, triton.cdiv(target, bh)))
 
 
@@ -493,20 +498,22 @@ def agent_attention_fwd(
     query_bias: torch.Tensor | None,
     scale: float,
     interpret: bool,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``out [B, Nq, H, Dv]``, ``agent_v [B, H, A, Dv]`` (fp32) and the base-2 log-sum-exps
-    ``lse_agent [B, H, A]``, ``lse_query [B, H, Nq]``."""
+    ``lse_agent [B, H, A]``, ``lse_query [B, H, Nq]``. ``splits`` programs share the keys of one
+    (batch, head) in the aggregation (default: enough to fill the GPU)."""
     batch, nq, heads, dim = q.shape
     nk, num_agents, dv = k.shape[1], agent.shape[1], v.shape[3]
     bh = batch * heads
     dev = q.device
-    agent_v = torch.empty(batch, heads, num_agents, dv, device=dev, dtype=torch.float32)
-    lse_agent = torch.empty(batch, heads, num_agents, device=dev, dtype=torch.float32)
-    lse_query = torch.empty(batch, heads, nq, device=dev, dtype=torch.float32)
-    out = torch.empty(batch, nq, heads, dv, device=dev, dtype=q.dtype)
     block_a, block_d, block_dv = _block(num_agents, 256), _block(dim, 256), _block(dv, 256)
     precision = dot_precision(q.dtype)
-    _aggregate_fwd[(bh,)](
+    block_n = _tile(nk, block_a, interpret)
+    splits = splits or _splits(bh, triton.cdiv(nk, block_n), dev, per_sm=1)
+    agent_v = torch.empty(splits, batch, heads, num_agents, dv, device=dev, dtype=torch.float32)
+    lse_agent = torch.empty(splits, batch, heads, num_agents, device=dev, dtype=torch.float32)
+    _aggregate_fwd[(bh, splits)](
         agent,
         k,
         v,
@@ -522,15 +529,19 @@ def agent_attention_fwd(
         nk,
         dim,
         dv,
+        bh,
         scale,
         HAS_BIAS=agent_bias is not None,
         PRECISION=precision,
         BLOCK_A=block_a,
-        BLOCK_N=_tile(nk, block_a, interpret),
+        BLOCK_N=block_n,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         num_warps=_warps(block_a),
     )
+    agent_v, lse_agent = _merge_splits(agent_v, lse_agent)
+    lse_query = torch.empty(batch, heads, nq, device=dev, dtype=torch.float32)
+    out = torch.empty(batch, nq, heads, dv, device=dev, dtype=q.dtype)
     block_m = _tile(nq, block_a, interpret)
     _broadcast_fwd[(bh, triton.cdiv(nq, block_m))](
         q,
@@ -558,6 +569,16 @@ def agent_attention_fwd(
         num_warps=_warps(block_a),
     )
     return out, agent_v, lse_agent, lse_query
+
+
+def _merge_splits(parts: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-split softmax results ``[S, ..., Dv]`` with their base-2 log-sum-exps ``[S, ...]``."""
+    if parts.shape[0] == 1:
+        return parts[0], lse[0]
+    top = lse.amax(0)
+    weight = torch.exp2(lse - top)
+    total = weight.sum(0)
+    return (weight.unsqueeze(-1) * parts).sum(0) / total.unsqueeze(-1), top + torch.log2(total)
 
 
 def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
