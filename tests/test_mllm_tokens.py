@@ -225,3 +225,25 @@ def test_invalid_arguments():
         attach(model, FastV())
     with pytest.raises(ValueError, match="no adapter"):
         attach(torch.nn.Linear(2, 2), FastV())
+
+
+def test_remove_restores_every_reducer_bit_identically():
+    from visattn.mllm_tokens import VAR, DyVTE, DyVTERouters
+
+    model = tiny_llava("sdpa")
+    ids, mask, pix = tiny_inputs()
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=2)
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        hooks = {m: (list(m._forward_pre_hooks), list(m._forward_hooks)) for m in model.modules()}
+        reducers = (
+            FastV(keep=3), VTCCLS(keep=3, start_layer=1), VAR(sink_dims=(3, 7), tau=1.0),
+            DyVTE(hypernet=DyVTERouters(64, 4, 8)), DyVTE(exit_layer=1),
+        )  # fmt: skip
+        for reducer in reducers:
+            with attach(model, reducer):
+                model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=2)
+            assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits, ref)
+            for m, (pre, post) in hooks.items():  # transformers' own output-capturing hooks stay
+                assert list(m._forward_pre_hooks) == pre and list(m._forward_hooks) == post
+                assert "forward" not in m.__dict__
