@@ -17,7 +17,10 @@ from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.vtc_cls import VTCCLS
 
-ADAPTERS = {}
+# Other model families: ADAPTERS[probe] = AdapterClass, where probe(model) -> bool and the class has
+# the interface of visattn.mllm_tokens.llava.LlavaAdapter (constructor(model, reducer), install(),
+# remove(), stats, info, output_positions()). LLaVA is always tried first.
+ADAPTERS: dict = {}
 
 
 def _adapter_for(model: nn.Module):
