@@ -252,6 +252,19 @@ def test_triton_noncontiguous_inputs():
     _compare_backends((1, 6, 7, 2, 8), (3, 5), (2, 1), False, True, noncontiguous=True)
 
 
+def test_triton_reads_strided_qkv_views():
+    """q, k, v unbound from one projection (NAT's layout) are read in place, with exact results."""
+    qkv = torch.randn(2, 6, 7, 3, 2, 8).requires_grad_(True)
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    q, k, v = qkv.unbind(3)
+    out = neighborhood_attention(q, k, v, 3, (2, 1), rpb=rpb, backend="triton")
+    ref = neighborhood_attention(q, k, v, 3, (2, 1), rpb=rpb, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (qkv, rpb), grad), torch.autograd.grad(ref, (qkv, rpb), grad)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_triton_float16():
     _compare_backends((1, 7, 6, 2, 16), 3, (2, 1), False, True, dtype=torch.float16)
 

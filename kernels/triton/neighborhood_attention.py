@@ -140,6 +140,7 @@ def _logits(
 def _na_fwd_kernel(
     Q, K, V, RPB, Out, LSE,
     scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -153,15 +154,20 @@ def _na_fwd_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     n_tok = L0 * L1 * L2
+    # q/k/v may be strided views (e.g. unbound from one qkv projection); outputs are contiguous.
     stride_t = H * HEAD_DIM
     base = (b * n_tok * H + h) * HEAD_DIM
+    q_base = b * sqb + h * sqh
+    k_base = b * skb + h * skh
+    v_base = b * svb + h * svh
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
     qg0, qg1, qg2, q_ok = _tile(pid_q, G0, G1, G2, T0, T1, T2)
     tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
-    q = tl.load(Q + q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    q_in = q_base + tok_q[:, None] * sqt + offs_d[None, :]
+    q = tl.load(Q + q_in, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
 
     s0, e0 = _window(qg0, G0, K0, C0)
     s1, e1 = _window(qg1, G1, K1, C1)
@@ -178,10 +184,9 @@ def _na_fwd_kernel(
     for start in range(0, n_keys, BLOCK_K):
         kg0, kg1, kg2, k_ok = _box_step(start, BLOCK_K, lo0, lo1, lo2, E1, E2, n_keys)
         tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
-        kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+        k = tl.load(K + k_base + tok_k[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + v_base + tok_k[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
         s, _ = _logits(
             q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, q_ok[:, None] & k_ok[None, :], rpb_h,
             scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, DOT_PREC,
@@ -198,6 +203,7 @@ def _na_fwd_kernel(
 def _na_bwd_dq_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
     scale, scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -211,8 +217,12 @@ def _na_bwd_dq_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     n_tok = L0 * L1 * L2
+    # q/k/v may be strided views (e.g. unbound from one qkv projection); outputs are contiguous.
     stride_t = H * HEAD_DIM
     base = (b * n_tok * H + h) * HEAD_DIM
+    q_base = b * sqb + h * sqh
+    k_base = b * skb + h * skh
+    v_base = b * svb + h * svh
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
@@ -220,7 +230,7 @@ def _na_bwd_dq_kernel(
     tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
     q_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+    q = tl.load(Q + q_base + tok_q[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
     stat_ptrs = (b * H + h) * n_tok + tok_q
     lse = tl.load(LSE + stat_ptrs, mask=q_ok, other=0.0)
@@ -242,10 +252,9 @@ def _na_bwd_dq_kernel(
     for start in range(0, n_keys, BLOCK_K):
         kg0, kg1, kg2, k_ok = _box_step(start, BLOCK_K, lo0, lo1, lo2, E1, E2, n_keys)
         tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
-        kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+        k = tl.load(K + k_base + tok_k[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + v_base + tok_k[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
         s, mask = _logits(
             q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, q_ok[:, None] & k_ok[None, :], rpb_h,
             scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, DOT_PREC,
@@ -264,6 +273,7 @@ def _na_bwd_dq_kernel(
 def _na_bwd_dkdv_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
     scale, scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -277,8 +287,12 @@ def _na_bwd_dkdv_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     n_tok = L0 * L1 * L2
+    # q/k/v may be strided views (e.g. unbound from one qkv projection); outputs are contiguous.
     stride_t = H * HEAD_DIM
     base = (b * n_tok * H + h) * HEAD_DIM
+    q_base = b * sqb + h * sqh
+    k_base = b * skb + h * skh
+    v_base = b * svb + h * svh
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
@@ -286,8 +300,8 @@ def _na_bwd_dkdv_kernel(
     tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
     kv_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+    k = tl.load(K + k_base + tok_k[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + v_base + tok_k[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
 
     # Queries whose window can hold one of these keys: within K - 1 per dim (causal: at or after).
     if C0:
@@ -313,7 +327,7 @@ def _na_bwd_dkdv_kernel(
         tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
         q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
         q_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+        q = tl.load(Q + q_base + tok_q[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
         stat_ptrs = (b * H + h) * n_tok + tok_q
         lse = tl.load(LSE + stat_ptrs, mask=q_ok, other=0.0)
@@ -415,6 +429,24 @@ def _group_extents(spatial: tuple[int, ...], dilation: tuple[int, ...]) -> tuple
     return tuple(-(-n // d) for n, d in zip(spatial, dilation))
 
 
+def _token_views(*tensors: torch.Tensor) -> tuple:
+    """``[batch, tokens, heads, head_dim]`` views (copies only when the spatial dims cannot be merged or
+    head_dim is strided) and their (batch, token, head) strides, flattened in argument order."""
+    views, strides = [], []
+    for t in tensors:
+        batch, *spatial, heads, head_dim = t.shape
+        shape = (batch, math.prod(spatial), heads, head_dim)
+        if t.stride(-1) != 1:
+            t = t.contiguous()
+        try:
+            view = t.view(shape)
+        except RuntimeError:
+            view = t.contiguous().view(shape)
+        views.append(view)
+        strides.extend(view.stride()[:3])
+    return (*views, tuple(strides))
+
+
 def _rpb_table(rpb: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return q.new_zeros((1,), dtype=torch.float32) if rpb is None else rpb.float().contiguous()
 
@@ -437,11 +469,11 @@ def na_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on validated arguments. Returns ``(out, lse)``: ``out`` like ``q`` (contiguous),
     ``lse`` ``[batch, heads, tokens]`` float32 in log2 units."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     spatial, ks, dil, causal = _lift(q, kernel_size, dilation, is_causal)
     tokens = math.prod(spatial)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    q, k, v, strides = _token_views(q, k, v)
     lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -454,7 +486,7 @@ def na_forward(
         tile = _tile_shape(extents, block_q)
         _na_fwd_kernel[_grid(extents, tile, dil, batch * heads)](
             q, k, v, rpb_table, out, lse,
-            scale * LOG2E.value, *spatial, *dil, heads, head_dim,
+            scale * LOG2E.value, *spatial, *dil, heads, head_dim, *strides,
             *ks, *causal, rpb is not None, *tile, block_k, block_d, dot_precision(q.dtype),
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
@@ -478,15 +510,16 @@ def na_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward on validated arguments. Returns ``(dq, dk, dv, drpb)`` (``drpb`` empty without rpb)."""
-    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     spatial, ks, dil, causal = _lift(q, kernel_size, dilation, is_causal)
+    grad_out = grad_out.contiguous()
     tokens = math.prod(spatial)
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, laid out like lse.
     delta = (
         (grad_out.float() * out.float()).sum(-1).reshape(batch, tokens, heads).transpose(1, 2).contiguous()
     )
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    q, k, v, strides = _token_views(q, k, v)
     # dq's pass scatters d(logits) into fp32 partial rpb gradients [batch * splits, heads, *rpb.shape[1:]].
     partial = torch.zeros(
         (0,) if rpb is None else (batch * _RPB_SPLITS, *rpb.shape), device=q.device, dtype=torch.float32
@@ -495,7 +528,18 @@ def na_backward(
         return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_drpb(partial, rpb, q)
     rpb_table = _rpb_table(rpb, q)
     drpb_out = partial if rpb is not None else rpb_table
-    fixed = (scale, scale * LOG2E.value, *spatial, *dil, heads, head_dim, *ks, *causal, rpb is not None)
+    fixed = (
+        scale,
+        scale * LOG2E.value,
+        *spatial,
+        *dil,
+        heads,
+        head_dim,
+        *strides,
+        *ks,
+        *causal,
+        rpb is not None,
+    )
 
     extents = _group_extents(spatial, dil)
 
