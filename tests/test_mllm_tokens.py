@@ -95,8 +95,8 @@ def fastv_keep(eager_model, ids, pix, layer, keep_per_image, scoring="last"):
     with torch.no_grad():
         att = eager_model(input_ids=ids, pixel_values=pix, output_attentions=True).attentions[layer - 1]
     probs = att[0].mean(0)  # [L, L]
-    score = probs[-1] if scoring == "last" else probs.mean(0)
     visual = ids[0] == IMG
+    score = {"last": probs[-1], "all": probs.mean(0), "text": probs[~visual].mean(0)}[scoring]
     n_keep = keep_per_image * int(visual.sum()) // PATCHES
     top = score.masked_fill(~visual, float("-inf")).topk(n_keep).indices
     kept = ~visual
@@ -139,7 +139,8 @@ def test_keep_everything_matches_unattached_and_remove_restores(attn):
 
 
 @pytest.mark.parametrize(
-    "attn,scoring,images", [("sdpa", "last", 1), ("eager", "all", 1), ("sdpa", "last", 2)]
+    "attn,scoring,images",
+    [("sdpa", "last", 1), ("eager", "all", 1), ("sdpa", "last", 2), ("sdpa", "text", 2)],
 )
 def test_fastv_matches_manual_rerun_of_later_layers(attn, scoring, images):
     model, eager = tiny_llava(attn), tiny_llava("eager")
