@@ -29,7 +29,7 @@ from visattn.kernels import agent_attention
 
 def agent_pool_size(agent_num: int) -> int:
     """Side of the square agent grid; ``agent_num`` must be a perfect square (9, 16, 49, 81, ...)."""
-    side = math.isqrt(agent_num)
+    side = math.isqrt(agent_num) if agent_num > 0 else 0
     if side * side != agent_num or agent_num <= 0:
         raise ValueError(
             f"agent_num must be a positive perfect square (agents are pooled on a grid), got {agent_num}"

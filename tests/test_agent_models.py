@@ -229,3 +229,20 @@ def test_autocast_bfloat16(name):
         out = model(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), model(x), atol=0.05, rtol=0.05)
+
+
+def test_config_errors_and_attn_type_strings():
+    from visattn.backbones.agent_swin import parse_attn_type
+
+    assert parse_attn_type("AAMB2", (2, 2, 4, 2)) == [
+        ["A", "A"],
+        ["A", "A"],
+        ["A", "A", "B", "B"],
+        ["B", "B"],
+    ]
+    with pytest.raises(ValueError, match="attn_type"):
+        parse_attn_type("AAXB", (2, 2, 2, 2))
+    with pytest.raises(ValueError, match="perfect square"):
+        timm.create_model("agent_swin_tiny", **dict(TINY["agent_swin_tiny"], agent_num=(10, 4, 4, 4)))
+    with pytest.raises(ValueError, match="attn_type"):
+        timm.create_model("agent_pvt_tiny", **dict(TINY["agent_pvt_tiny"], attn_type="AAA"))
