@@ -217,6 +217,7 @@ TRITON_CASES = [
     # several (and partial) query/key boxes per dilation group
     ((1, 12, 19, 1, 8), 5, (1, 2), False, True),
     ((1, 150, 1, 8), 7, 2, True, False),
+    ((1, 100, 1, 8), 6, 1, False, False),  # even kernel: window reaches 3 back, 2 ahead
     ((1, 5, 5, 6, 1, 8), 3, 1, False, True),
 ]
 

@@ -82,6 +82,23 @@ def _window(g, G, K: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _inverse_window(k_min, k_max, G, K: tl.constexpr, CAUSAL: tl.constexpr):
+    """Inclusive range of query coordinates whose window holds a key in ``[k_min, k_max]``.
+
+    Non-causal windows start at ``clamp(g - K // 2, 0, G - K)``: an interior key is seen from
+    ``K - 1 - K // 2`` queries before to ``K // 2`` after it, keys within ``K - 1`` of a border
+    also from the clamped queries up to that border. Causal: from the key to ``K - 1`` after it.
+    """
+    if CAUSAL:
+        lo = k_min
+        hi = tl.minimum(k_max + K - 1, G - 1)
+    else:
+        lo = tl.where(k_min <= K - 1, 0, k_min - (K - 1 - K // 2))
+        hi = tl.where(k_max >= G - K, G - 1, k_max + K // 2)
+    return lo, hi
+
+
+@triton.jit
 def _pair_mask(qg, kg, G, K: tl.constexpr, CAUSAL: tl.constexpr):
     """``[BLOCK_Q, BLOCK_K]``: key coordinate ``kg`` lies in the window of query coordinate ``qg``."""
     start, end = _window(qg, G, K, CAUSAL)
@@ -303,19 +320,10 @@ def _na_bwd_dkdv_kernel(
     k = tl.load(K + k_base + tok_k[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + v_base + tok_k[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
 
-    # Queries whose window can hold one of these keys: within K - 1 per dim (causal: at or after).
-    if C0:
-        lo0, hi0 = tl.min(kg0, 0), tl.minimum(tl.max(kg0, 0) + K0 - 1, G0 - 1)
-    else:
-        lo0, hi0 = tl.maximum(tl.min(kg0, 0) - (K0 - 1), 0), tl.minimum(tl.max(kg0, 0) + K0 - 1, G0 - 1)
-    if C1:
-        lo1, hi1 = tl.min(kg1, 0), tl.minimum(tl.max(kg1, 0) + K1 - 1, G1 - 1)
-    else:
-        lo1, hi1 = tl.maximum(tl.min(kg1, 0) - (K1 - 1), 0), tl.minimum(tl.max(kg1, 0) + K1 - 1, G1 - 1)
-    if C2:
-        lo2, hi2 = tl.min(kg2, 0), tl.minimum(tl.max(kg2, 0) + K2 - 1, G2 - 1)
-    else:
-        lo2, hi2 = tl.maximum(tl.min(kg2, 0) - (K2 - 1), 0), tl.minimum(tl.max(kg2, 0) + K2 - 1, G2 - 1)
+    # The queries whose windows hold any of these keys form a box (inclusive bounds).
+    lo0, hi0 = _inverse_window(tl.min(kg0, 0), tl.max(kg0, 0), G0, K0, C0)
+    lo1, hi1 = _inverse_window(tl.min(kg1, 0), tl.max(kg1, 0), G1, K1, C1)
+    lo2, hi2 = _inverse_window(tl.min(kg2, 0), tl.max(kg2, 0), G2, K2, C2)
     E1, E2 = hi1 - lo1 + 1, hi2 - lo2 + 1
     n_queries = (hi0 - lo0 + 1) * E1 * E2
     rpb_h = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
