@@ -21,10 +21,12 @@ Backward (no atomics for dq/dk/dv, so they are deterministic):
 
 * ``_na_bwd_dq_kernel`` is query-centric like the forward and recomputes the probabilities from
   the stored log-sum-exp; it also scatters ``d(logits)`` into the relative-position-bias
-  gradient with fp32 atomics (many queries share an rpb entry, so a scatter is unavoidable);
-* ``_na_bwd_dkdv_kernel`` is key-centric: for a block of keys it visits the queries whose window
-  can contain them (within ``kernel_size - 1`` of the key per dim; ``0 .. kernel_size - 1``
-  after it when causal), applies the same exact mask and accumulates ``dk`` and ``dv``.
+  gradient with fp32 atomics (every query adds to the same few table entries, so a scatter is
+  unavoidable; partial tables per batch element and query box keep the contention down, and the
+  rpb gradient is therefore not bitwise deterministic);
+* ``_na_bwd_dkdv_kernel`` is key-centric: for a box of keys it walks the box of queries whose
+  windows can hold them (the exact inverse neighbourhood, border-aware), applies the same mask
+  and accumulates ``dk`` and ``dv`` in registers.
 """
 
 from __future__ import annotations
