@@ -249,6 +249,24 @@ def test_triton_matches_reference(shape, kernel_size, dilation, causal, use_rpb)
     _compare_backends(shape, kernel_size, dilation, causal, use_rpb)
 
 
+def _random_case(gen: torch.Generator):
+    """A random valid problem: 1-3 dims, odd/even kernels, dilation, per-dim causality, rpb if allowed."""
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))
+    n = rand(1, 3)
+    spatial = tuple(rand(3, {1: 40, 2: 11, 3: 6}[n]) for _ in range(n))
+    dilation = tuple(rand(1, max(1, length // 3)) for length in spatial)
+    kernel = tuple(rand(1, length // dil) for length, dil in zip(spatial, dilation))
+    causal = tuple(bool(rand(0, 1)) and rand(0, 2) == 0 for _ in range(n))
+    use_rpb = not any(causal) and all(k % 2 for k in kernel)
+    return (rand(1, 2), *spatial, rand(1, 2), 4 * rand(1, 4)), kernel, dilation, causal, use_rpb
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_triton_random_sweep(seed):
+    case = _random_case(torch.Generator().manual_seed(seed))
+    _compare_backends(*case)
+
+
 def test_triton_noncontiguous_inputs():
     _compare_backends((1, 6, 7, 2, 8), (3, 5), (2, 1), False, True, noncontiguous=True)
 
