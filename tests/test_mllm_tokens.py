@@ -13,15 +13,6 @@ IMG = 100  # image token id
 PATCHES = 16  # 32x32 image, 8x8 patches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on the shared 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_llava(attn: str = "eager", layers: int = 4, seed: int = 0) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(

@@ -48,16 +48,6 @@ TINY_DILATIONS = [[1, 2], [1], [1, 2], [1]]
 COMPILE_CHECKED = {"nat_mini", "nat_small", "dinat_s_tiny"}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These models are tiny: intra-op threads only add synchronisation (and spin badly on a busy
-    machine), so this file runs single-threaded and restores the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", battery_names(NAMES))
 def test_battery(name):
     kwargs = dict(TINY)
