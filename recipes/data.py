@@ -104,6 +104,11 @@ def build_datasets(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dataset
     """``(train, val, num_classes)`` for ``recipe``; datasets return ``(PIL image, label)``."""
     kind = recipe.dataset
     if kind == "digits":
+        if data_dir is not None:
+            raise ValueError(
+                f"recipe {recipe.name!r} uses the embedded digits dataset, so --data-dir {data_dir} would be "
+                "ignored: pick an ImageNet recipe (--recipe nat_tiny, see --list-recipes) or --set dataset=''"
+            )
         train, val = DigitsDataset("train", recipe.input_size), DigitsDataset("validation", recipe.input_size)
         return train, val, 10
     if data_dir is None:

@@ -267,6 +267,8 @@ def test_clear_errors(image_folder, tmp_path):
         train(recipe, data_dir=str(tmp_path / "nowhere"), output=str(tmp_path / "r1"))
     with pytest.raises(ValueError, match="pass --data-dir"):
         train(recipe, output=str(tmp_path / "r1"))
+    with pytest.raises(ValueError, match="embedded digits dataset, so --data-dir .* would be ignored"):
+        train(load_recipe("digits"), data_dir=str(image_folder), output=str(tmp_path / "r1"))
     bad = tmp_path / "bad"
     for split in ("train", "val"):
         (bad / split / "cat").mkdir(parents=True)
