@@ -38,15 +38,6 @@ EXACT_MODEL = "agent_swin_tiny"
 EXACT_KWARGS = tiny_kwargs(EXACT_MODEL, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU workloads run fastest (and steadiest beside other pytest workers) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """An ImageNet-style folder: 3 classes, 16 train / 4 val 32x32 PNGs each (class = colour channel)."""
