@@ -603,7 +603,8 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
         total_loss, total_n = _all_reduce_sum([loss_sum.item(), float(loss_count)], info)
         if scheduler is not None and not recipe.sched_on_updates:
             scheduler.step(epoch + 1)
-        last_eval = evaluate(fwd, val_loader, info, recipe.amp, recipe.channels_last)
+        # the unwrapped model: DDP forwards are collectives, and shards may differ by one batch
+        last_eval = evaluate(core, val_loader, info, recipe.amp, recipe.channels_last)
         record = {
             "kind": "epoch",
             "epoch": epoch + 1,
