@@ -2,7 +2,6 @@
 
 import argparse
 
-from tests.test_mllm_tokens import _one_thread  # noqa: F401
 from visattn.bench import mllm
 
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from tests.test_mllm_tokens import (  # noqa: F401
+from tests.test_mllm_tokens import (
     IMG,
-    _one_thread,
     embed,
     manual_logits,
     sample,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.test_mllm_tokens import IMG, _one_thread, embed, sample, tiny_inputs, tiny_llava  # noqa: F401
+from tests.test_mllm_tokens import IMG, embed, sample, tiny_inputs, tiny_llava
 from visattn.kernels.reference.visual_sink_attention import redistribute
 from visattn.mllm_tokens import VAR, attach, calibrate_sink_dims
 from visattn.mllm_tokens.var import sink_scores
