@@ -6,10 +6,12 @@ Where the images come from (:func:`build_datasets`):
   the scikit-learn wheel), upsampled to ``input_size`` RGB, stratified 80/20 train/val split.
   Used when no ``--data-dir`` is given, so the main command needs no download.
 * ``dataset: ""`` (the default) — an ImageNet-style folder: ``DIR/train/<class>/*.jpg`` and
-  ``DIR/val/<class>/*.jpg`` (``validation/`` also accepted), read with timm's ``create_dataset``.
-* any other timm dataset kind (``torch/cifar10``, ``hfds/<name>``, ``tar`` files, ...) — passed
-  to ``timm.data.create_dataset(kind, root=DIR, split=...)``; map-style kinds only, because the
-  trainer shards with a sampler.
+  ``DIR/val/<class>/*.jpg`` (``validation/`` also accepted), or image tars ``DIR/train.tar`` and
+  ``DIR/val.tar`` holding ``<class>/<image>`` members; read with timm's ``create_dataset``.
+* any other map-style timm dataset kind (``torch/cifar10``, ``torch/image_folder``, ``hfds/<name>``,
+  ...) — passed to ``timm.data.create_dataset(kind, root=DIR, split=...)``. Streaming kinds
+  (``hfids/``, ``tfds/``, ``wds/``) are refused with a clear error: the trainer shards, seeds and
+  resumes by sample index, which an iterable dataset does not offer.
 
 Augmentation is made deterministic per sample: the sampler yields ``(index, seed)`` pairs
 where the seed depends on (recipe seed, epoch, position of the sample in the global order),
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +37,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from visattn.recipes.config import Recipe
 
 IMG_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+# timm dataset kinds that stream (IterableDataset): HF streaming, TFDS, WebDataset
+STREAMING_PREFIXES = ("hfids", "tfds", "wds")
+
+
+def _streaming_message(kind: str) -> str:
+    return (
+        f"dataset kind {kind!r} is a streaming (iterable) timm dataset; the trainer shards and resumes "
+        "by sample index, so it needs a map-style kind: an ImageNet-style folder or train.tar/val.tar "
+        "(dataset ''), torch/<name> or hfds/<name>"
+    )
 
 
 class DigitsDataset(Dataset):
@@ -67,19 +80,37 @@ class DigitsDataset(Dataset):
 
 
 def _find_split_dir(root: Path, split: str) -> Path:
+    """The folder ``root/<split>`` or the image tar ``root/<split>.tar`` (``val``/``validation`` alike)."""
     names = {"train": ["train"], "validation": ["val", "validation"], "val": ["val", "validation"]}.get(
         split, [split]
     )
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(
-        f"data dir {root} has no '{split}' split: expected one of {', '.join(str(root / n) for n in names)}"
-    )
+        if (root / f"{name}.tar").is_file():
+            return root / f"{name}.tar"
+    expected = ", ".join(f"{root / n} or {root / n}.tar" for n in names)
+    raise FileNotFoundError(f"data dir {root} has no '{split}' split: expected {expected}")
+
+
+def _tar_classes(path: Path) -> list[str]:
+    """Class names of an image tar (``<class>/<image>`` members, the layout timm's tar reader labels)."""
+    with tarfile.open(path) as tf:
+        classes = {
+            os.path.basename(os.path.dirname(m.name))
+            for m in tf.getmembers()
+            if m.isfile() and os.path.splitext(m.name)[1].lower() in IMG_EXTENSIONS
+        }
+    if not classes:
+        raise FileNotFoundError(f"{path} holds no images (expected <class>/<image> members)")
+    return sorted(classes)
 
 
 def check_image_folder(split_dir: Path) -> list[str]:
-    """Class names of an ImageNet-style split folder; raise if it has no classes or an empty class."""
+    """Class names of an ImageNet-style split folder (or image tar); raise if it has no classes or an
+    empty class."""
+    if split_dir.is_file():
+        return _tar_classes(split_dir)
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if not classes:
         raise FileNotFoundError(
@@ -131,13 +162,14 @@ def build_datasets(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dataset
         train = create_dataset("", root=str(train_dir), search_split=False, class_map=class_map)
         val = create_dataset("", root=str(val_dir), search_split=False, class_map=class_map)
         return train, val, len(classes)
+    prefix = kind.partition("/")[0].lower() if "/" in kind else ""
+    if prefix in STREAMING_PREFIXES:
+        raise ValueError(_streaming_message(kind))
     train = create_dataset(kind, root=str(root), split=recipe.train_split, is_training=True, download=False)
     val = create_dataset(kind, root=str(root), split=recipe.val_split, is_training=False, download=False)
     for ds in (train, val):
         if isinstance(ds, IterableDataset):
-            raise ValueError(
-                f"dataset kind {kind!r} is a streaming (iterable) dataset; the trainer needs map-style"
-            )
+            raise ValueError(_streaming_message(kind))
     num_classes = recipe.num_classes or _count_classes(train)
     return train, val, num_classes
 

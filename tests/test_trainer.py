@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +382,35 @@ def test_resume_auto_finds_the_latest_run_dir(tmp_path, monkeypatch):
     second = train(recipe, resume="auto", progress=False, max_steps=2)
     assert second["run_dir"] == first["run_dir"] and second["step"] == 2
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [Path(first["run_dir"]).name]
+
+
+def test_dataset_kinds_tar_and_timm_map_style(image_folder, tmp_path):
+    """train.tar/val.tar and timm's torch/image_folder give the folder's samples and labels; streaming
+    kinds are refused before timm imports their package."""
+    from visattn.recipes.data import build_datasets
+
+    recipe = load_recipe("digits", _folder_overrides(dataset=""))
+    folder_train, folder_val, n = build_datasets(recipe, image_folder)
+    tar_dir = tmp_path / "tars"
+    tar_dir.mkdir()
+    for split in ("train", "val"):
+        with tarfile.open(tar_dir / f"{split}.tar", "w") as tf:
+            for cls in sorted((image_folder / split).iterdir()):
+                tf.add(cls, arcname=cls.name)
+    tar_train, tar_val, tar_n = build_datasets(recipe, tar_dir)
+    torch_train, torch_val, torch_n = build_datasets(
+        apply_overrides(recipe, ["dataset=torch/image_folder"]), image_folder
+    )
+    assert n == tar_n == torch_n == 3
+
+    def labelled(ds) -> list[tuple[bytes, int]]:
+        return sorted((img.tobytes(), target) for img, target in (ds[i] for i in range(len(ds))))
+
+    for ref, tar_ds, torch_ds in ((folder_train, tar_train, torch_train), (folder_val, tar_val, torch_val)):
+        assert len(ref) == len(tar_ds) == len(torch_ds) > 0
+        assert labelled(ref) == labelled(tar_ds) == labelled(torch_ds)
+    for kind in ("wds/shards", "hfids/user/set", "tfds/imagenet2012"):
+        with pytest.raises(ValueError, match="streaming .*map-style"):
+            build_datasets(apply_overrides(recipe, [f"dataset={kind}"]), image_folder)
+    with pytest.raises(FileNotFoundError, match="no 'train' split: expected .*train.tar"):
+        build_datasets(recipe, tmp_path)
