@@ -202,11 +202,12 @@ class LlavaAdapter:
         image_id = torch.where(visual, flat // self.patches, -1)
         patch_id = torch.where(visual, flat % self.patches, -1)
         arange = torch.arange(length, device=visual.device).expand(b, length)
+        images_per_sample = counts // self.patches
         state = Prefill(
             visual=visual, real=real, image_id=image_id, patch_id=patch_id,
-            images_per_sample=counts // self.patches, original_real=real.sum(1), original_visual=counts,
+            images_per_sample=images_per_sample, original_real=real.sum(1), original_visual=counts,
             index=arange, valid=torch.ones_like(visual),
-            cls_scores=self._cls_buffer,
+            cls_scores=self._expanded_cls(images_per_sample),
         )  # fmt: skip
         self.orig_len = length
         keep = self.reducer.pre_llm(state)
@@ -235,6 +236,35 @@ class LlavaAdapter:
         self.in_len = length
         self.in_mask = kwargs.get("attention_mask")
         return kwargs
+
+    def _expanded_cls(self, images_per_sample: torch.Tensor) -> list[torch.Tensor]:
+        """The [CLS] scores of the vision pass, one row per image of the batch.
+
+        ``generate(num_beams=n)`` / ``num_return_sequences=n`` encodes the images once and then repeats
+        each sample's image group ``n`` times (``_expand_multimodal_outputs``): repeat the scores alike.
+        """
+        scores = self._cls_buffer
+        if not scores:
+            return scores
+        total, encoded = int(images_per_sample.sum()), scores[0].shape[0]
+        if total == encoded:
+            return scores
+        batch, expand = images_per_sample.shape[0], total // encoded
+        if (
+            total % encoded
+            or batch % expand
+            or bool((images_per_sample.view(-1, expand) != images_per_sample[::expand, None]).any())
+        ):
+            raise ValueError(f"attach: the prompt has {total} images but the vision tower encoded {encoded}")
+        groups = images_per_sample[::expand]
+        starts = groups.cumsum(0) - groups
+        index = torch.cat(
+            [
+                torch.arange(int(n), device=groups.device) + int(s)
+                for s, n in zip(starts.repeat_interleave(expand), images_per_sample)
+            ]
+        )
+        return [s[index] for s in scores]
 
     def _decode_inputs(self, kwargs: dict, past, batch: int, q_len: int) -> dict:
         mask = kwargs.get("attention_mask")

@@ -187,8 +187,18 @@ def test_generate_with_cache_matches_cache_free_reference(attn):
         with attach(model, VTCCLS(keep=4, start_layer=1)):
             vtc = model.generate(**gen)[:, ids.shape[1] :]
             vtc_nocache = model.generate(**gen, use_cache=False)[:, ids.shape[1] :]
+            # sampling and beam search (generate encodes the images once, then repeats them per beam)
+            sampled_vtc = []
+            for cache in (True, False):
+                torch.manual_seed(5)
+                sampled_vtc.append(model.generate(**{**gen, "do_sample": True}, use_cache=cache))
+            beams = dict(gen, num_beams=3, num_return_sequences=2)
+            beam = model.generate(**beams)
+            beam_nocache = model.generate(**beams, use_cache=False)
     assert torch.equal(sampled, fastv)
     assert torch.equal(vtc, vtc_nocache)
+    assert torch.equal(*sampled_vtc)
+    assert beam.shape[0] == 4 and torch.equal(beam, beam_nocache)
     for b in range(2):
         sid, spix = sample(ids, mask, pix, b)
         ref = _greedy_reference(eager, sid, spix, fastv_keep(eager, sid, spix, 2, 4), 2, 4)
@@ -215,6 +225,11 @@ def test_invalid_arguments():
         VTCCLS(reduce="mean")
     with attach(model, FastV()), pytest.raises(ValueError, match="already"):
         attach(model, FastV())
+    ids, mask, pix = tiny_inputs()
+    flash = tiny_llava()
+    flash.config.text_config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        attach(flash, FastV())
     with pytest.raises(ValueError, match="no adapter"):
         attach(torch.nn.Linear(2, 2), FastV())
 
