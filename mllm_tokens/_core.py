@@ -65,9 +65,12 @@ class Reducer:
     * ``after_layer(layer, hidden, state)``: ``[B, Lc]`` keep mask over the current layout, or None.
     * ``attention_layers(info)`` / ``attention(...)``: replace the attention of some layers (VAR).
     * ``before_layer(layer, hidden, state)``: look at a layer's input during prefill.
+
+    ``removes_tokens`` is False for reducers that never shorten the sequence (VAR): only those accept
+    ``labels``, because a shortened prefill returns fewer logits rows than the labels have.
     """
 
-    pre_llm_contiguous_positions = True
+    removes_tokens = True
 
     def check(self, info: ModelInfo) -> None:
         return None

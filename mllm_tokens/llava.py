@@ -103,6 +103,7 @@ class LlavaAdapter:
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         self._handles.append(self.llava.register_forward_pre_hook(self._llava_pre, with_kwargs=True))
         tower = self.llava.vision_tower
         vision_layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
@@ -146,6 +147,15 @@ class LlavaAdapter:
         self.decode_new: torch.Tensor | None = None  # [B, T] mask of tokens appended after prefill
 
     # ------------------------------------------------------------------ hooks
+    def _model_pre(self, module, args, kwargs):
+        if kwargs.get("labels") is not None and self.reducer.removes_tokens:
+            raise ValueError(
+                f"attach: labels are not supported with {type(self.reducer).__name__}, which removes tokens "
+                "(the logits would no longer line up with the labels); compute the loss from the logits "
+                "and handle.output_positions, or remove() the reducer to train"
+            )
+        return None
+
     def _llava_pre(self, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         self._call_ids = ids

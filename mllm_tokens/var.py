@@ -87,6 +87,8 @@ class VAR(Reducer):
         layers: decoder layers to act on, default ``range(2, L - 1)``.
     """
 
+    removes_tokens = False
+
     def __init__(
         self,
         sink_dims: Sequence[int] | str = "auto",

@@ -226,6 +226,8 @@ def test_invalid_arguments():
     with attach(model, FastV()), pytest.raises(ValueError, match="already"):
         attach(model, FastV())
     ids, mask, pix = tiny_inputs()
+    with attach(model, FastV(keep=4)), pytest.raises(ValueError, match="labels"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=ids)
     flash = tiny_llava()
     flash.config.text_config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2"):
