@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -372,11 +373,13 @@ def test_init_checkpoint_for_fine_tuning(image_folder, tmp_path):
         )
 
 
-def test_resume_auto_finds_the_latest_run_dir(tmp_path, monkeypatch):
-    """Without --output, --resume auto continues the newest runs/<recipe>-* that has checkpoints."""
+def test_resume_auto_finds_the_latest_run_dir(tmp_path, monkeypatch, capsys):
+    """Without --output, --resume auto continues the newest runs/<recipe>-* that has checkpoints.
+    Progress bars are off by default when stderr is not a TTY (pytest captures it)."""
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe("digits", ["batch_size=16", "workers=0", "log_interval=1"])
-    first = train(recipe, progress=False, max_steps=1)
+    first = train(recipe, max_steps=1)
+    assert "img/s" not in capsys.readouterr().err
     assert Path(first["run_dir"]).parent == (tmp_path / "runs").resolve()
     assert Path(first["run_dir"]).name.startswith("digits-")
     second = train(recipe, resume="auto", progress=False, max_steps=2)
@@ -414,3 +417,34 @@ def test_dataset_kinds_tar_and_timm_map_style(image_folder, tmp_path):
             build_datasets(apply_overrides(recipe, [f"dataset={kind}"]), image_folder)
     with pytest.raises(FileNotFoundError, match="no 'train' split: expected .*train.tar"):
         build_datasets(recipe, tmp_path)
+
+
+def test_checkpoint_writes_are_atomic_and_a_damaged_newest_is_skipped(tmp_path):
+    """A save that fails midway leaves the previous file intact and no temp file; keep_last prunes old
+    step checkpoints; resume falls back past a truncated newest checkpoint."""
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        manager.save({"step": step, "w": torch.full((4,), float(step))}, step)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 2]
+    path = tmp_path / "ckpt-00000003.pth"
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        ckpt.atomic_save({"step": 4, "bad": lambda: None}, path)  # torch.save cannot pickle a lambda
+    assert ckpt.load(path)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002.pth", "ckpt-00000003.pth"]
+    (tmp_path / "ckpt-00000009.pth").write_bytes(path.read_bytes()[:100])  # a half-written file
+    found, state = manager.load_latest()
+    assert found == path and state["step"] == 3
+    path.write_bytes(b"")
+    (tmp_path / "ckpt-00000002.pth").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="no loadable checkpoint"):
+        manager.load_latest()
+
+
+def test_progress_bars_on_a_tty(tmp_path, capsys, monkeypatch):
+    """By default rank 0 draws tqdm bars (images, throughput, ETA) when stderr is a TTY; see
+    test_resume_auto_finds_the_latest_run_dir for the default off a TTY."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    recipe = load_recipe("digits", ["batch_size=32", "workers=0", "log_interval=1"])
+    train(recipe, output=str(tmp_path / "on"), max_steps=2)
+    err = capsys.readouterr().err
+    assert "epoch 1/10" in err and "img/s" in err and "<" in err  # tqdm's "elapsed<remaining"
