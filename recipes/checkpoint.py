@@ -108,9 +108,13 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, state: dict[str, Any], step: int) -> Path:
+        """Write ``ckpt-<step>.pth``, then drop older step checkpoints beyond ``keep_last`` and temp
+        files left by a writer that was killed mid-write."""
         path = atomic_save(state, self.run_dir / f"ckpt-{step:08d}.pth")
         for _, old in list_checkpoints(self.run_dir)[self.keep_last :]:
             old.unlink(missing_ok=True)
+        for stale in self.run_dir.glob(".ckpt-*.pth.tmp*"):
+            stale.unlink(missing_ok=True)
         return path
 
     def save_best(self, state: dict[str, Any]) -> Path:

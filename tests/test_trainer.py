@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -155,6 +156,30 @@ def test_resume_after_interruption_matches_uninterrupted(image_folder, tmp_path)
     # keep_last=2 step checkpoints plus best.pth, no temp files left behind
     names = sorted(p.name for p in (tmp_path / "part").iterdir() if p.suffix == ".pth" or ".tmp" in p.name)
     assert names == ["best.pth", "ckpt-00000006.pth", "ckpt-00000012.pth"]
+    # interrupted (Ctrl-C) in the middle of writing the step-5 checkpoint, with a checkpoint every step
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 5:
+            f.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    killed = apply_overrides(recipe, ["ckpt_interval_steps=1"])
+    with mock.patch.object(torch, "save", interrupted_save), pytest.raises(KeyboardInterrupt):
+        train(killed, data_dir=str(image_folder), output=str(tmp_path / "killed"), progress=False)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "killed")] == [4, 3]
+    assert not [p for p in (tmp_path / "killed").iterdir() if ".tmp" in p.name]
+    (tmp_path / "killed" / ".ckpt-00000005.pth.tmp999").write_bytes(b"left by a SIGKILL")
+    again = train(
+        killed, data_dir=str(image_folder), output=str(tmp_path / "killed"), resume="auto", progress=False
+    )
+    assert again["step"] == 12
+    c = _weights(tmp_path / "killed")
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=0, msg=f"{k} differs after a killed run")
+    names = sorted(p.name for p in (tmp_path / "killed").iterdir() if p.suffix == ".pth" or ".tmp" in p.name)
+    assert names == ["best.pth", "ckpt-00000011.pth", "ckpt-00000012.pth"]
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(image_folder, tmp_path):
