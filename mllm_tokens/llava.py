@@ -203,6 +203,13 @@ class LlavaAdapter:
         if mask is not None and mask.ndim != 2:
             raise ValueError("attach: a reduced model needs a 2-D attention_mask (or None), got a 4-D mask")
         real = mask.bool() if mask is not None else torch.ones_like(visual)
+        if self.reducer.removes_tokens and bool((real[:, :-1] & ~real[:, 1:]).any()):
+            # the reduced layouts keep each sample's last token in the last slot (FastV's "last" query,
+            # DyVTE's router input): padding after a real token would stand in for it
+            raise ValueError(
+                f"attach: {type(self.reducer).__name__} needs left padding (padding_side='left'), but the "
+                "attention_mask has padding after real tokens"
+            )
         counts = visual.sum(1)
         if bool((counts % self.patches != 0).any()):
             raise ValueError(

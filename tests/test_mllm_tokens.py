@@ -228,6 +228,9 @@ def test_invalid_arguments():
     ids, mask, pix = tiny_inputs()
     with attach(model, FastV(keep=4)), pytest.raises(ValueError, match="labels"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=ids)
+    right = torch.stack([row.roll(-int((row == 0).sum())) for row in mask])  # right padding
+    with attach(model, FastV(keep=4)), pytest.raises(ValueError, match="left padding"):
+        model(input_ids=ids, attention_mask=right, pixel_values=pix)
     flash = tiny_llava()
     flash.config.text_config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2"):
