@@ -9,8 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import visattn.kernels._dispatch as dispatch
+import visattn.kernels.reference.neighborhood_attention as na_reference
 from visattn.kernels import neighborhood_attention
 from visattn.kernels.reference.neighborhood_attention import window_indices
 
@@ -120,11 +122,38 @@ def test_window_rule_matches_natten_closed_form(length, k, d):
         assert rel[index].tolist() == [pb + j for j in range(k)]
 
 
-def test_reference_never_builds_token_by_token_matrix():
-    """A 64x64 grid (4096 tokens) with a 3x3 window runs with a tiny gathered chunk budget."""
-    q, k, v, _ = _inputs((1, 64, 64, 1, 8), dtype=torch.float32)
-    out = neighborhood_attention(q, k, v, 3, backend="torch")
-    assert out.shape == q.shape and torch.isfinite(out).all()
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_reference_never_builds_token_by_token_matrix(monkeypatch):
+    """A 48x48 grid (2304 tokens) with a 3x3 window: with a small gathered-chunk budget no tensor of the
+    reference (forward or backward) comes near tokens x tokens, and chunking does not change the result."""
+    q, k, v, rpb = _inputs((1, 48, 48, 2, 8), rpb_kernel=(3, 3))
+    leaves = [t.requires_grad_(True) for t in (q, k, v, rpb)]
+    whole = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch")
+    whole_grads = torch.autograd.grad(whole.sum(), leaves)
+    monkeypatch.setattr(na_reference, "_CHUNK_ELEMENTS", 1 << 15)
+    with _LargestTensor() as mode:
+        out = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch")
+        grads = torch.autograd.grad(out.sum(), leaves)
+    tokens = 48 * 48
+    assert tokens * tokens > 100 * q.numel()
+    assert mode.largest <= 2 * q.numel(), mode.largest
+    torch.testing.assert_close(out, whole)
+    for g, r in zip(grads, whole_grads):
+        torch.testing.assert_close(g, r)
 
 
 def test_reference_gradcheck():
