@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 DEFAULT_RECIPE = "digits"
 
@@ -19,7 +20,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 data = yaml.safe_load(f) or {}
             print(f"{name:24s} {data.get('model', ''):22s} {path.parent.name}/{path.name}")
         return 0
-    recipe = load_recipe(args.recipe, args.set)
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except ValueError as exc:  # unknown recipe or key, unreadable or insane value: a usage error
+        print(f"visattn train: error: {exc}", file=sys.stderr)
+        return 2
     from visattn.recipes.trainer import train
 
     summary = train(
