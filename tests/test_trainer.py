@@ -247,10 +247,11 @@ def test_ddp_two_processes_on_cpu(image_folder, tmp_path):
 
 
 def test_embedded_default_learns(tmp_path, capsys):
-    """The main command's recipe (digits, no --data-dir) on a reduced schedule: clearly above chance (10%)."""
+    """The main command's recipe (digits, no --data-dir) on a reduced schedule (2 of 10 epochs) already
+    reaches 89% here; the full 10-epoch run reaches 98%."""
     recipe = load_recipe("digits", ["epochs=2", "warmup_epochs=0"])
     summary = train(recipe, output=str(tmp_path / "digits"), progress=False)
-    assert summary["final_top1"] >= 50.0, summary
+    assert summary["final_top1"] >= 80.0, summary
     out = capsys.readouterr().out
     assert "curves.png" in out and "metrics.jsonl" in out
     png = tmp_path / "digits" / "curves.png"
