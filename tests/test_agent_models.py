@@ -246,3 +246,40 @@ def test_config_errors_and_attn_type_strings():
         timm.create_model("agent_swin_tiny", **dict(TINY["agent_swin_tiny"], agent_num=(10, 4, 4, 4)))
     with pytest.raises(ValueError, match="attn_type"):
         timm.create_model("agent_pvt_tiny", **dict(TINY["agent_pvt_tiny"], attn_type="AAA"))
+
+
+def check_intermediates_and_prune(name: str, size: int, **kwargs) -> None:
+    """timm's forward_intermediates index forms and stop_early, and prune_intermediate_layers, give the
+    same maps as the full model (the shared battery only covers the default and ``indices=1``)."""
+    from timm.models._features import feature_take_indices
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(1, 3, size, size)
+    count = len(model.feature_info)
+    with torch.no_grad():
+        _, full = model.forward_intermediates(x)
+        for indices in ([0, count - 2], [-1], 2):
+            take, _ = feature_take_indices(count, indices)
+            for stop_early in (False, True):
+                _, got = model.forward_intermediates(x, indices=indices, stop_early=stop_early)
+                assert len(got) == len(take), f"{name} indices={indices}"
+                for t, i in zip(got, take):
+                    torch.testing.assert_close(t, full[i], rtol=0, atol=0)
+        pruned = timm.create_model(name, **kwargs).eval()
+        pruned.load_state_dict(model.state_dict())
+        take = pruned.prune_intermediate_layers([0, count - 2])
+        assert take == [0, count - 2]
+        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+        got = pruned.forward_intermediates(x, indices=take, intermediates_only=True)
+        assert len(got) == 2
+        for t, i in zip(got, take):
+            torch.testing.assert_close(t, full[i], rtol=0, atol=0)
+        assert torch.isfinite(pruned(x)).all()  # the truncated model still runs end to end
+
+
+@pytest.mark.parametrize("name", ["agent_swin_base", "agent_pvt_small", "agent_deit_base"])
+def test_intermediate_indices_and_prune(name):
+    kwargs = dict(TINY[name])
+    size = kwargs.pop("img_size")
+    check_intermediates_and_prune(name, size, img_size=size, **kwargs)

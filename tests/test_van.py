@@ -9,6 +9,7 @@ import torch
 
 import visattn  # noqa: F401  (registers the models)
 from tests.model_battery import battery_names, run_battery
+from tests.test_agent_models import check_intermediates_and_prune
 from visattn.backbones.van import VAN, checkpoint_filter_fn
 
 VARIANTS = ["van_b0", "van_b1", "van_b2", "van_b3", "van_b4", "van_b5", "van_b6"]
@@ -138,6 +139,7 @@ def test_features_only_and_prune():
     feats = model(torch.randn(1, 3, 64, 64))
     assert [tuple(f.shape) for f in feats] == [(1, 16, 8, 8), (1, 24, 4, 4)]
     assert model.feature_info.reduction() == [8, 16]
+    check_intermediates_and_prune("van_b0", 64, **TINY)
 
 
 def test_bad_configs():
