@@ -125,6 +125,17 @@ def test_recipe_trains_saves_and_loads(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 24
 
 
+def test_routers_save_load_round_trip(tmp_path):
+    routers = DyVTERouters(64, 4, 8)
+    routers.save(tmp_path / "r.safetensors")
+    loaded = DyVTERouters.load(tmp_path / "r.safetensors")
+    assert (loaded.hidden_size, loaded.num_layers, loaded.router_dim) == (64, 4, 8)
+    for name, value in routers.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    feats = torch.randn(3, 128)
+    assert torch.equal(loaded(2, feats), routers(2, feats))
+
+
 def test_invalid_arguments(tmp_path):
     model = tiny_llava()
     with pytest.raises(ValueError, match="hypernet"):
