@@ -345,8 +345,13 @@ def test_bench_train_runs_on_cpu(capsys):
         )
         == 0
     )
-    out = capsys.readouterr().out
-    assert EXACT_MODEL in out and "img/s" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert "img/s" in next(ln for ln in lines if ln.startswith("model "))
+    # columns: model, params (M), img, batch, amp, ms/step, img/s, peak MiB
+    row = next(ln for ln in lines if ln.startswith(EXACT_MODEL + " "))
+    _, params, img, batch, amp, ms, rate, _ = row.split()
+    assert (img, batch, amp) == ("32", "2", "none") and float(params) > 0
+    assert float(rate) == pytest.approx(2000 / float(ms), rel=0.05)
 
 
 def test_randaugment_posterize_accepts_zero_bits():
