@@ -120,6 +120,19 @@ def test_shape_dtype_and_remove_restores_bit_identical_outputs():
     assert remove_agent_attention(unet) is False
 
 
+def test_phase_without_merging_or_agents_runs_the_original_processor():
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    base = run(unet, inputs)
+    handle = apply_agent_attention(unet, AgentSDPhase(ratio=0.0, agent_ratio=0.0), backend="torch")
+    calls = []
+    for proc in handle.processors.values():
+        original = proc.original
+        proc.original = lambda *a, _o=original, **kw: calls.append(1) or _o(*a, **kw)
+    assert torch.equal(run(unet, inputs), base)
+    assert len(calls) == len(handle.processors)
+
+
 def test_fp16_keeps_dtype():
     unet = tiny_unet().to(torch.float16)
     sample, t, ehs = unet_inputs()
@@ -329,6 +342,8 @@ def test_pipeline_callback_switches_ratios_during_sampling():
     )
     pipe.set_progress_bar_config(disable=True)
     schedule = (AgentSDPhase(0, 0.4, 0.95, 4, 4), AgentSDPhase(2, 0.3, 0.5, 2, 2))
+    inputs = unet_inputs()
+    before, base = dict(unet.attn_processors), run(unet, inputs)
     handle = apply_agent_attention(pipe, schedule, seed=0, backend="torch")
     used = []
     proc = handle.processors["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
@@ -349,6 +364,9 @@ def test_pipeline_callback_switches_ratios_during_sampling():
     assert [p for p, _ in used] == [schedule[0], schedule[0], schedule[1]]  # step 2 starts phase 2
     assert {size for _, size in used} == {(16, 16)}
     assert handle.step == 0
+    assert remove_agent_attention(pipe) is True  # through the pipeline as well
+    assert all(unet.attn_processors[k] is p for k, p in before.items()) and hook_count(unet) == 0
+    assert torch.equal(run(unet, inputs), base)
 
 
 def test_non_square_latents_use_the_recorded_grid():

@@ -361,8 +361,8 @@ class AgentSDAttnProcessor:
     ) -> torch.Tensor:
         """``hidden_states [B, N, C]`` -> ``[B, N, C]``."""
         metric, self.block_input = self.block_input, None
+        extra = dict(kwargs, temb=temb) if temb is not None else kwargs
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
-            extra = dict(kwargs, temb=temb) if temb is not None else kwargs
             return self.original(
                 attn,
                 hidden_states,
@@ -386,7 +386,7 @@ class AgentSDAttnProcessor:
             self.state.generator_for(batch),
         )
         if matching.r == 0 and matching.num_agents is None:
-            return self.original(attn, hidden_states, **kwargs)
+            return self.original(attn, hidden_states, **extra)
         tokens, agent_tokens = matching.merge(hidden_states)
         out = matching.unmerge(self.attend(attn, tokens, agent_tokens))
         if attn.residual_connection:
