@@ -104,6 +104,10 @@ def test_few_steps_per_family(path, tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if r["kind"] == "step"]
     assert len(losses) == 3 and all(np.isfinite(losses))
+    state = ckpt.load(ckpt.list_checkpoints(tmp_path / "run")[0][1])
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {3.0}, "every parameter took 3 optimizer steps"
+    assert (state["model_ema"] is not None) == recipe.model_ema
 
 
 def test_family_recipes_found():
