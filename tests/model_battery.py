@@ -103,6 +103,27 @@ def run_battery(
         last_only = model.forward_intermediates(x, indices=1, intermediates_only=True)
         assert len(last_only) == 1
         torch.testing.assert_close(last_only[0], inter[-1])
+        # timm's index forms: a list with negative entries; stop_early; norm keeps the shapes (hierarchical
+        # models norm the last map only, ViTs every map, as in timm)
+        picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+        assert len(picked) == 2
+        torch.testing.assert_close(picked[0], inter[0])
+        torch.testing.assert_close(picked[1], inter[-1])
+        (early,) = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early, inter[0])
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+        assert [t.shape for t in normed] == [t.shape for t in inter]
+
+    # prune_intermediate_layers: a model cut after an early stage still yields that stage's map
+    if len(info) > 1:
+        pruned = timm.create_model(name, **kwargs).eval()
+        pruned.load_state_dict(model.state_dict())
+        assert list(pruned.prune_intermediate_layers([0, 1])) == [0, 1]
+        with torch.no_grad():
+            kept = pruned.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        assert len(kept) == 2
+        torch.testing.assert_close(kept[0], inter[0])
+        torch.testing.assert_close(kept[1], inter[1])
 
     # grad checkpointing keeps the numbers, forward and backward
     grads = {}
