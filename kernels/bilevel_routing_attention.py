@@ -23,6 +23,7 @@ from visattn.kernels.reference.bilevel_routing_attention import (
 
 _OP = "bilevel_routing_attention"
 _LAYOUT = "[batch, H, W, heads, head_dim]"
+MAX_TRITON_HEAD_DIM = 256
 
 
 def _check_args(q, k, v, num_regions, topk, scale) -> None:
@@ -49,6 +50,17 @@ def _check_args(q, k, v, num_regions, topk, scale) -> None:
         raise ValueError(f"{_OP}: topk must be a positive int or -1 (all regions), got {topk!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise ValueError(f"{_OP}: scale must be a positive number or None, got {scale!r}")
+
+
+def _triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these inputs, or None when they can."""
+    if q.dtype == torch.float64:
+        return "takes float16/bfloat16/float32, got float64"
+    if max(q.shape[-1], v.shape[-1]) > MAX_TRITON_HEAD_DIM:
+        return f"supports head dims <= {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]} (qk) and {v.shape[-1]} (v)"
+    if q.shape[0] * q.shape[3] > 65535:
+        return f"supports batch * heads <= 65535 (one grid axis), got {q.shape[0]} * {q.shape[3]}"
+    return None
 
 
 def _triton_forward(q, k, v, routing, num_regions, scale):
@@ -144,12 +156,11 @@ def bilevel_routing_attention(
     """
     _check_args(q, k, v, num_regions, topk, scale)
     chosen = resolve_backend(backend, q, k, v, op=_OP)
-    if chosen == "triton" and q.dtype == torch.float64:
+    unsupported = _triton_unsupported(q, v) if chosen == "triton" else None
+    if unsupported:
         if backend == "triton":
-            raise ValueError(
-                f"{_OP}: the Triton kernels take float16/bfloat16/float32, got float64; use backend='torch'"
-            )
-        chosen = "torch"
+            raise ValueError(f"{_OP}: backend='triton' {unsupported}; use backend='torch'")
+        chosen = "torch"  # auto: the reference handles what the kernels cannot
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scale = float(scale)

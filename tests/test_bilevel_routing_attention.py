@@ -2,6 +2,7 @@
 gradients, padding, top-k extremes, routing output, argument errors, torch.library registration."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -195,6 +196,18 @@ def test_errors(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         bilevel_routing_attention(**args)
+
+
+def test_triton_limits_raise_or_fall_back(monkeypatch):
+    bra_module = sys.modules["visattn.kernels.bilevel_routing_attention"]  # the package attr is the function
+    q, k, v = _inputs(1, 4, 4, 1, 4, dv=257, dtype=torch.float32)
+    with pytest.raises(ValueError, match="head dims <= 256"):
+        bilevel_routing_attention(q, k, v, 2, 1, backend="triton")
+    # auto on tensors Triton would take (CUDA) falls back to the reference instead of failing
+    monkeypatch.setattr(bra_module, "resolve_backend", lambda *args, **kwargs: "triton")
+    torch.testing.assert_close(
+        bilevel_routing_attention(q, k, v, 2, 1), bilevel_routing_attention(q, k, v, 2, 1, backend="torch")
+    )
 
 
 def test_benchmark_baseline_computes_the_same_attention():
