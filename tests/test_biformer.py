@@ -168,3 +168,26 @@ def test_triton_backend_matches_reference_in_the_model():
         grads.append(model.stages[0].blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-3, rtol=1e-3)
+
+
+def test_benchmark_official_style_model_computes_the_same_logits():
+    """``visattn bench bra`` compares training steps of equal models: the official-style attention swap
+    gives the reference model's logits and gradients."""
+    from visattn.bench import bra
+
+    torch.manual_seed(0)
+    ref = bra._model("visattn reference", "cpu")
+    official = bra._model("official-style gather", "cpu")
+    official.load_state_dict(ref.state_dict())
+    assert any(type(m).__name__ == "_OfficialStyleBRA" for m in official.modules())
+    ref.eval()
+    official.eval()
+    x = torch.randn(1, 3, 112, 112)
+    out, out_ref = official(x), ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    weight = "stages.0.blocks.0.attn.qkv.weight"
+    grads = {n: p.grad for n, p in official.named_parameters()}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    torch.testing.assert_close(grads[weight], ref_grads[weight], rtol=1e-3, atol=1e-5)
