@@ -53,7 +53,8 @@ class Handle:
     @property
     def stats(self) -> list[dict]:
         """Per sample of the last prefill: ``visual_tokens_in``, ``kept_per_layer`` (visual tokens each
-        decoder layer saw), ``prefill_flops``, ``prefill_flops_saved`` and its ratio."""
+        decoder layer saw), ``prefill_flops``, ``prefill_flops_saved`` and its ratio. Empty when the last
+        prefill had no image tokens."""
         return self._adapter.stats
 
     @property

@@ -184,6 +184,7 @@ class LlavaAdapter:
         if prefill:
             self._reset_decode()
             self.state = None
+            self.stats = []
             self.in_prefill = False
             if embeds is None or ids is None or ids.shape[:2] != embeds.shape[:2]:
                 return None

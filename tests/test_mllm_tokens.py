@@ -115,6 +115,7 @@ def test_keep_everything_matches_unattached_and_remove_restores(attn):
     ids, mask, pix = tiny_inputs()
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        ref_text_only = model(input_ids=ids[:, -3:]).logits
         for reducer in (FastV(keep=1.0), FastV(keep=PATCHES, scoring="all"), VTCCLS(keep=1.0, start_layer=1)):
             with attach(model, reducer) as handle:
                 out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
@@ -124,6 +125,9 @@ def test_keep_everything_matches_unattached_and_remove_restores(attn):
             torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
         handle = attach(model, FastV(keep=3))
         pruned = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        assert len(handle.stats) == 2
+        torch.testing.assert_close(model(input_ids=ids[:, -3:]).logits, ref_text_only, atol=1e-5, rtol=0)
+        assert handle.stats == []  # a prefill without images reports nothing (no stale stats)
         handle.remove()
         assert pruned.shape[1] < ref.shape[1]
         assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits, ref)
