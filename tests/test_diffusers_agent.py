@@ -63,7 +63,11 @@ def hook_count(unet):
 def test_installs_on_highest_resolution_self_attention_only():
     unet = tiny_unet()
     before = dict(unet.attn_processors)
+    classes = {name: type(m) for name, m in unet.named_modules()}
     handle = apply_agent_attention(unet)
+    # no class swapping and no per-instance forward override: only processors and pre-hooks change
+    assert {name: type(m) for name, m in unet.named_modules()} == classes
+    assert not any("forward" in vars(m) for m in unet.modules())
     expected = {
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1",
         "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
