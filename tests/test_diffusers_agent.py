@@ -297,6 +297,32 @@ def test_token_matching_merges_like_tome_and_unmerges():
     assert torch.equal(small.merge(x[:, :6])[0], x[:, :6])
 
 
+def test_processor_with_token_merging_equals_tome_then_agentsd_by_hand():
+    """ToMe merge (r > 0) + agents + unmerge through the processor, against loops and einsum."""
+    torch.manual_seed(3)
+    attn = Attention(32, heads=4, dim_head=8, out_bias=True).double()
+    handle = apply_agent_attention(
+        tiny_unet(), AgentSDPhase(ratio=0.4, agent_ratio=0.95), use_rand=False, backend="torch"
+    )
+    proc = handle.processors["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
+    x, y = torch.randn(2, 64, 32).double(), torch.randn(2, 64, 32).double()  # block input, attn1 input
+    proc.block_input = x
+    out = proc(attn, y)  # no UNet call seen: the 64 tokens are an 8x8 grid
+
+    dst = [0, 4, 32, 36]  # top-left of each 4x4 cell; r = int(64 * 0.4) = 25, agent_r = 60 (all src)
+    merged, per_token = brute_force_merge(x, y, dst, 25)
+    agents, _ = brute_force_merge(x, y, dst, 60)
+    q, v_tok = heads(attn.to_q(per_token), 4), heads(attn.to_v(per_token), 4)
+    k, v, a = heads(attn.to_k(merged), 4), heads(attn.to_v(merged), 4), heads(attn.to_q(agents), 4)
+    agent_v = torch.einsum(
+        "bhij,bhjd->bhid", torch.einsum("bhid,bhjd->bhij", a, k).mul(attn.scale).softmax(-1), v
+    )
+    probs = torch.einsum("bhid,bhjd->bhij", q, a).mul(attn.scale**0.3).softmax(-1)
+    expected = torch.einsum("bhij,bhjd->bhid", probs, agent_v) + 0.075 * v_tok
+    expected = attn.to_out[0](expected.transpose(1, 2).reshape(2, 64, 32))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_random_dst_is_one_per_cell_and_seeded():
     metric = torch.randn(2, 64, 4)
     g = torch.Generator().manual_seed(0)
