@@ -202,7 +202,10 @@ class LlavaAdapter:
         b, length = visual.shape
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
-            raise ValueError("attach: a reduced model needs a 2-D attention_mask (or None), got a 4-D mask")
+            raise ValueError(
+                "attach: a reduced model needs a 2-D attention_mask (or None), got a 4-D mask "
+                "(generate(cache_implementation='static') passes one: use the default dynamic cache)"
+            )
         real = mask.bool() if mask is not None else torch.ones_like(visual)
         if self.reducer.removes_tokens and bool((real[:, :-1] & ~real[:, 1:]).any()):
             # the reduced layouts keep each sample's last token in the last slot (FastV's "last" query,

@@ -245,6 +245,14 @@ def test_invalid_arguments():
     right = torch.stack([row.roll(-int((row == 0).sum())) for row in mask])  # right padding
     with attach(model, FastV(keep=4)), pytest.raises(ValueError, match="left padding"):
         model(input_ids=ids, attention_mask=right, pixel_values=pix)
+    with attach(model, FastV(keep=4)), pytest.raises(ValueError, match="static"):
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pix,
+            max_new_tokens=1,
+            cache_implementation="static",
+        )
     flash = tiny_llava()
     flash.config.text_config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2"):
