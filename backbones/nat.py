@@ -361,16 +361,16 @@ class NAT(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
         last = len(self.levels) - 1
-        levels = self.levels if torch.jit.is_scripting() or not stop_early else self.levels[: max_index + 1]
+        stop = max_index if stop_early and not torch.jit.is_scripting() else last
         intermediates = []
         x = self.pos_drop(self.patch_embed(x))
         i = 0
-        for i, level in enumerate(levels):
+        for i, level in enumerate(self.levels[: stop + 1]):
             x = level.forward_blocks(x)
             if i in take_indices:
                 feat = self.norm(x) if norm and i == last else x
                 intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
-            if i < last:
+            if i < stop:  # stopping early skips the downsampler after the last level run
                 x = level.downsample(x)
         if intermediates_only:
             return intermediates

@@ -249,3 +249,24 @@ def test_dinat_s_patch_merging_follows_the_official_layout():
         parts = [xp[:, 0::2, 0::2], xp[:, 1::2, 0::2], xp[:, 0::2, 1::2], xp[:, 1::2, 1::2]]
         expected = merge.reduction(merge.norm(torch.cat(parts, dim=-1)))
         torch.testing.assert_close(merge(x), expected)
+
+
+def test_forward_intermediates_stop_early_and_output_fmt():
+    """stop_early runs only the levels up to the last index (no trailing downsampler) and returns that
+    level's map; NHWC intermediates are the NCHW ones permuted."""
+    model = timm.create_model("dinat_mini", dilations=TINY_DILATIONS, **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, inter = model.forward_intermediates(x)
+        calls = []
+        hook = model.levels[1].downsample.register_forward_hook(lambda *args: calls.append(1))
+        final, (early,) = model.forward_intermediates(x, indices=[1], stop_early=True)
+        hook.remove()
+        nhwc = model.forward_intermediates(x, output_fmt="NHWC", intermediates_only=True)
+    assert not calls
+    torch.testing.assert_close(early, inter[1])
+    torch.testing.assert_close(final, inter[1].permute(0, 2, 3, 1))
+    for t, ref in zip(nhwc, inter):
+        torch.testing.assert_close(t, ref.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NLC")
