@@ -32,9 +32,33 @@ def test_redistribution_rule_preserves_rows_and_moves_sink_mass():
     torch.testing.assert_close(out * sink[:, None, None], 0.6 * probs * sink[:, None, None])
     other = category == 0
     torch.testing.assert_close(out * other[:, None, None], probs * other[:, None, None])
+    # the freed 40% of the sink mass goes to the non-sink image tokens in proportion to their weights
+    image = (category == 3)[:, None, None]
+    freed = 0.4 * (probs * sink[:, None, None]).sum(-1, keepdim=True)
+    share = probs * image / (probs * image).sum(-1, keepdim=True)
+    torch.testing.assert_close(out * image, probs * image + freed * share)
     # rows failing the image-centric test are untouched
     strict = redistribute(probs, category, query_mask, fraction=0.4, rho=1.0, min_image_attention=0.99)
     torch.testing.assert_close(strict, probs)
+
+
+def test_image_centric_rows_by_the_official_thresholds():
+    # keys: BOS text sink, visual sink, two image tokens, one other token
+    category = torch.tensor([[1, 2, 3, 3, 0]])
+    probs = torch.tensor(
+        [
+            [0.30, 0.10, 0.20, 0.10, 0.30],  # image 0.4 >= 0.2, non-sink share 0.75 >= 0.5: chosen
+            [0.30, 0.21, 0.05, 0.04, 0.40],  # image 0.3, non-sink share 0.3 < 0.5: untouched
+            [0.50, 0.02, 0.05, 0.03, 0.40],  # image 0.1 < 0.2: untouched
+        ]
+    )[None, None]
+    out = redistribute(probs, category, torch.ones(1, 3, dtype=torch.bool), 0.4, 0.5, 0.2)
+    torch.testing.assert_close(out[0, 0, 1:], probs[0, 0, 1:])
+    freed = 0.4 * (0.30 + 0.10)
+    expected = torch.tensor([0.18, 0.06, 0.20 + freed * 2 / 3, 0.10 + freed / 3, 0.30])
+    torch.testing.assert_close(out[0, 0, 0], expected)
+    query_off = redistribute(probs, category, torch.zeros(1, 3, dtype=torch.bool), 0.4, 0.5, 0.2)
+    torch.testing.assert_close(query_off, probs)
 
 
 def test_fraction_zero_is_plain_attention():
