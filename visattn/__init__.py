@@ -8,10 +8,15 @@ open_clip configs whose vision tower is one of them (``open_clip.list_models()``
 
 from __future__ import annotations
 
+import importlib.util
+
 import timm
 
 from visattn import backbones  # noqa: F401  (registers the timm models)
-from visattn.integrations import open_clip as _open_clip_towers  # noqa: F401  (registers open_clip configs)
+
+if importlib.util.find_spec("open_clip") is not None:
+    # open_clip is a declared dependency; the guard keeps `pip install --no-deps` set-ups working.
+    from visattn.integrations import open_clip as _open_clip_towers  # noqa: F401  (registers configs)
 
 __version__ = "0.1.0"
 
