@@ -184,6 +184,9 @@ def test_resume_after_interruption_matches_uninterrupted(image_folder, tmp_path)
         torch.testing.assert_close(a[k], c[k], rtol=0, atol=0, msg=f"{k} differs after a killed run")
     names = sorted(p.name for p in (tmp_path / "killed").iterdir() if p.suffix == ".pth" or ".tmp" in p.name)
     assert names == ["best.pth", "ckpt-00000011.pth", "ckpt-00000012.pth"]
+    recs = [json.loads(ln) for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "step"] == list(range(1, 13))  # step 5 logged once
+    assert ep(recs) == ep(ref)
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(image_folder, tmp_path):
