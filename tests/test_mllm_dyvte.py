@@ -96,6 +96,33 @@ def test_exit_labels_last_layer_agrees_and_features_match():
     torch.testing.assert_close(feats1, router_features(layer1["h"], ids == IMG, mask.bool(), end))
 
 
+@torch.no_grad()
+def test_exit_labels_match_a_by_hand_comparison():
+    """Label 1 iff the image-less continuation after ``layer`` keeps > 99% of the full model's top-1
+    answer predictions and under 1.03x its answer loss (official rule), per sample."""
+    model = tiny_llava()
+    ids, mask, pix = tiny_inputs()
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]
+    seen = set()
+    for layer in (0, 1):
+        _, got = exit_labels(model, layer, ids, pix, labels, mask)
+        for b in range(2):
+            sid, spix = sample(ids, mask, pix, b)
+            emb = embed(model, sid, spix)
+            text = (sid[0] != IMG).nonzero()[:, 0]
+            full = manual_logits(model, emb)[0, -4:-1]  # predictions of the 3 answer tokens
+            pruned = manual_logits(model, emb, text, from_layer=layer + 1)[0, -4:-1]
+            target = sid[0, -3:]
+            agree = (full.argmax(-1) == pruned.argmax(-1)).float().mean()
+            ratio = torch.nn.functional.cross_entropy(pruned, target) / torch.nn.functional.cross_entropy(
+                full, target
+            )
+            assert int(got[b]) == int(bool(agree > 0.99) and bool(ratio < 1.03)), (layer, b)
+            seen.add(int(got[b]))
+    assert seen == {0, 1}  # both outcomes are exercised
+
+
 def test_recipe_trains_saves_and_loads(tmp_path):
     model = tiny_llava("sdpa")
     model.save_pretrained(tmp_path / "model")
