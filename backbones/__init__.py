@@ -1,8 +1,9 @@
-"""visattn.backbones: timm models, registered with timm when this package is imported."""
+"""visattn.backbones: timm models, registered with timm when this package is imported.
 
-import visattn.backbones.agent_deit  # noqa: F401
-import visattn.backbones.agent_pvt  # noqa: F401
-import visattn.backbones.agent_swin  # noqa: F401
-import visattn.backbones.nat  # noqa: F401
-from visattn.backbones import biformer  # noqa: F401
-from visattn.backbones import van  # noqa: F401
+One module per model family: NAT/DiNAT (``nat``), BiFormer (``biformer``), VAN (``van``),
+Agent-DeiT / Agent-PVT / Agent-Swin (``agent_deit``, ``agent_pvt``, ``agent_swin``).
+"""
+
+from visattn.backbones import agent_deit, agent_pvt, agent_swin, biformer, nat, van
+
+__all__ = ["agent_deit", "agent_pvt", "agent_swin", "biformer", "nat", "van"]
