@@ -158,6 +158,16 @@ class LlavaAdapter:
 
     def _llava_pre(self, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
+        past = kwargs.get("past_key_values")
+        if (
+            ids is None
+            and kwargs.get("inputs_embeds") is not None
+            and (past is None or past.get_seq_length() == 0)
+        ):
+            # the image tokens can only be found in input_ids: without them the reducer would do nothing
+            raise ValueError(
+                "attach: a reduced prompt must come as input_ids (with pixel_values), not inputs_embeds"
+            )
         self._call_ids = ids
         return None
 

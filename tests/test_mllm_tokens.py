@@ -245,6 +245,8 @@ def test_invalid_arguments():
     right = torch.stack([row.roll(-int((row == 0).sum())) for row in mask])  # right padding
     with attach(model, FastV(keep=4)), pytest.raises(ValueError, match="left padding"):
         model(input_ids=ids, attention_mask=right, pixel_values=pix)
+    with attach(model, FastV(keep=4)), pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=embed(model, ids, pix), attention_mask=mask)
     with attach(model, FastV(keep=4)), pytest.raises(ValueError, match="static"):
         model.generate(
             input_ids=ids,
