@@ -52,6 +52,7 @@ def test_reference_matches_dense_attention(query_set):
         ("all", True, None, 37),
         ("last", True, "bool", 37),
         ("mask", False, "float", 37),
+        ("mask", True, None, 37),  # FastV "text"/"all" scoring of an unpadded prompt
         ("last", True, None, 5),
     ],
 )
