@@ -352,9 +352,11 @@ class BiFormer(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (the final norm too when it no longer fits)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
-        if prune_norm:
+        if prune_norm or prune_end:  # the final BatchNorm has the channels of the dropped last stage
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")

@@ -146,6 +146,20 @@ def test_auto_pad_matches_unmasked_padding():
     assert not torch.allclose(masked, padded, atol=1e-4)
 
 
+def test_pruned_model_runs_every_forward():
+    """After pruning to stage 2 the final BatchNorm (sized for stage 4) goes too, so forward_features
+    and forward_intermediates(norm=True) still run; the kept stages' maps are unchanged."""
+    model = timm.create_model("biformer_t", **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, inter = model.forward_intermediates(x)
+        assert model.prune_intermediate_layers([1]) == [1]
+        (normed,) = model.forward_intermediates(x, indices=[1], norm=True, intermediates_only=True)
+        features = model(x)  # head pruned as in timm: no pooling, no classifier
+    torch.testing.assert_close(normed, inter[1])
+    torch.testing.assert_close(features, inter[1])
+
+
 @pytest.mark.parametrize("name", battery_names(["biformer_t", "biformer_s", "biformer_b"]))
 def test_battery(name):
     run_battery(name, img_size=64, alt_img_size=80, **TINY)
