@@ -68,9 +68,11 @@ def _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
             )
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymInt, torch.SymFloat)):
+        raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
     scale = float(scale)
     if not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale must be a finite number, got {scale}")
+        raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
     return kernel_size, dilation, is_causal, scale
 
 

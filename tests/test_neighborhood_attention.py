@@ -182,6 +182,8 @@ def test_reference_gradcheck():
         (dict(kernel_size=3, is_causal=True, rpb=torch.zeros(2, 5, 5)), "causal"),
         (dict(kernel_size=3, rpb=torch.zeros(2, 5, 5, dtype=torch.long)), "floating-point"),
         (dict(kernel_size=3, backend="cuda"), "backend must be one of"),
+        (dict(kernel_size=3, scale=float("nan")), "scale must be a finite number"),
+        (dict(kernel_size=3, scale=torch.tensor(0.5)), "scale must be a finite number"),
     ],
 )
 def test_clear_errors(kwargs, match):
