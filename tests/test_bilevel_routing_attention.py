@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visattn.kernels import bilevel_routing_attention
+from visattn.kernels import bilevel_routing_attention, interpreter_enabled
 from visattn.kernels.bilevel_routing_attention import _bra_fwd
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
@@ -166,11 +166,19 @@ def test_custom_op_opcheck_and_compile():
         )
 
 
-def test_auto_backend_is_the_reference_on_cpu():
-    q, k, v = _inputs(1, 4, 4, 1, 4)
+def test_auto_backend_is_the_reference_on_cpu(monkeypatch):
+    def no_triton(*args):
+        raise AssertionError("auto must not pick Triton for CPU tensors")
+
+    # float32, which the Triton kernels would take (float64 falls back to the reference anyway)
+    monkeypatch.setattr(sys.modules["visattn.kernels.bilevel_routing_attention"], "_bra_fwd", no_triton)
+    q, k, v = _inputs(1, 4, 4, 1, 4, dtype=torch.float32)
     torch.testing.assert_close(
         bilevel_routing_attention(q, k, v, 2, 1), bilevel_routing_attention(q, k, v, 2, 1, backend="torch")
     )
+    if interpreter_enabled():  # the patch is live: an explicit Triton request reaches it
+        with pytest.raises(AssertionError, match="must not pick Triton"):
+            bilevel_routing_attention(q, k, v, 2, 1, backend="triton")
 
 
 @pytest.mark.parametrize(
