@@ -13,6 +13,9 @@ mechanics, collected in :class:`AgentAttentionBase`:
   ``ah_bias + aw_bias`` (agent -> key) and ``ha_bias + wa_bias`` (query -> agent);
 - the attention itself, :func:`visattn.kernels.agent_attention` (one scale ``head_dim ** -0.5``);
 - ``dwc``: a depthwise 3x3 convolution of V added to the output ("diversity restoration"), then ``proj``.
+
+It also holds what the three families' pretrained cfgs share: :func:`agent_cfg` and the
+``TSINGHUA_URL`` template of the official checkpoints (Tsinghua cloud share links).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -187,3 +191,25 @@ def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> di
                     value = torch.cat([value[:, :prefix], grid.to(value.dtype)], dim=1)
         out[key] = value
     return out
+
+
+TSINGHUA_URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+
+
+def agent_cfg(url: str = "", **kwargs) -> dict:
+    """Pretrained cfg fields common to every Agent model (ImageNet-1k, 224px, bicubic, MIT);
+    each family passes what differs (``pool_size``, ``first_conv``) and variants override the rest."""
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "classifier": "head",
+        "license": "mit",
+        "paper_ids": "arXiv:2312.08874",
+        **kwargs,
+    }

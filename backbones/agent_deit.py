@@ -16,7 +16,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -24,7 +23,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from visattn.backbones.agent_common import AgentAttentionBase, resize_to_model
+from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentVisionTransformer"]
 
@@ -281,34 +280,15 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
     )
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
-
-
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+_cfg = partial(agent_cfg, pool_size=None, first_conv="patch_embed.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_deit_tiny.in1k": _cfg(url=_TSINGHUA.format("57e0904221824ee7b7af")),
-        "agent_deit_small.in1k": _cfg(url=_TSINGHUA.format("fdd43304372541db8ea7")),
+        "agent_deit_tiny.in1k": _cfg(url=TSINGHUA_URL.format("57e0904221824ee7b7af")),
+        "agent_deit_small.in1k": _cfg(url=TSINGHUA_URL.format("fdd43304372541db8ea7")),
         "agent_deit_small_448.in1k": _cfg(
-            url=_TSINGHUA.format("a228f86241c445f1969b"), input_size=(3, 448, 448)
+            url=TSINGHUA_URL.format("a228f86241c445f1969b"), input_size=(3, 448, 448)
         ),
-        "agent_deit_base.in1k": _cfg(url=_TSINGHUA.format("5115f15fdd7e4ab58fbc")),
+        "agent_deit_base.in1k": _cfg(url=TSINGHUA_URL.format("5115f15fdd7e4ab58fbc")),
     }
 )
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -24,7 +23,7 @@ from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visattn.backbones.agent_common import AgentAttentionBase, resize_to_model
+from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentPyramidVisionTransformer"]
 
@@ -314,35 +313,16 @@ def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> Agent
     )
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed1.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
-
-
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+_cfg = partial(agent_cfg, pool_size=(7, 7), first_conv="patch_embed1.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_pvt_tiny.in1k": _cfg(url=_TSINGHUA.format("13fdf0e0a7c5498c934f")),
-        "agent_pvt_small.in1k": _cfg(url=_TSINGHUA.format("36b8be9a8863456685a3")),
-        "agent_pvt_medium.in1k": _cfg(url=_TSINGHUA.format("4d00ecacf18b45f9b88c")),
+        "agent_pvt_tiny.in1k": _cfg(url=TSINGHUA_URL.format("13fdf0e0a7c5498c934f")),
+        "agent_pvt_small.in1k": _cfg(url=TSINGHUA_URL.format("36b8be9a8863456685a3")),
+        "agent_pvt_medium.in1k": _cfg(url=TSINGHUA_URL.format("4d00ecacf18b45f9b88c")),
         "agent_pvt_medium_256.in1k": _cfg(
-            url=_TSINGHUA.format("654df734121643b19c52"), input_size=(3, 256, 256), pool_size=(8, 8)
+            url=TSINGHUA_URL.format("654df734121643b19c52"), input_size=(3, 256, 256), pool_size=(8, 8)
         ),
-        "agent_pvt_large.in1k": _cfg(url=_TSINGHUA.format("040cfe0cfbbe4762ad09")),
+        "agent_pvt_large.in1k": _cfg(url=TSINGHUA_URL.format("040cfe0cfbbe4762ad09")),
     }
 )
 

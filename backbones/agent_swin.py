@@ -17,8 +17,9 @@ blocks ignore the shifted-window mask, like the official code.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -26,7 +27,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
-from visattn.backbones.agent_common import AgentAttentionBase, resize_to_model
+from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentSwinTransformer"]
 
@@ -379,39 +380,20 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
     )
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
-
-
-_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+_cfg = partial(agent_cfg, pool_size=(7, 7), first_conv="patch_embed.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_swin_tiny.in1k": _cfg(url=_TSINGHUA.format("a2ddc1190c224f768a41")),
-        "agent_swin_small.in1k": _cfg(url=_TSINGHUA.format("f607172c9fea4d6e99bb")),
+        "agent_swin_tiny.in1k": _cfg(url=TSINGHUA_URL.format("a2ddc1190c224f768a41")),
+        "agent_swin_small.in1k": _cfg(url=TSINGHUA_URL.format("f607172c9fea4d6e99bb")),
         "agent_swin_small_288.in1k": _cfg(
-            url=_TSINGHUA.format("09760394e93b4046a25e"),
+            url=TSINGHUA_URL.format("09760394e93b4046a25e"),
             input_size=(3, 288, 288),
             pool_size=(9, 9),
             crop_pct=1.0,
         ),
-        "agent_swin_base.in1k": _cfg(url=_TSINGHUA.format("4fcd2d0114bb490483c3")),
+        "agent_swin_base.in1k": _cfg(url=TSINGHUA_URL.format("4fcd2d0114bb490483c3")),
         "agent_swin_base_384.in1k": _cfg(
-            url=_TSINGHUA.format("bb84ee9058954706a557"),
+            url=TSINGHUA_URL.format("bb84ee9058954706a557"),
             input_size=(3, 384, 384),
             pool_size=(12, 12),
             crop_pct=1.0,
