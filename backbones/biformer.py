@@ -17,9 +17,10 @@ Legacy details reproduced for checkpoint parity: the BRA softmax scale is
 ``qk_dim ** -0.5`` (whole qk width, not the head width); stage-4 attention has 8 heads
 and no qkv bias whatever the width; LayerNorm eps is 1e-6.
 
-Sizes that are not multiples of ``n_win`` per BRA stage: by default the kernel pads
-internally and masks the padded tokens (they get no attention and do not count in the
-region means). ``auto_pad=True`` instead does what the official ``auto_pad`` does: zero-pad
+Sizes that are not multiples of ``n_win`` per BRA stage, or smaller than it (stage 3 of
+inputs under 112 px): by default the kernel pads internally and masks the padded tokens
+(they get no attention and do not count in the region means; regions with no real token
+are routed last). ``auto_pad=True`` instead does what the official ``auto_pad`` does: zero-pad
 the block input before the qkv projection, attend to the padded tokens like real ones, and
 crop the output; use it for output parity with official models at such sizes.
 

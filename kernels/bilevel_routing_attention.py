@@ -40,12 +40,6 @@ def _check_args(q, k, v, num_regions, topk, scale) -> None:
         raise ValueError(f"{_OP}: empty input of shape {tuple(q.shape)}")
     if isinstance(num_regions, bool) or not isinstance(num_regions, int) or num_regions < 1:
         raise ValueError(f"{_OP}: num_regions must be a positive int, got {num_regions!r}")
-    h, w = q.shape[1:3]
-    if num_regions > min(h, w):
-        raise ValueError(
-            f"{_OP}: num_regions={num_regions} regions per side do not fit a {h}x{w} map "
-            "(need num_regions <= min(H, W))"
-        )
     if isinstance(topk, bool) or not isinstance(topk, int) or (topk < 1 and topk != -1):
         raise ValueError(f"{_OP}: topk must be a positive int or -1 (all regions), got {topk!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
@@ -150,9 +144,11 @@ def bilevel_routing_attention(
             (regions numbered row-major, ordered by decreasing affinity).
         backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"``.
 
-    H, W need not be multiples of ``S``: the map is padded to ``S * ceil(H / S)``
-    (resp. W), and padded tokens neither count in the region means nor receive
-    attention. Returns ``[batch, H, W, heads, head_dim_v]`` (and the routing).
+    H, W need not be multiples of ``S`` and may be smaller than ``S``: the map is padded
+    to ``S * ceil(H / S)`` (resp. W), and padded tokens neither count in the region means
+    nor receive attention; regions without real tokens are routed after all real ones, so
+    every query attends to at least one real key. Returns ``[batch, H, W, heads, head_dim_v]``
+    (and the routing).
     """
     _check_args(q, k, v, num_regions, topk, scale)
     chosen = resolve_backend(backend, q, k, v, op=_OP)

@@ -146,6 +146,20 @@ def test_auto_pad_matches_unmasked_padding():
     assert not torch.allclose(masked, padded, atol=1e-4)
 
 
+def test_default_model_runs_below_112_px():
+    """At 64 px stage 3 is 4x4, smaller than the 7x7 region grid: the masked padding (the default,
+    not auto_pad) routes the real one-token regions first and trains without NaN."""
+    torch.manual_seed(0)
+    model = timm.create_model("biformer_s").train()
+    assert not model.stages[2].blocks[0].attn.auto_pad
+    out = model(torch.randn(1, 3, 64, 64))
+    out.square().sum().backward()
+    assert out.shape == (1, 1000) and out.isfinite().all()
+    grad = model.stages[2].blocks[0].attn.qkv.weight.grad
+    assert grad.isfinite().all() and grad.abs().sum() > 0
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+
+
 def test_pruned_model_runs_every_forward():
     """After pruning to stage 2 the final BatchNorm (sized for stage 4) goes too, so forward_features
     and forward_intermediates(norm=True) still run; the kept stages' maps are unchanged."""

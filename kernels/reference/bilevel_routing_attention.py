@@ -10,12 +10,14 @@ The ground truth for the Triton kernels. Written from the paper's description:
 4. every query token of a region attends, with one softmax, to all tokens of its
    routed key regions (K/V gathered here; the Triton kernel reads them in place).
 
-Sizes that are not multiples of ``S`` are padded at the bottom/right to
-``S * ceil(H / S)``; padded tokens are *masked*: they take no part in the region
-means (a region mean averages only its real tokens; a region without real tokens
-has mean 0 and, as a key region, affinity ``-inf`` so that it is routed last) and
-receive no attention mass. Routing is computed without gradient (top-k selection
-is not differentiable; the official code detaches q/k for it).
+Sizes that are not multiples of ``S`` (or smaller than ``S``: regions of one token)
+are padded at the bottom/right to ``S * ceil(H / S)``; padded tokens are *masked*:
+they take no part in the region means (a region mean averages only its real tokens; a
+region without real tokens has mean 0 and, as a key region, affinity ``-inf`` so that
+it is routed last) and receive no attention mass. As real regions are routed first and
+``topk >= 1``, every softmax row holds at least one real key, so masking never leaves a
+row all ``-inf``; outputs of padded query slots are cropped. Routing is computed without
+gradient (top-k selection is not differentiable; the official code detaches q/k for it).
 """
 
 from __future__ import annotations
