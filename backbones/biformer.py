@@ -126,8 +126,8 @@ class AttentionLePE(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(b, h, w, c)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b, h, w, c)
         if self.lepe is not None:
             out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out)
