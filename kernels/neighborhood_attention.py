@@ -67,13 +67,14 @@ def _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
                 f"{_OP}: rpb must have shape [heads, 2*k-1 per dim] = {expected}, got {tuple(rpb.shape)}"
             )
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymInt, torch.SymFloat)):
+        # head_dim may be a SymInt under torch.compile(dynamic=True): keep the scale symbolic
+        # (float() would specialize on it, math.isfinite breaks fullgraph tracing)
+        return kernel_size, dilation, is_causal, q.shape[-1] ** -0.5
+    if isinstance(scale, (torch.SymInt, torch.SymFloat)):
+        return kernel_size, dilation, is_causal, scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
-    return kernel_size, dilation, is_causal, scale
+    return kernel_size, dilation, is_causal, float(scale)
 
 
 def neighborhood_attention(

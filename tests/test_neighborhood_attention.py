@@ -386,6 +386,22 @@ def test_traces_under_torch_compile():
         torch.testing.assert_close(t.grad, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_with_dynamic_shapes_and_default_scale(backend):
+    # dynamic=True makes head_dim symbolic: the default scale derived from it must trace under
+    # fullgraph (no float()/math.isfinite on a SymFloat)
+    fn = torch.compile(
+        lambda q, k, v: neighborhood_attention(q, k, v, 3, backend=backend),
+        backend="eager",
+        dynamic=True,
+        fullgraph=True,
+    )
+    for shape in [(2, 7, 3, 8), (3, 9, 4, 16)]:
+        q, k, v, _ = _inputs(shape, dtype=torch.float32)
+        ref = neighborhood_attention(q, k, v, 3, backend=backend)
+        torch.testing.assert_close(fn(q, k, v), ref, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- GPU
 
 
