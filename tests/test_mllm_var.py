@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.test_mllm_tokens import IMG, embed, sample, tiny_inputs, tiny_llava
+from tests.test_mllm_tokens import IMG, PATCHES, embed, sample, tiny_inputs, tiny_llava
 from visattn.kernels.reference.visual_sink_attention import redistribute
 from visattn.mllm_tokens import VAR, attach, calibrate_sink_dims
 from visattn.mllm_tokens.var import sink_scores
@@ -87,6 +87,30 @@ def test_var_matches_reference_and_fraction_zero_is_identity(attn):
         assert sorted((category[b] == 2).nonzero()[:, 0].tolist()) == [image_start + p for p in SINK_PATCHES]
         assert int((ids[b][category[b] == 1] == 1).sum()) == 1  # BOS is a text sink
         sid, spix = sample(ids, mask, pix, b)
+        expected = var_reference(model, sid, spix, var)
+        torch.testing.assert_close(out[b, real[b]], expected[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_var_two_images_per_prompt_matches_reference(attn):
+    # the text between the two images already follows an image: its rows are redistributed queries
+    model = tiny_llava(attn)
+    plant_sinks(model)
+    ids, mask, pix = tiny_inputs(images=2)
+    real = mask.bool()
+    var = VAR(sink_dims=DIMS, tau=TAU, min_image_attention=0.05)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        with attach(model, var) as handle:
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+            category = var.sinks(handle._adapter.state)[2]
+    assert not torch.allclose(out[real], ref[real], atol=1e-3)
+    for b in range(2):
+        image_tokens = (ids[b] == IMG).nonzero()[:, 0]
+        starts = [int(image_tokens[0]), int(image_tokens[PATCHES])]
+        expected_sinks = sorted(start + p for start in starts for p in SINK_PATCHES)
+        assert sorted((category[b] == 2).nonzero()[:, 0].tolist()) == expected_sinks
+        sid, spix = sample(ids, mask, pix, b, images=2)
         expected = var_reference(model, sid, spix, var)
         torch.testing.assert_close(out[b, real[b]], expected[0], atol=1e-5, rtol=1e-4)
 
