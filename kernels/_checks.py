@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -59,3 +60,15 @@ def check_ndim(op: str, name: str, t: torch.Tensor, allowed: Sequence[int], layo
             f"{op}: {name} must be laid out as {layout} ({' or '.join(map(str, allowed))}-D), "
             f"got shape {tuple(t.shape)}"
         )
+
+
+def softmax_scale(op: str, scale, head_dim: int) -> float:
+    """``scale`` as a float, ``head_dim ** -0.5`` when None; anything but a positive finite number raises."""
+    if scale is None:
+        return head_dim**-0.5
+    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not is_number or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"{op}: scale must be a positive finite number or None (head_dim ** -0.5), got {scale!r}"
+        )
+    return float(scale)

@@ -13,11 +13,9 @@ count: ``O((Nq + Nk) * A * D)``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from visattn.kernels._checks import check_float_tensors, check_ndim
+from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
 from visattn.kernels._dispatch import interpreter_enabled, resolve_backend
 from visattn.kernels.reference.agent_attention import agent_attention_reference
 
@@ -81,18 +79,7 @@ def _validate(q, k, v, agent, scale, agent_bias, query_bias) -> float:
         _check_bias(
             "query_bias", query_bias, batch, (heads, nq, num_agents), "[batch or 1, heads, tokens, agents]"
         )
-    if scale is None:
-        return dim**-0.5
-    if (
-        isinstance(scale, bool)
-        or not isinstance(scale, (int, float))
-        or not math.isfinite(scale)
-        or scale <= 0
-    ):
-        raise ValueError(
-            f"{OP}: scale must be a positive finite number or None (head_dim ** -0.5), got {scale!r}"
-        )
-    return float(scale)
+    return softmax_scale(OP, scale, dim)
 
 
 def agent_attention(

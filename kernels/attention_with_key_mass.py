@@ -17,11 +17,9 @@ Forward only: no method trains through this op.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from visattn.kernels._checks import check_float_tensors, check_ndim
+from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
 from visattn.kernels._dispatch import resolve_backend
 from visattn.kernels.reference.attention_with_key_mass import (
     additive_mask,
@@ -71,18 +69,7 @@ def validate_attention_args(op, q, k, v, attn_mask, causal, scale) -> float:
             )
         if attn_mask.device != q.device:
             raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
-    if scale is None:
-        return dim**-0.5
-    if (
-        isinstance(scale, bool)
-        or not isinstance(scale, (int, float))
-        or not math.isfinite(scale)
-        or scale <= 0
-    ):
-        raise ValueError(
-            f"{op}: scale must be a positive finite number or None (head_dim ** -0.5), got {scale!r}"
-        )
-    return float(scale)
+    return softmax_scale(op, scale, dim)
 
 
 def query_weights(op: str, query_set, batch: int, nq: int, device: torch.device) -> torch.Tensor:
