@@ -68,3 +68,22 @@ def ratio(baseline: Measurement | None, candidate: Measurement | None) -> str:
     if baseline is None or candidate is None or candidate.ms == 0:
         return "-"
     return f"{baseline.ms / candidate.ms:.2f}x"
+
+
+def measure_or_none(fn: Callable[[], Measurement]) -> Measurement | None:
+    """``fn()``, or None (after printing why) when the implementation cannot run this case."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
+        print(f"  n/a: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+        return None
+
+
+def fmt_ms(m: Measurement | None) -> str:
+    """Milliseconds with 3 decimals, ``n/a`` for a case that did not run."""
+    return "n/a" if m is None else f"{m.ms:.3f}"
+
+
+def fmt_mem(m: Measurement | None) -> str:
+    """Peak MiB, ``-`` where memory is not measured (CPU), ``n/a`` for a case that did not run."""
+    return "n/a" if m is None else ("-" if m.peak_mib is None else f"{m.peak_mib:.1f}")

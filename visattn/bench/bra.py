@@ -25,7 +25,7 @@ import torch
 
 import visattn  # noqa: F401  (registers biformer_s)
 from visattn.backbones.biformer import BiLevelRoutingAttention
-from visattn.bench._timing import Measurement, measure, print_table, ratio
+from visattn.bench._timing import Measurement, fmt_mem, fmt_ms, measure, measure_or_none, print_table, ratio
 from visattn.kernels import bilevel_routing_attention
 from visattn.kernels._dispatch import interpreter_enabled, triton_available
 
@@ -130,22 +130,6 @@ def _time_op(fn, inputs, st, device, backward, warmup, iters) -> Measurement:
     return measure(step, device, warmup=warmup, iters=iters)
 
 
-def _try(fn: Callable[[], Measurement]) -> Measurement | None:
-    try:
-        return fn()
-    except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
-        print(f"  n/a: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
-        return None
-
-
-def _ms(m: Measurement | None) -> str:
-    return "n/a" if m is None else f"{m.ms:.3f}"
-
-
-def _mem(m: Measurement | None) -> str:
-    return "n/a" if m is None else ("-" if m.peak_mib is None else f"{m.peak_mib:.1f}")
-
-
 def _mem_ratio(baseline: Measurement | None, candidate: Measurement | None) -> str:
     if baseline is None or candidate is None or not baseline.peak_mib or candidate.peak_mib is None:
         return "-"
@@ -162,14 +146,16 @@ def _bench_ops(args, device, dtype, run_triton, warmup, iters) -> None:
         results = {}
         for name, fn in _op_impls(run_triton).items():
             results[name] = [
-                None if fn is None else _try(partial(_time_op, fn, inputs, st, device, b, warmup, iters))
+                None
+                if fn is None
+                else measure_or_none(partial(_time_op, fn, inputs, st, device, b, warmup, iters))
                 for b in (False, True)
             ]
         base = results["official-style gather"]
         for name, (fwd, fwdbwd) in results.items():
             rows.append(
-                [st.name, name, _ms(fwd), _ms(fwdbwd), _mem(fwd), _mem(fwdbwd), ratio(base[0], fwd),
-                 ratio(base[1], fwdbwd), _mem_ratio(base[1], fwdbwd)]
+                [st.name, name, fmt_ms(fwd), fmt_ms(fwdbwd), fmt_mem(fwd), fmt_mem(fwdbwd),
+                 ratio(base[0], fwd), ratio(base[1], fwdbwd), _mem_ratio(base[1], fwdbwd)]
             )  # fmt: skip
         del inputs
     print_table(
@@ -220,7 +206,7 @@ def _bench_model(args, device, run_triton, warmup, iters) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        results[kind] = _try(lambda step=step: measure(step, device, warmup=warmup, iters=iters))
+        results[kind] = measure_or_none(lambda step=step: measure(step, device, warmup=warmup, iters=iters))
         del model, opt
         if cuda:
             torch.cuda.empty_cache()
@@ -228,7 +214,14 @@ def _bench_model(args, device, run_triton, warmup, iters) -> None:
     for kind, m in results.items():
         ips = "n/a" if m is None else f"{batch / (m.ms / 1e3):.1f}"
         rows.append(
-            [kind, "n/a" if m is None else f"{m.ms:.1f}", ips, _mem(m), ratio(base, m), _mem_ratio(base, m)]
+            [
+                kind,
+                "n/a" if m is None else f"{m.ms:.1f}",
+                ips,
+                fmt_mem(m),
+                ratio(base, m),
+                _mem_ratio(base, m),
+            ]
         )
     print_table(
         ["attention", "step ms", "img/s", "peak MiB", "speed-up", "mem ratio"],

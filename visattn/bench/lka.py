@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from visattn.bench._timing import Measurement, measure, print_table, ratio
+from visattn.bench._timing import fmt_mem, fmt_ms, measure, measure_or_none, print_table, ratio
 from visattn.kernels import large_kernel_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -90,19 +90,7 @@ def _time(fn: Callable, x: torch.Tensor, params: list, backward: bool, device: s
                 return fn(x)
         return torch.autograd.grad(fn(x), [x, *params], grad)
 
-    try:
-        return measure(step, device, warmup=warmup, iters=iters)
-    except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
-        print(f"  n/a: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
-        return None
-
-
-def _ms(m: Measurement | None) -> str:
-    return "n/a" if m is None else f"{m.ms:.3f}"
-
-
-def _mem(m: Measurement | None) -> str:
-    return "n/a" if m is None else ("-" if m.peak_mib is None else f"{m.peak_mib:.1f}")
+    return measure_or_none(lambda: measure(step, device, warmup=warmup, iters=iters))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -130,8 +118,9 @@ def run(args: argparse.Namespace) -> None:
             ]
         base = results["official nn.Conv2d"]
         for name, (fwd, fwdbwd) in results.items():
-            rows.append([f"stage{stage + 1} {dim}x{size}x{size}", name, _ms(fwd), _ms(fwdbwd), _mem(fwd),
-                         _mem(fwdbwd), ratio(base[0], fwd), ratio(base[1], fwdbwd)])  # fmt: skip
+            label = f"stage{stage + 1} {dim}x{size}x{size}"
+            rows.append([label, name, fmt_ms(fwd), fmt_ms(fwdbwd), fmt_mem(fwd), fmt_mem(fwdbwd),
+                         ratio(base[0], fwd), ratio(base[1], fwdbwd)])  # fmt: skip
     name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
     print_table(
         ["stage", "impl", "fwd ms", "fwd+bwd ms", "fwd MiB", "fwd+bwd MiB", "fwd speed-up", "f+b speed-up"],
