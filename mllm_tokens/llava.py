@@ -9,7 +9,8 @@ Mechanics (all installed by :meth:`LlavaAdapter.install`, all undone by :meth:`L
 * a forward pre-hook on the LLaMA model shortens its input (pre-LLM reduction), and at decode steps
   rewrites the 2-D mask / positions so they match the shortened KV cache;
 * forward pre-/post-hooks on the decoder layers shrink the token layout after a layer and give later
-  layers the matching 4-D mask, rotary embeddings and position ids (prefill and decode);
+  layers the matching mask (4-D; 2-D padding masks under flash attention), rotary embeddings and
+  position ids (prefill and decode);
 * an instance-level ``forward`` on the self-attention of the layers a reducer must observe or modify
   (key-mass scoring, VAR); it defers to the class forward whenever nothing is needed.
 """
@@ -32,7 +33,21 @@ from visattn.mllm_tokens._core import (
     shrink_layout,
 )
 
-SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+def padding_mask_convention(impl: str) -> bool | None:
+    """How the decoder layers of attention implementation ``impl`` take their mask: False for a 4-D
+    mask (eager, sdpa), True for a 2-D ``[B, Lk]`` padding mask with causality implied (the flash
+    implementations and any other registered with transformers' ``flash_attention_mask``), None when
+    the adapter cannot express a shortened layout in that form (flex attention's block masks, ...)."""
+    if impl in ("eager", "sdpa"):
+        return False
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    return (
+        True
+        if impl in ALL_MASK_ATTENTION_FUNCTIONS and ALL_MASK_ATTENTION_FUNCTIONS[impl] is flash_attention_mask
+        else None
+    )
 
 
 def is_supported(model: nn.Module) -> bool:
@@ -70,10 +85,11 @@ class LlavaAdapter:
         self.layers = self.lm.layers
         cfg, tcfg, vcfg = model.config, model.config.text_config, model.config.vision_config
         impl = tcfg._attn_implementation
-        if impl not in SUPPORTED_ATTENTION:
+        self.padding_masks = padding_mask_convention(impl)
+        if self.padding_masks is None:
             raise ValueError(
-                f"attach: the language model uses attn_implementation={impl!r}; "
-                f"supported: {SUPPORTED_ATTENTION}"
+                f"attach: the language model uses attn_implementation={impl!r}; supported: 'eager', "
+                "'sdpa' and the flash-attention implementations (flash_attention_2/3/4)"
             )
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError(
@@ -340,7 +356,7 @@ class LlavaAdapter:
                 return args, kwargs
             if self.active and idx in self.layer_key_ok:
                 key_ok = torch.cat([self.layer_key_ok[idx], self.decode_new], dim=1)
-                kwargs["attention_mask"] = additive_causal_mask(key_ok, hidden.shape[1], hidden.dtype)
+                kwargs["attention_mask"] = self._layer_mask(key_ok, hidden.shape[1], hidden.dtype)
                 return args, kwargs
             return None
 
@@ -360,13 +376,19 @@ class LlavaAdapter:
             cos, sin = self._full_pe
             pe = (gather_tokens(cos, index), gather_tokens(sin, index))
             pos = gather_tokens(self._full_pos, index) if self._full_pos is not None else index
-            mask = additive_causal_mask(key_ok, index.shape[1], output.dtype)
+            mask = self._layer_mask(key_ok, index.shape[1], output.dtype)
             for later in range(idx + 1, self.info.num_layers):
                 self.override[later] = (mask, pe, pos)
                 self.layer_key_ok[later] = key_ok
             return gather_tokens(output, source)
 
         return hook
+
+    def _layer_mask(self, key_ok: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask a decoder layer gets for keys ``key_ok [B, Lk]`` and the last ``q_len`` queries."""
+        if self.padding_masks:
+            return key_ok
+        return additive_causal_mask(key_ok, q_len, dtype)
 
     def _make_attention(self, idx: int):
         adapter = self
@@ -388,6 +410,8 @@ class LlavaAdapter:
                     attention_mask=attention_mask, past_key_values=past_key_values, **kwargs,
                 )  # fmt: skip
             q, k, v = _llama_qkv(module, hidden_states, position_embeddings, past_key_values)
+            if attention_mask is not None and attention_mask.ndim == 2:  # flash convention: [B, Lk] padding
+                attention_mask = additive_causal_mask(attention_mask.bool(), q.shape[1], q.dtype)
             causal = attention_mask is None
             if query is not None:
                 if query == "all":

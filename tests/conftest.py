@@ -39,3 +39,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def attn(request, monkeypatch) -> str:
+    """Attention implementation of the tiny LLaVA tests (parametrize ``attn`` with ``indirect=True``).
+
+    ``"flash_attention_2"`` runs transformers' flash path on the torch kernels of tests/flash_reference.py.
+    """
+    if request.param.startswith("flash_attention"):
+        from tests import flash_reference
+
+        flash_reference.install(monkeypatch)
+    return request.param

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.test_mllm_tokens import (
+    ATTENTION,
     IMG,
     embed,
     manual_logits,
@@ -49,9 +50,9 @@ def manual_layer(lm, layer, hidden):
     )
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ATTENTION, indirect=True)
 def test_exit_matches_reference_and_generate_matches_cache_free(attn):
-    model = tiny_llava(attn, layers=5)
+    model, eager = tiny_llava(attn, layers=5), tiny_llava("eager", layers=5)  # same weights
     routers = random_routers(model)
     ids, mask, pix = tiny_inputs(images=2, text_after=(5, 3))
     gen = dict(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=3, do_sample=False)
@@ -62,17 +63,17 @@ def test_exit_matches_reference_and_generate_matches_cache_free(attn):
     exits = []
     for b in range(2):
         sid, spix = sample(ids, mask, pix, b, images=2)
-        exit_at = reference_exit(model, sid, spix, routers)
+        exit_at = reference_exit(eager, sid, spix, routers)
         exits.append(exit_at)
         text = (sid[0] != IMG).nonzero()[:, 0]
-        ref = manual_logits(model, embed(model, sid, spix), text, from_layer=exit_at + 1)
+        ref = manual_logits(eager, embed(eager, sid, spix), text, from_layer=exit_at + 1)
         torch.testing.assert_close(out[b, -ref.shape[1] :], ref[0], atol=1e-5, rtol=1e-4)
         expected = [32 if layer <= exit_at else 0 for layer in range(5)]
         assert stats[b]["kept_per_layer"] == expected
         tokens = sid
         for _ in range(3):  # cache-free reference with the prefill's decision
             keep = torch.cat([text, torch.arange(sid.shape[1], tokens.shape[1])])
-            logits = manual_logits(model, embed(model, tokens, spix), keep, from_layer=exit_at + 1)
+            logits = manual_logits(eager, embed(eager, tokens, spix), keep, from_layer=exit_at + 1)
             tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(generated[b], tokens[0, sid.shape[1] :])
     assert exits[0] != exits[1] and any(0 <= e < 4 for e in exits), exits  # per-sample, real exits

@@ -11,6 +11,8 @@ from visattn.mllm_tokens import VTCCLS, FastV, attach
 
 IMG = 100  # image token id
 PATCHES = 16  # 32x32 image, 8x8 patches
+FLASH = "flash_attention_2"  # on the reference kernels of tests/flash_reference.py (``attn`` fixture)
+ATTENTION = ["eager", "sdpa", FLASH]
 
 
 def tiny_llava(attn: str = "eager", layers: int = 4, seed: int = 0) -> LlavaForConditionalGeneration:
@@ -27,8 +29,14 @@ def tiny_llava(attn: str = "eager", layers: int = 4, seed: int = 0) -> LlavaForC
         vision_config=vision, text_config=text, image_token_id=IMG, vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )  # fmt: skip
-    cfg._attn_implementation = attn
-    return LlavaForConditionalGeneration(cfg).eval()
+    if not attn.startswith("flash_attention"):
+        cfg._attn_implementation = attn
+        return LlavaForConditionalGeneration(cfg).eval()
+    # flash-attn is not installed (see the ``attn`` fixture): choose it after building, unchecked
+    model = LlavaForConditionalGeneration(cfg).eval()
+    for c in (model.config, model.config.text_config, model.config.vision_config):
+        c._attn_implementation = attn
+    return model
 
 
 def tiny_inputs(batch=2, images=1, text_after=(5, 2), seed=1):
@@ -109,7 +117,7 @@ def vtc_keep(eager_model, ids, pix, start, keep_per_image):
     return kept.nonzero()[:, 0]
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ATTENTION, indirect=True)
 def test_keep_everything_matches_unattached_and_remove_restores(attn):
     model = tiny_llava(attn)
     ids, mask, pix = tiny_inputs()
@@ -140,7 +148,8 @@ def layer_flops_by_hand(n, d=64, d_kv=32, m=128):
 
 @pytest.mark.parametrize(
     "attn,scoring,images",
-    [("sdpa", "last", 1), ("eager", "all", 1), ("sdpa", "last", 2), ("sdpa", "text", 2)],
+    [("sdpa", "last", 1), ("eager", "all", 1), ("sdpa", "last", 2), ("sdpa", "text", 2), (FLASH, "last", 2)],
+    indirect=["attn"],
 )
 def test_fastv_matches_manual_rerun_of_later_layers(attn, scoring, images):
     model, eager = tiny_llava(attn), tiny_llava("eager")
@@ -161,7 +170,7 @@ def test_fastv_matches_manual_rerun_of_later_layers(attn, scoring, images):
         assert stats["prefill_flops_saved"] == pytest.approx(saved, rel=1e-12)
 
 
-@pytest.mark.parametrize("attn,images", [("sdpa", 1), ("eager", 2)])
+@pytest.mark.parametrize("attn,images", [("sdpa", 1), ("eager", 2), (FLASH, 2)], indirect=["attn"])
 def test_vtc_cls_matches_hand_shortened_sequence(attn, images):
     model, eager = tiny_llava(attn), tiny_llava("eager")
     ids, mask, pix = tiny_inputs(images=images)
@@ -189,7 +198,7 @@ def _greedy_reference(eager, sid, spix, kept_prompt, from_layer, steps, contiguo
     return tokens[0, sid.shape[1] :]
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ATTENTION, indirect=True)
 def test_generate_with_cache_matches_cache_free_reference(attn):
     model, eager = tiny_llava(attn), tiny_llava("eager")
     ids, mask, pix = tiny_inputs()
@@ -255,10 +264,10 @@ def test_invalid_arguments():
             max_new_tokens=1,
             cache_implementation="static",
         )
-    flash = tiny_llava()
-    flash.config.text_config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="flash_attention_2"):
-        attach(flash, FastV())
+    flex = tiny_llava()
+    flex.config.text_config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="flex_attention"):
+        attach(flex, FastV())
     with pytest.raises(ValueError, match="no adapter"):
         attach(torch.nn.Linear(2, 2), FastV())
 

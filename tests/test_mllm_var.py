@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.test_mllm_tokens import IMG, PATCHES, embed, sample, tiny_inputs, tiny_llava
+from tests.test_mllm_tokens import ATTENTION, IMG, PATCHES, embed, sample, tiny_inputs, tiny_llava
 from visattn.kernels.reference.visual_sink_attention import redistribute
 from visattn.mllm_tokens import VAR, attach, calibrate_sink_dims
 from visattn.mllm_tokens.var import sink_scores
@@ -65,7 +65,7 @@ def var_reference(model, ids, pix, var):
     return model.lm_head(lm.norm(hidden))
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ATTENTION, indirect=True)
 def test_var_matches_reference_and_fraction_zero_is_identity(attn):
     model = tiny_llava(attn)
     plant_sinks(model)
@@ -91,7 +91,7 @@ def test_var_matches_reference_and_fraction_zero_is_identity(attn):
         torch.testing.assert_close(out[b, real[b]], expected[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ATTENTION, indirect=True)
 def test_var_two_images_per_prompt_matches_reference(attn):
     # the text between the two images already follows an image: its rows are redistributed queries
     model = tiny_llava(attn)
