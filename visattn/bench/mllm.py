@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa",
+                        help="the model's attention (flash_attention_2 needs flash-attn)")  # fmt: skip
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--keep", default="64,128,192", help="kept visual tokens per image")
     parser.add_argument("--hidden", type=int, default=None, help="LLM hidden size; default 4096 / 256 (CPU)")
@@ -42,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None, help="default: 5 (CUDA) / 2 (CPU)")
 
 
-def build_model(device: torch.device, dtype: torch.dtype, hidden: int, layers: int):
+def build_model(device: torch.device, dtype: torch.dtype, hidden: int, layers: int, attn: str = "sdpa"):
     """Random-weight LLaVA: CLIP ViT-L/14-336 + LLaMA-7B shapes on CUDA, a small stack on CPU."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -58,9 +60,9 @@ def build_model(device: torch.device, dtype: torch.dtype, hidden: int, layers: i
         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32064, max_position_embeddings=4096,
     )  # fmt: skip
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000)
-    cfg._attn_implementation = "sdpa"
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
+        # transformers checks that the implementation is usable here (flash-attn installed, CUDA, dtype)
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
     return model.eval()
 
 
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     keeps = [int(x) for x in args.keep.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     lengths = [int(x) for x in (args.score_tokens or ("640,4096" if cuda else "640")).split(",")]
-    model = build_model(device, dtype, hidden, layers)
+    model = build_model(device, dtype, hidden, layers, args.attn)
     rows = []
     for batch in batches:
         inputs = make_inputs(batch, device, dtype)
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         rows,
         title=(
             f"LLaVA-shaped model: LLM hidden {hidden} x {layers} layers, {VISUAL} visual + {TEXT} text "
-            f"tokens, {dtype}, {device.type}, decode {decode} tokens"
+            f"tokens, {dtype}, {args.attn} attention, {device.type}, decode {decode} tokens"
         ),
     )
     heads = model.config.text_config.num_attention_heads
