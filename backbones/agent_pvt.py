@@ -23,6 +23,7 @@ from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from visattn.backbones._head import apply_head
 from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentPyramidVisionTransformer"]
@@ -284,10 +285,12 @@ class AgentPyramidVisionTransformer(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``[B, C, h, w]`` -> logits ``[B, num_classes]`` (pooled features if ``pre_logits``); with
+        ``global_pool=''`` per-location logits ``[B, num_classes, h, w]``."""
         if self.global_pool == "avg":
             x = x.flatten(2).mean(dim=2)
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else apply_head(self.head, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -45,6 +45,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import register_model_deprecations
 
+from visattn.backbones._head import apply_head
 from visattn.kernels import bilevel_routing_attention
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
@@ -369,7 +370,11 @@ class BiFormer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
+        """``[B, C, h, w]`` -> logits ``[B, num_classes]`` (pooled features if ``pre_logits``); with
+        ``global_pool=''`` per-location logits ``[B, num_classes, h, w]``."""
+        if pre_logits or not self.head.global_pool.is_identity():
+            return self.head(x, pre_logits=pre_logits)
+        return apply_head(self.head.fc, self.head.drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

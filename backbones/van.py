@@ -36,6 +36,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+from visattn.backbones._head import apply_head
 from visattn.kernels import large_kernel_attention
 
 __all__ = ["VAN"]
@@ -334,9 +335,11 @@ class VAN(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``[B, C, h, w]`` -> logits ``[B, num_classes]`` (pooled features if ``pre_logits``); with
+        ``global_pool=''`` per-location logits ``[B, num_classes, h, w]``."""
         if self.global_pool == "avg":
             x = x.flatten(2).mean(-1)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else apply_head(self.head, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
