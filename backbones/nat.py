@@ -17,11 +17,19 @@ a 4x4 patch embedding and patch merging, MLP ratio 4.
 
 Tensors are (B, H, W, C) between the stem and the head. Feature maps (``forward_intermediates``,
 ``features_only``) are the outputs of each level's layers before its downsampler: strides 4/8/16/32.
-The attention itself is :func:`visattn.kernels.neighborhood_attention`.
+
+Isotropic NAT / DiNAT (``nat_isotropic_*``, ``dinat_isotropic_*``; official classification/isotropic.py,
+DiNAT paper's isotropic ablation): a ViT-sized column without pyramid, 16x16 patch embedding (+ LayerNorm)
+and 12 of the same layers at stride 16 (DiNAT: odd layers dilated). Its feature maps are the block outputs.
+
+The attention itself is :func:`visattn.kernels.neighborhood_attention`. ``checkpoint_filter_fn`` loads the
+official checkpoints and also the transformers-format ones (``NatForImageClassification`` /
+``DinatForImageClassification``, e.g. ``shi-labs/dinat-mini-in1k-224``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -31,13 +39,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, SelectAdaptivePool2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 from visattn.kernels import neighborhood_attention
 
-__all__ = ["NAT", "NeighborhoodAttention2D", "checkpoint_filter_fn"]
+__all__ = ["NAT", "NATIsotropic", "NeighborhoodAttention2D", "checkpoint_filter_fn"]
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-5)
 
@@ -201,7 +209,56 @@ class NATLevel(nn.Module):
         return self.downsample(self.forward_blocks(x))
 
 
-class NAT(nn.Module):
+def _init_weights(m: nn.Module) -> None:
+    """The official init: trunc-normal(0.02) Linear weights, zero biases, LayerNorm 1/0."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class _ChannelsLastClassifier(nn.Module):
+    """Head and optimizer plumbing shared by :class:`NAT` and :class:`NATIsotropic`.
+
+    Subclasses set ``num_classes``, ``num_features`` and call :meth:`_init_head`; their
+    ``forward_features`` returns a normalised (B, h, w, num_features) map.
+    """
+
+    num_classes: int
+    num_features: int
+
+    def _init_head(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
+        self.head_drop = nn.Dropout(drop_rate)
+        self.reset_classifier(num_classes, global_pool)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The relative position bias tables (the official ``no_weight_decay_keywords = {"rpb"}``)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True, input_fmt="NHWC")
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, h, w, num_features) -> pooled (B, num_features) if ``pre_logits`` else logits."""
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class NAT(_ChannelsLastClassifier):
     """NAT / DiNAT / DiNAT_s classifier. Input (B, in_chans, H, W), logits (B, num_classes).
 
     ``dilations`` (one list per level, one int per layer) turns NAT into DiNAT; ``layout="swin"`` gives
@@ -294,25 +351,8 @@ class NAT(nn.Module):
             )
 
         self.norm = norm_layer(self.num_features)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True, input_fmt="NHWC")
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """The relative position bias tables (the official ``no_weight_decay_keywords = {"rpb"}``)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
+        self._init_head(num_classes, global_pool, drop_rate)
+        self.apply(_init_weights)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -332,16 +372,6 @@ class NAT(nn.Module):
         self.grad_checkpointing = enable
         for level in self.levels:
             level.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True, input_fmt="NHWC")
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
         self,
@@ -399,31 +429,230 @@ class NAT(nn.Module):
             x = level(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, h, w, num_features) -> pooled (B, num_features) if ``pre_logits`` else logits."""
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+class NATIsotropic(_ChannelsLastClassifier):
+    """Isotropic NAT / DiNAT classifier (the official ``NATIsotropic``). Input (B, in_chans, H, W).
+
+    16x16 patch embedding + LayerNorm, then ``depth`` NAT layers at one resolution (H/16, W/16); layer i
+    uses dilation 1 if i is even else ``dilation`` (``dilation=1``: NAT-iso, 2: DiNAT-iso). Final LayerNorm,
+    average pool, linear head. Inputs not divisible by the patch size are zero-padded at the bottom/right.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm,
+    ) -> None:
+        """``drop_rate`` is the dropout before the classifier; ``proj_drop_rate`` is the official
+        ``drop_rate`` (after the patch embedding, in the MLPs and after the attention projection)."""
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed(
+            img_size=None,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            norm_layer=norm_layer,
+            output_fmt="NHWC",
+            strict_img_size=False,
+            dynamic_img_pad=True,
+        )
+        self.pos_drop = nn.Dropout(proj_drop_rate)
+        dpr = [drop_path_rate * j / max(depth - 1, 1) for j in range(depth)]
+        self.layers = nn.Sequential(
+            *[
+                NATLayer(
+                    embed_dim,
+                    num_heads,
+                    kernel_size,
+                    1 if i % 2 == 0 else dilation,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    proj_drop=proj_drop_rate,
+                    drop_path=dpr[i],
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}") for i in range(depth)
+        ]
+        self.norm = norm_layer(embed_dim)
+        self._init_head(num_classes, global_pool, drop_rate)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs at stride ``patch_size``: (B, C, H/16, W/16) for ``output_fmt="NCHW"``, (B, h, w, C)
+        for ``"NHWC"``, (B, h*w, C) for ``"NLC"`` (timm's ViT format).
+
+        ``indices``: last n blocks if int, all if None, else the listed blocks. ``norm`` applies the final
+        norm to every intermediate (as timm's ViT). Returns the intermediates, or (final normalised NHWC
+        features, intermediates).
+        """
+        if output_fmt not in ("NCHW", "NHWC", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW', 'NHWC' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        blocks = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
+        intermediates = []
+        x = self.pos_drop(self.patch_embed(x))
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            if i in take_indices:
+                feat = self.norm(x) if norm else x
+                if output_fmt == "NCHW":
+                    feat = feat.permute(0, 3, 1, 2).contiguous()
+                elif output_fmt == "NLC":
+                    feat = feat.flatten(1, 2)
+                intermediates.append(feat)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and norm / head if asked); returns kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> normalised map (B, H/16, W/16, embed_dim)."""
+        x = self.pos_drop(self.patch_embed(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.layers, x)
+        else:
+            x = self.layers(x)
+        return self.norm(x)
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NAT) -> dict[str, torch.Tensor]:
-    """Map an official NAT / DiNAT / DiNAT_s state_dict onto :class:`NAT`.
+# transformers NatLayer / DinatLayer sub-module names -> NATLayer names (query/key/value handled apart)
+_HF_LAYER_NAMES = (
+    ("layernorm_before.", "norm1."),
+    ("attention.self.rpb", "attn.rpb"),
+    ("attention.output.dense.", "attn.proj."),
+    ("layernorm_after.", "norm2."),
+    ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."),
+)
+_HF_OTHER_NAMES = (
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+    ("embeddings.norm.", "patch_embed.norm."),
+    ("encoder.levels.", "levels."),
+    ("layernorm.", "norm."),
+    ("classifier.", "head."),
+)
+
+
+def _is_transformers_format(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("nat.", "dinat.", "embeddings.patch_embeddings.")) for k in state_dict)
+
+
+def _from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ``Nat*`` / ``Dinat*`` names -> :class:`NAT` names.
+
+    ``(di)nat.`` prefixes go; separate ``query``/``key``/``value`` projections are concatenated (in that
+    order) into ``qkv``; ``layer_scale_parameters`` (2, C) splits into ``gamma1`` / ``gamma2``.
+    """
+    out = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^(di)?nat\.", "", key)
+        layer = re.match(r"encoder\.levels\.(\d+)\.layers\.(\d+)\.(.+)$", key)
+        if layer is not None:
+            prefix, rest = f"levels.{layer[1]}.blocks.{layer[2]}.", layer[3]
+            proj = re.fullmatch(r"attention\.self\.(query|key|value)\.(weight|bias)", rest)
+            if proj is not None:
+                qkv.setdefault(f"{prefix}attn.qkv.{proj[2]}", {})[proj[1]] = value
+                continue
+            if rest == "layer_scale_parameters":
+                out[prefix + "gamma1"], out[prefix + "gamma2"] = value[0], value[1]
+                continue
+            key = prefix + _rename_prefix(rest, _HF_LAYER_NAMES)
+        else:
+            key = _rename_prefix(key, _HF_OTHER_NAMES)
+        out[key] = value
+    for key, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"transformers checkpoint: {key} needs query, key and value: {sorted(parts)}")
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def _rename_prefix(key: str, table: Sequence[tuple[str, str]]) -> str:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def checkpoint_filter_fn(
+    state_dict: dict[str, torch.Tensor], model: NAT | NATIsotropic
+) -> dict[str, torch.Tensor]:
+    """Map an official NAT / DiNAT / DiNAT_s / isotropic state_dict onto :class:`NAT` / :class:`NATIsotropic`.
 
     Accepts the released files unchanged (a plain state_dict) or wrapped under ``'model'`` /
-    ``'state_dict'``. DiNAT_s names its levels ``layers.i`` (renamed to ``levels.i``). Relative
-    position bias tables of another kernel size are resized bicubically (how the official 11x11
-    checkpoints were made from the 7x7 ones).
+    ``'state_dict'``. DiNAT_s names its levels ``layers.i`` (renamed to ``levels.i``; the isotropic models
+    keep their ``layers.i``). transformers-format state_dicts (``NatForImageClassification``,
+    ``DinatForImageClassification`` or the bare ``NatModel`` / ``DinatModel``, detected by their key names)
+    are converted. Relative position bias tables of another kernel size are resized bicubically (how the
+    official 11x11 checkpoints were made from the 7x7 ones).
     """
     for wrapper in ("model", "state_dict"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
+    if _is_transformers_format(state_dict):
+        state_dict = _from_transformers(state_dict)
     target = model.state_dict()
     out = {}
     for key, value in state_dict.items():
-        if key.startswith("layers."):
+        if key.startswith("layers.") and key not in target:
             key = "levels." + key[len("layers.") :]
         if key.endswith(".rpb") and key in target and value.shape != target[key].shape:
             size = target[key].shape[-2:]
@@ -438,6 +667,18 @@ def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
     return build_model_with_cfg(
         NAT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _create_nat_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NATIsotropic:
+    out_indices = kwargs.pop("out_indices", 3)  # timm's ViT default: the last three blocks
+    return build_model_with_cfg(
+        NATIsotropic,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -473,6 +714,10 @@ def _dinat_cfg(path: str, **kwargs) -> dict:
     return _cfg(_DINAT_URL + path, paper_ids="arXiv:2209.15001", **kwargs)
 
 
+def _isotropic_cfg(name: str) -> dict:
+    return _dinat_cfg(f"isotropic/{name}_in1k_224.pth", pool_size=(14, 14), first_conv="patch_embed.proj")
+
+
 _384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 _IN22K = dict(num_classes=21841)
 _SWIN_STEM = dict(first_conv="patch_embed.proj")
@@ -506,6 +751,10 @@ default_cfgs = generate_default_cfgs(
         "dinat_s_large_21k.in22k": _dinat_cfg(
             "imagenet22k/dinat_s_large_in22k_224.pth", **_SWIN_STEM, **_IN22K
         ),
+        "nat_isotropic_small.in1k": _isotropic_cfg("nat_isotropic_small"),
+        "nat_isotropic_base.in1k": _isotropic_cfg("nat_isotropic_base"),
+        "dinat_isotropic_small.in1k": _isotropic_cfg("dinat_isotropic_small"),
+        "dinat_isotropic_base.in1k": _isotropic_cfg("dinat_isotropic_base"),
     }
 )
 
@@ -710,3 +959,33 @@ def dinat_s_large_21k(pretrained: bool = False, **kwargs) -> NAT:
     return _model(
         "dinat_s_large_21k", pretrained, _dinat_s_args(192, _DEPTHS_DINAT_S, (6, 12, 24, 48), 0.2), kwargs
     )
+
+
+# Isotropic models (official isotropic.py): ViT-S / ViT-B widths, 12 layers, kernel 7 at stride 16. DiNAT-iso
+# dilates every odd layer by 2, so its window (7 x 2) spans the whole 14x14 map at 224.
+_ISO_SMALL = dict(embed_dim=384, depth=12, num_heads=12, mlp_ratio=4, kernel_size=7, drop_path_rate=0.1)
+_ISO_BASE = dict(embed_dim=768, depth=12, num_heads=24, mlp_ratio=4, kernel_size=7, drop_path_rate=0.4)
+
+
+def _isotropic(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> NATIsotropic:
+    return _create_nat_isotropic(variant, pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_isotropic_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _isotropic("nat_isotropic_small", pretrained, dict(_ISO_SMALL, dilation=1), kwargs)
+
+
+@register_model
+def nat_isotropic_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _isotropic("nat_isotropic_base", pretrained, dict(_ISO_BASE, dilation=1), kwargs)
+
+
+@register_model
+def dinat_isotropic_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _isotropic("dinat_isotropic_small", pretrained, dict(_ISO_SMALL, dilation=2), kwargs)
+
+
+@register_model
+def dinat_isotropic_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _isotropic("dinat_isotropic_base", pretrained, dict(_ISO_BASE, dilation=2), kwargs)

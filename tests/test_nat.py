@@ -270,3 +270,212 @@ def test_forward_intermediates_stop_early_and_output_fmt():
         torch.testing.assert_close(t, ref.permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(x, output_fmt="NLC")
+
+
+# ----------------------------------------------------------------------------- isotropic NAT / DiNAT
+
+# DiNAT.md "Isotropic variants" table (whole millions).
+ISO_PAPER_PARAMS_M = {
+    "nat_isotropic_small": 22,
+    "dinat_isotropic_small": 22,
+    "nat_isotropic_base": 86,
+    "dinat_isotropic_base": 86,
+}
+ISO_NAMES = sorted(ISO_PAPER_PARAMS_M)
+# 64 px -> a 4x4 token map; DiNAT's dilated layers (kernel 3 x dilation 2 = 6) take the padding path.
+ISO_TINY = dict(embed_dim=32, depth=3, num_heads=2, kernel_size=3, drop_path_rate=0.1)
+
+
+@pytest.mark.parametrize("name", battery_names(ISO_NAMES))
+def test_isotropic_battery(name):
+    run_battery(name, img_size=64, alt_img_size=56, compile_check=name == "dinat_isotropic_small", **ISO_TINY)
+
+
+@pytest.mark.parametrize("name", ISO_NAMES)
+def test_isotropic_full_size_params_cfg_and_dilations(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    n_params = sum(p.numel() for p in model.parameters())
+    paper = ISO_PAPER_PARAMS_M[name] * 1e6
+    assert abs(n_params - paper) <= 0.01 * paper, f"{name}: {n_params / 1e6:.2f}M vs {paper / 1e6}M"
+    cfg = model.pretrained_cfg
+    assert cfg["url"] == f"https://shi-labs.com/projects/dinat/checkpoints/isotropic/{name}_in1k_224.pth"
+    assert cfg["input_size"] == (3, 224, 224) and cfg["first_conv"] == "patch_embed.proj"
+    dilated = 2 if name.startswith("dinat") else 1
+    assert [b.attn.dilation for b in model.layers] == [1, dilated] * 6
+    assert {b.attn.kernel_size for b in model.layers} == {7}
+    assert model.layers[0].attn.num_heads == (12 if "small" in name else 24)
+    assert [f["reduction"] for f in model.feature_info] == [16] * 12
+
+
+def _official_isotropic_keys(dim: int, depth: int, heads: int, kernel: int, classes: int) -> dict:
+    """Key names and shapes of the official NATIsotropic (classification/isotropic.py): dinats.PatchEmbed
+    (proj, norm), ``layers`` of dinats.NATransformerLayer (norm1, NATTEN NeighborhoodAttention2D qkv/rpb/proj,
+    norm2, nat.Mlp fc1/fc2 with ratio 4), final norm, head."""
+    shapes = {
+        "patch_embed.proj.weight": (dim, 3, 16, 16),
+        "patch_embed.proj.bias": (dim,),
+        "patch_embed.norm.weight": (dim,),
+        "patch_embed.norm.bias": (dim,),
+        "norm.weight": (dim,),
+        "norm.bias": (dim,),
+        "head.weight": (classes, dim),
+        "head.bias": (classes,),
+    }
+    for i in range(depth):
+        p = f"layers.{i}."
+        shapes.update(
+            {
+                p + "norm1.weight": (dim,),
+                p + "norm1.bias": (dim,),
+                p + "attn.rpb": (heads, 2 * kernel - 1, 2 * kernel - 1),
+                p + "attn.qkv.weight": (3 * dim, dim),
+                p + "attn.qkv.bias": (3 * dim,),
+                p + "attn.proj.weight": (dim, dim),
+                p + "attn.proj.bias": (dim,),
+                p + "norm2.weight": (dim,),
+                p + "norm2.bias": (dim,),
+                p + "mlp.fc1.weight": (4 * dim, dim),
+                p + "mlp.fc1.bias": (4 * dim,),
+                p + "mlp.fc2.weight": (dim, 4 * dim),
+                p + "mlp.fc2.bias": (dim,),
+            }
+        )
+    return shapes
+
+
+@pytest.mark.parametrize(
+    "name,dim,heads", [("dinat_isotropic_small", 384, 12), ("nat_isotropic_base", 768, 24)]
+)
+def test_isotropic_official_keys_load_full_size(name, dim, heads):
+    """A state_dict named and shaped as the official full-size checkpoint loads strict, unchanged."""
+    official = {k: torch.zeros(s) for k, s in _official_isotropic_keys(dim, 12, heads, 7, 1000).items()}
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    filtered = checkpoint_filter_fn({"model": official}, model)
+    assert filtered.keys() == official.keys()
+    result = model.load_state_dict(filtered, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_isotropic_official_layout_forward():
+    """Official-named random weights: the model is the official NATIsotropic computation, written out here
+    with the NA op (patch conv -> LN -> layers with pre-norm NA / MLP residuals -> LN -> mean -> head)."""
+    torch.manual_seed(0)
+    shapes = _official_isotropic_keys(16, 2, 2, 3, 5)
+    official = {k: torch.randn(s) * 0.2 for k, s in shapes.items()}
+    model = timm.create_model("dinat_isotropic_small", embed_dim=16, depth=2, num_heads=2, kernel_size=3)
+    model.reset_classifier(5)
+    model.load_state_dict(checkpoint_filter_fn(official, model.eval()), strict=True)
+    x = torch.randn(2, 3, 96, 96)  # 6x6 tokens: the dilated layer's window (3 x 2) fits exactly
+    ln = torch.nn.functional.layer_norm
+    w = official
+    with torch.no_grad():
+        t = torch.nn.functional.conv2d(x, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=16)
+        t = ln(t.permute(0, 2, 3, 1), (16,), w["patch_embed.norm.weight"], w["patch_embed.norm.bias"])
+        for i, dilation in enumerate((1, 2)):
+            p = f"layers.{i}."
+            h = ln(t, (16,), w[p + "norm1.weight"], w[p + "norm1.bias"])
+            q, k, v = (
+                (h @ w[p + "attn.qkv.weight"].T + w[p + "attn.qkv.bias"]).reshape(2, 6, 6, 3, 2, 8).unbind(3)
+            )
+            a = neighborhood_attention(q, k, v, 3, dilation=dilation, rpb=w[p + "attn.rpb"]).reshape(
+                2, 6, 6, 16
+            )
+            t = t + a @ w[p + "attn.proj.weight"].T + w[p + "attn.proj.bias"]
+            h = ln(t, (16,), w[p + "norm2.weight"], w[p + "norm2.bias"])
+            h = torch.nn.functional.gelu(h @ w[p + "mlp.fc1.weight"].T + w[p + "mlp.fc1.bias"])
+            t = t + h @ w[p + "mlp.fc2.weight"].T + w[p + "mlp.fc2.bias"]
+        t = ln(t, (16,), w["norm.weight"], w["norm.bias"]).mean(dim=(1, 2))
+        expected = t @ w["head.weight"].T + w["head.bias"]
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- transformers-format weights
+
+HF_TINY = dict(embed_dim=16, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4], kernel_size=3, mlp_ratio=3.0)
+
+
+def _hf_dinat(num_labels: int, layer_scale: float):
+    """A random transformers DinatForImageClassification (natten is not installed: its backend check is
+    skipped; nothing here runs natten)."""
+    from transformers import DinatConfig
+    from transformers.models.dinat import modeling_dinat
+
+    config = DinatConfig(
+        **HF_TINY, dilations=TINY_DILATIONS, layer_scale_init_value=layer_scale, num_labels=num_labels
+    )
+    torch.manual_seed(0)
+    with mock.patch.object(modeling_dinat, "requires_backends", lambda *args, **kwargs: None):
+        model = modeling_dinat.DinatForImageClassification(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model, modeling_dinat
+
+
+def test_transformers_dinat_checkpoint_reproduces_its_logits():
+    """A transformers DinatForImageClassification state_dict converts and loads strict, and our model then
+    reproduces the transformers model's logits. transformers' own layers (embeddings, padding, layer scale,
+    downsamplers, pooling, classifier) run unchanged; only its natten call is replaced by the NA op on its
+    own separate query/key/value projections (NATTEN layout) -- so a wrong qkv order, gamma split or rpb
+    placement in the conversion changes the logits."""
+    hf, modeling_dinat = _hf_dinat(num_labels=10, layer_scale=0.5)
+
+    def natten_attention(self, hidden_states, output_attentions=False):
+        B, H, W, C = hidden_states.shape
+        shape = (B, H, W, self.num_attention_heads, self.attention_head_size)
+        q, k, v = (proj(hidden_states).view(shape) for proj in (self.query, self.key, self.value))
+        out = neighborhood_attention(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb)
+        return (out.reshape(B, H, W, C),)
+
+    ours = timm.create_model(
+        "dinat_mini",
+        **dict(TINY, drop_path_rate=0.0),
+        dilations=TINY_DILATIONS,
+        layer_scale=1.0,
+        num_classes=10,
+    ).eval()
+    sd = hf.state_dict()
+    ours.load_state_dict(checkpoint_filter_fn(sd, ours), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with (
+        torch.no_grad(),
+        mock.patch.object(modeling_dinat.NeighborhoodAttention, "forward", natten_attention),
+    ):
+        expected = hf(pixel_values=x).logits
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-4)
+
+    block = ours.levels[2].blocks[1]
+    src = "dinat.encoder.levels.2.layers.1."
+    cat = torch.cat([sd[src + f"attention.self.{n}.weight"] for n in ("query", "key", "value")])
+    torch.testing.assert_close(block.attn.qkv.weight, cat, rtol=0, atol=0)
+    torch.testing.assert_close(block.gamma2, sd[src + "layer_scale_parameters"][1], rtol=0, atol=0)
+    torch.testing.assert_close(ours.head.weight, sd["classifier.weight"], rtol=0, atol=0)
+
+
+def test_transformers_nat_and_bare_model_names_convert():
+    """transformers' NatForImageClassification (transformers 4.x models/nat, same module names under a
+    ``nat.`` prefix, no dilation) and the bare DinatModel (no prefix, no classifier) convert too."""
+    hf, _ = _hf_dinat(num_labels=10, layer_scale=0.0)
+    sd = hf.state_dict()
+    nat_sd = {("nat." + k[len("dinat.") :] if k.startswith("dinat.") else k): v for k, v in sd.items()}
+    ours = timm.create_model("nat_mini", **TINY, num_classes=10)
+    ours.load_state_dict(checkpoint_filter_fn({"state_dict": nat_sd}, ours), strict=True)
+    src = "dinat.encoder.levels.0.layers.0.attention."
+    for name, part in zip(("query", "key", "value"), ours.levels[0].blocks[0].attn.qkv.bias.chunk(3)):
+        torch.testing.assert_close(part, sd[src + f"self.{name}.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(ours.levels[0].blocks[0].attn.rpb, sd[src + "self.rpb"], rtol=0, atol=0)
+    torch.testing.assert_close(ours.norm.bias, sd["dinat.layernorm.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        ours.patch_embed.proj[1].weight, sd["dinat.embeddings.patch_embeddings.projection.1.weight"]
+    )
+
+    bare = {k[len("dinat.") :]: v for k, v in sd.items() if k.startswith("dinat.")}
+    headless = timm.create_model("dinat_mini", **TINY, dilations=TINY_DILATIONS, num_classes=0)
+    headless.load_state_dict(checkpoint_filter_fn(bare, headless), strict=True)
+    torch.testing.assert_close(headless.norm.weight, sd["dinat.layernorm.weight"], rtol=0, atol=0)
+
+    broken = {k: v for k, v in sd.items() if not k.endswith("levels.1.layers.0.attention.self.key.weight")}
+    with pytest.raises(ValueError, match="query, key and value"):
+        checkpoint_filter_fn(broken, ours)
