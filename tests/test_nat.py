@@ -416,10 +416,12 @@ def _hf_dinat(num_labels: int, layer_scale: float):
 
 def test_transformers_dinat_checkpoint_reproduces_its_logits():
     """A transformers DinatForImageClassification state_dict converts and loads strict, and our model then
-    reproduces the transformers model's logits. transformers' own layers (embeddings, padding, layer scale,
-    downsamplers, pooling, classifier) run unchanged; only its natten call is replaced by the NA op on its
-    own separate query/key/value projections (NATTEN layout) -- so a wrong qkv order, gamma split or rpb
-    placement in the conversion changes the logits."""
+    reproduces the transformers model's logits. transformers' own modules (embeddings, padding, layer scale,
+    attention output, MLP, downsamplers, pooling, classifier) run unchanged; only the body of its
+    NeighborhoodAttention (the natten calls) is replaced: its own query/key/value/rpb parameters feed the NA
+    op in NATTEN's layout. So a wrong qkv order, gamma split or rpb placement in the conversion changes the
+    logits. (natten2dqkrpb/natten2dav themselves are not patched: transformers 5.x feeds them
+    ``view(...).transpose(1, 2)`` tensors, not the (B, heads, H, W, d) layout they take.)"""
     hf, modeling_dinat = _hf_dinat(num_labels=10, layer_scale=0.5)
 
     def natten_attention(self, hidden_states, output_attentions=False):
