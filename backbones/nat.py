@@ -246,11 +246,15 @@ class _ChannelsLastClassifier(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True, input_fmt="NHWC")
+            # no pooling ('') keeps the map, and the head then classifies every location
+            self.global_pool = SelectAdaptivePool2d(
+                pool_type=global_pool, flatten=bool(global_pool), input_fmt="NHWC"
+            )
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, h, w, num_features) -> pooled (B, num_features) if ``pre_logits`` else logits."""
+        """(B, h, w, num_features) -> pooled (B, num_features) if ``pre_logits`` else logits
+        (B, num_classes); with ``global_pool=''`` per-location logits (B, h, w, num_classes)."""
         x = self.head_drop(self.global_pool(x))
         return x if pre_logits else self.head(x)
 

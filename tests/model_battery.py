@@ -173,6 +173,16 @@ def run_battery(
     model.reset_classifier(0)
     with torch.no_grad():
         assert model(x).shape == (2, model.num_features)
+    # no pooling: the head classifies every location (token) of the unpooled features
+    model.reset_classifier(7, "")
+    with torch.no_grad():
+        unpooled, dense = model.forward_features(x), model(x)
+    changed = [d for d in range(unpooled.ndim) if unpooled.shape[d] != dense.shape[d]]
+    assert dense.ndim == unpooled.ndim and len(changed) == 1, f"{name}: {tuple(dense.shape)}"
+    channel = changed[0]
+    assert (unpooled.shape[channel], dense.shape[channel]) == (model.num_features, 7)
+    per_location = model.get_classifier()(unpooled.movedim(channel, -1)).movedim(-1, channel)
+    torch.testing.assert_close(dense, per_location)
 
     # the whole model traces with torch.compile as a single graph
     if compile_check:
