@@ -39,6 +39,40 @@ def finish_softmax(acc, m_i, l_i):
     return acc / l_safe[:, None], m_i + tl.log2(l_safe)
 
 
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, row_ok, n_cols):
+    """``[len(rows), len(cols)]`` tile of a strided matrix at ``ptr``, zero where ``row_ok`` is False
+    or the column is ``>= n_cols`` (a q/k/v tile: token rows, head-dim columns)."""
+    return tl.load(
+        ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        mask=row_ok[:, None] & (cols[None, :] < n_cols),
+        other=0.0,
+    )
+
+
+@triton.jit
+def attention_logits(
+    q, k, bias_ptr, offs_m, offs_n, m_ok, n_ok, sbq, sbk, scale, NQ, NK,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Logits of a ``[BM, BN]`` tile in log2 units: ``scale * q k^T`` plus the additive bias tile at
+    ``bias_ptr`` (strides ``sbq``, ``sbk``) when ``HAS_BIAS``; ``-inf`` for keys outside ``n_ok`` and,
+    when ``CAUSAL``, above the bottom-right aligned diagonal (query ``i`` sees keys ``<= i + NK - NQ``).
+    A float32-min additive mask is clamped to -1e30 so that it stays finite, as in the references."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    if HAS_BIAS:
+        s += tl.load(
+            bias_ptr + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+    s = tl.maximum(s, -1.0e30)
+    valid = n_ok[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
+    return tl.where(valid, s * LOG2E, float("-inf"))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact fp32 products for float32 inputs (no TF32), default otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"

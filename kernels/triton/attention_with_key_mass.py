@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
+from visattn.kernels.triton._common import (
+    attention_logits,
+    dot_precision,
+    finish_softmax,
+    load_tile,
+    online_softmax_step,
+)
 
 
 @triton.jit
@@ -37,39 +43,20 @@ def _key_mass_fwd(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     m_ok = offs_m < NQ
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-        mask=m_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, m_ok, D)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
     for start_n in range(0, NK, BN):
         offs_n = start_n + tl.arange(0, BN)
         n_ok = offs_n < NK
-        k = tl.load(
-            K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            mask=n_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        if HAS_BIAS:
-            s += tl.load(
-                Bias + b * sbb + h * sbh + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
-                mask=m_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-        s = tl.maximum(s, -1.0e30)  # a float32-min mask stays finite in log2 units (like the reference)
-        valid = n_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
-        m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, tl.where(valid, s * LOG2E, float("-inf")))
-        v = tl.load(
-            V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        k = load_tile(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, n_ok, D)
+        s = attention_logits(
+            q, k, Bias + b * sbb + h * sbh, offs_m, offs_n, m_ok, n_ok, sbq, sbk, scale, NQ, NK,
+            HAS_BIAS, CAUSAL, PREC,
+        )  # fmt: skip
+        m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
+        v = load_tile(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, n_ok, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     out, lse = finish_softmax(acc, m_i, l_i)
     tl.store(
@@ -97,33 +84,20 @@ def _key_mass_accumulate(
     m_start = (q_lo // BM) * BM
     for h in range(0, H):
         hk = h // GROUP
-        k = tl.load(
-            K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            mask=n_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        k = load_tile(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, n_ok, D)
         for start_m in range(m_start, NQ, BM):
             offs_m = start_m + tl.arange(0, BM)
             m_ok = offs_m < NQ
-            q = tl.load(
-                Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & (offs_d[None, :] < D),
-                other=0.0,
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            if HAS_BIAS:
-                s += tl.load(
-                    Bias + b * sbb + h * sbh + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
-                    mask=m_ok[:, None] & n_ok[None, :],
-                    other=0.0,
-                )
-            s = tl.maximum(s, -1.0e30)
-            valid = m_ok[:, None] & n_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
+            q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, m_ok, D)
+            s = attention_logits(
+                q, k, Bias + b * sbb + h * sbh, offs_m, offs_n, m_ok, n_ok, sbq, sbk, scale, NQ, NK,
+                HAS_BIAS, CAUSAL, PREC,
+            )  # fmt: skip
             lse = tl.load(Lse + (b * H + h) * NQ + offs_m, mask=m_ok, other=0.0)
             w = tl.load(W + b * NQ + offs_m, mask=m_ok, other=0.0)
-            p = tl.exp2(tl.where(valid, s * LOG2E - lse[:, None], float("-inf")))
+            # masked keys stay at zero even in a row that sees no key at all (lse = -inf there)
+            valid = m_ok[:, None] & (s != float("-inf"))
+            p = tl.exp2(tl.where(valid, s - lse[:, None], float("-inf")))
             acc += tl.sum(p * w[:, None], 0)
     tl.store(Mass + b * NK + offs_n, acc / H, mask=n_ok)
 

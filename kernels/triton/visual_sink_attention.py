@@ -13,7 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
+from visattn.kernels.triton._common import (
+    attention_logits,
+    dot_precision,
+    finish_softmax,
+    load_tile,
+    online_softmax_step,
+)
 
 
 @triton.jit
@@ -34,11 +40,7 @@ def _visual_sink_fwd(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     m_ok = offs_m < NQ
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-        mask=m_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, m_ok, D)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     l_tsink = tl.zeros([BM], tl.float32)
@@ -50,23 +52,12 @@ def _visual_sink_fwd(
     for start_n in range(0, NK, BN):
         offs_n = start_n + tl.arange(0, BN)
         n_ok = offs_n < NK
-        k = tl.load(
-            K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            mask=n_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        if HAS_BIAS:
-            s += tl.load(
-                Bias + b * sbb + h * sbh + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
-                mask=m_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-        s = tl.maximum(s, -1.0e30)
-        valid = n_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
-        m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, tl.where(valid, s * LOG2E, float("-inf")))
+        k = load_tile(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, n_ok, D)
+        s = attention_logits(
+            q, k, Bias + b * sbb + h * sbh, offs_m, offs_n, m_ok, n_ok, sbq, sbk, scale, NQ, NK,
+            HAS_BIAS, CAUSAL, PREC,
+        )  # fmt: skip
+        m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
         cat = tl.load(Cat + b * NK + offs_n, mask=n_ok, other=0)
         is_tsink = (cat == 1)[None, :]
         is_vsink = (cat == 2)[None, :]
@@ -77,11 +68,7 @@ def _visual_sink_fwd(
         l_tsink = l_tsink * alpha + tl.sum(tl.where(is_tsink, p, 0.0), 1)
         l_vsink = l_vsink * alpha + tl.sum(tl.where(is_vsink, p, 0.0), 1)
         l_vis = l_vis * alpha + tl.sum(p_vis, 1)
-        v = tl.load(
-            V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        v = load_tile(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, n_ok, DV)
         acc_other = acc_other * alpha[:, None] + tl.dot(p_other.to(v.dtype), v, input_precision=PREC)
         acc_sink = acc_sink * alpha[:, None] + tl.dot(p_sink.to(v.dtype), v, input_precision=PREC)
         acc_vis = acc_vis * alpha[:, None] + tl.dot(p_vis.to(v.dtype), v, input_precision=PREC)
