@@ -14,6 +14,7 @@ count: ``O((Nq + Nk) * A * D)``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
 from visattn.kernels._dispatch import interpreter_enabled, resolve_backend
@@ -102,8 +103,9 @@ def agent_attention(
         scale: score scale used by both softmaxes; default ``D ** -0.5``.
         agent_bias: added to the agent->key scores, shape ``[B or 1, H, A, Nk]``.
         query_bias: added to the query->agent scores, shape ``[B or 1, H, Nq, A]``.
-        backend: ``"auto"`` (Triton on CUDA for float16/bfloat16/float32 with at most 256 agents and
-            head dims up to 256, the PyTorch reference otherwise), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (on CUDA: Triton for float16/bfloat16/float32 with at most 256 agents and
+            head dims up to 256, else both steps through ``scaled_dot_product_attention``; the PyTorch
+            reference elsewhere), ``"triton"`` or ``"torch"`` (the reference).
 
     Returns:
         ``[B, Nq, H, Dv]`` in the dtype of ``q``.
@@ -115,11 +117,29 @@ def agent_attention(
         problem = _triton_limits(q, v, agent)
         if problem and backend == "triton":
             raise ValueError(f"{OP}: {problem}")
-        if problem:  # "auto": the reference handles what the Triton kernels do not
-            chosen = "torch"
+        if problem:  # "auto": torch's fused attention takes what the Triton kernels do not
+            return agent_attention_sdpa(q, k, v, agent, scale, agent_bias, query_bias)
     if chosen == "torch":
         return agent_attention_reference(q, k, v, agent, scale, agent_bias, query_bias)
     return _agent_attention_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
+
+
+def agent_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agent: torch.Tensor,
+    scale: float,
+    agent_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Both steps as ``scaled_dot_product_attention`` calls (shapes as :func:`agent_attention`): on CUDA
+    torch's flash / memory-efficient kernels, with the biases as additive masks, so the ``[A, Nk]`` and
+    ``[Nq, A]`` probabilities are never stored (``auto`` on CUDA beyond the Triton kernels' limits)."""
+    qh, kh, vh, ah = (t.transpose(1, 2) for t in (q, k, v, agent))
+    agent_v = F.scaled_dot_product_attention(ah, kh, vh, attn_mask=agent_bias, scale=scale)
+    out = F.scaled_dot_product_attention(qh, ah, agent_v, attn_mask=query_bias, scale=scale)
+    return out.transpose(1, 2)
 
 
 def _triton_limits(q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> str | None:
@@ -129,7 +149,7 @@ def _triton_limits(q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> str
     if agent.shape[1] > TRITON_MAX_AGENTS:
         return (
             f"backend='triton' holds all agents in one block: at most {TRITON_MAX_AGENTS} agents, "
-            f"got {agent.shape[1]} (backend='auto' falls back to the PyTorch reference)"
+            f"got {agent.shape[1]} (backend='auto' uses scaled_dot_product_attention then)"
         )
     if max(q.shape[3], v.shape[3]) > TRITON_MAX_HEAD_DIM:
         return (

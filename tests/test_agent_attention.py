@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from visattn.kernels import agent_attention
+from visattn.kernels.agent_attention import agent_attention_sdpa
 
 # Triton runs on the GPU when there is one, else under the CPU interpreter (tests/conftest.py).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,21 +41,15 @@ def _inputs(
     return q, k, v, agent, agent_bias, query_bias
 
 
-def _sdpa_agent(q, k, v, agent, scale, agent_bias, query_bias):
-    """The same two steps written with torch's scaled_dot_product_attention (independent check)."""
-    qh, kh, vh, ah = (t.transpose(1, 2) for t in (q, k, v, agent))
-    agent_v = F.scaled_dot_product_attention(ah, kh, vh, attn_mask=agent_bias, scale=scale)
-    return F.scaled_dot_product_attention(qh, ah, agent_v, attn_mask=query_bias, scale=scale).transpose(1, 2)
-
-
 @pytest.mark.parametrize("bias_batch", [1, 2])
-def test_reference_matches_sdpa(bias_batch):
+def test_reference_matches_the_sdpa_composition(bias_batch):
+    """The reference and the two-SDPA path (auto's fallback on CUDA) agree: two independent writings."""
     q, k, v, agent, ab, qb = _inputs(dtype=torch.float64, dv=6, bias_batch=bias_batch)
     out = agent_attention(q, k, v, agent, agent_bias=ab, query_bias=qb, backend="torch")
     assert out.shape == (2, 20, 2, 6)
-    torch.testing.assert_close(out, _sdpa_agent(q, k, v, agent, 8**-0.5, ab, qb))
+    torch.testing.assert_close(out, agent_attention_sdpa(q, k, v, agent, 8**-0.5, ab, qb))
     out = agent_attention(q, k, v, agent, scale=0.3, backend="torch")
-    torch.testing.assert_close(out, _sdpa_agent(q, k, v, agent, 0.3, None, None))
+    torch.testing.assert_close(out, agent_attention_sdpa(q, k, v, agent, 0.3, None, None))
 
 
 def test_reference_gradcheck_float64():
@@ -156,14 +150,19 @@ def test_bench_runs_on_cpu(capsys):
     assert "official-style" in table and "visattn torch" in table and "n/a" not in table
 
 
-def test_auto_falls_back_to_reference_beyond_triton_limits(monkeypatch):
+def test_auto_uses_sdpa_beyond_triton_limits(monkeypatch):
     module = sys.modules["visattn.kernels.agent_attention"]  # the package attribute is the function
     q, k, v, _, _, _ = _inputs()
     agent = torch.randn(2, 300, 2, 8)
     monkeypatch.setattr(module, "resolve_backend", lambda *a, **kw: "triton")  # as on a CUDA device
-    torch.testing.assert_close(
-        agent_attention(q, k, v, agent), agent_attention(q, k, v, agent, backend="torch")
+    sdpa_calls = []
+    sdpa = module.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        module.F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or sdpa(*a, **kw)
     )
+    out = agent_attention(q, k, v, agent)
+    assert len(sdpa_calls) == 2
+    torch.testing.assert_close(out, agent_attention(q, k, v, agent, backend="torch"))
     with pytest.raises(ValueError, match="at most 256 agents"):
         agent_attention(q, k, v, agent, backend="triton")
 
