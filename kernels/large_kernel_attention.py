@@ -10,7 +10,11 @@ of the attention ops: LKA has no heads and its convolutions run over channel pla
 Backends (``visattn.kernels._dispatch``): ``"torch"`` runs the ``F.conv2d`` reference;
 ``"triton"`` runs the fused kernels of :mod:`visattn.kernels.triton.large_kernel_attention`
 through the ``visattn::large_kernel_attention_fwd`` / ``_bwd`` custom ops (fake
-implementations and autograd registered, so they trace under ``torch.compile``).
+implementations and autograd registered, so they trace under ``torch.compile``). Both directions
+fuse the two depthwise convolutions into one kernel: the forward chain ``dwconv -> dwconv_dilated``,
+and the backward's input-gradient chain (the flipped dilated kernel, then the flipped first kernel,
+plus the direct ``grad * attn`` term), which also writes the intermediate gradient that the first
+convolution's weight gradient needs.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def _lka_fwd(
     dw_bias, dwd_bias, pw_bias = (
         b.contiguous() if b is not None else None for b in (dw_bias, dwd_bias, pw_bias)
     )
-    d = tk.dw_chain(x, _flat(dw_weight), dw_bias, _flat(dwd_weight), dwd_bias, dilation)
+    d, _ = tk.dw_chain(x, _flat(dw_weight), dw_bias, _flat(dwd_weight), dwd_bias, 1, dilation)
     return tk.pointwise_gate(_flat(pw_weight), pw_bias, d, x), d
 
 
@@ -124,7 +128,7 @@ def _lka_bwd(
     gf = grad_out.contiguous().reshape(batch, channels, -1)
     attn = torch.matmul(wpw, df)
     if pw_bias is not None:
-        attn = attn + pw_bias[:, None]
+        attn += pw_bias[:, None]
     g_attn = gf * xf
     g_d = torch.matmul(wpw.t(), g_attn)
     if grad_d is not None:
@@ -133,10 +137,11 @@ def _lka_bwd(
     g_pw_bias = g_attn.sum(dim=(0, 2))
     g_d = g_d.reshape(x.shape).contiguous()
 
-    w1, w2 = _flat(dw_weight), _flat(dwd_weight)
-    a = tk.dwconv(x, w1, dw_bias.contiguous() if dw_bias is not None else None)
-    g_a = tk.dwconv(g_d, w2, dilation=dilation, flip=True)
-    g_x = tk.dwconv(g_a, w1, flip=True, add=(gf * attn).reshape(x.shape))
+    # input gradients of the two depthwise convs: convs with the flipped kernels, in reverse order, in
+    # one launch that adds the direct term grad * attn and keeps g_a for the first conv's weight gradient
+    w1_t, w2_t = _flat(dw_weight.flip((-2, -1))), _flat(dwd_weight.flip((-2, -1)))
+    g_x, g_a = tk.dw_chain(g_d, w2_t, None, w1_t, None, dilation, 1, add=attn.mul_(gf), keep_mid=True)
+    a = tk.dwconv(x, _flat(dw_weight), dw_bias.contiguous() if dw_bias is not None else None)
     g_w2, g_b2 = tk.dwconv_weight_grad(a, g_d, dwd_weight.shape[-1], dilation)
     g_w1, g_b1 = tk.dwconv_weight_grad(x, g_a, dw_weight.shape[-1])
     wdt = dw_weight.dtype

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from visattn.kernels import large_kernel_attention
 from visattn.kernels.large_kernel_attention import _lka_bwd, _lka_fwd
@@ -32,7 +33,7 @@ def _grads(out, args, grad):
     "shape, k1, k2, dilation, bias",
     [
         ((2, 3, 13, 20), 5, 7, 3, True),  # VAN's LKA, one tile per plane
-        ((1, 2, 50, 47), 5, 7, 3, False),  # several 46x46 tiles per plane, no biases
+        ((1, 2, 70, 67), 5, 7, 3, False),  # 2x2 tiles per plane both ways (46 wide fwd, 60 bwd), no biases
         ((2, 2, 9, 11), 3, 5, 2, True),  # other kernel sizes / dilation
     ],
 )
@@ -43,15 +44,50 @@ def test_triton_matches_reference(shape, k1, k2, dilation, bias):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     grad = torch.randn_like(ref)
     for got, want in zip(_grads(out, args, grad), _grads(ref, args, grad)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
-def test_triton_half_precision_forward():
-    args = [a.detach() if a is not None else None for a in _inputs(1, 4, 12, 12)]
-    ref = large_kernel_attention_reference(*args)
-    out = large_kernel_attention(*[a.half() for a in args], backend="triton")
+def test_triton_half_precision():
+    args = [a.detach() for a in _inputs(1, 4, 12, 12)]
+    half = [a.half().requires_grad_() for a in args]
+    out = large_kernel_attention(*half, backend="triton")
     assert out.dtype == torch.float16
+    ref = large_kernel_attention_reference(*[a.requires_grad_() for a in args])
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=2e-2 * ref.abs().max().item())
+    grad = torch.randn_like(ref)
+    for got, want in zip(_grads(out, half, grad.half()), _grads(ref, args, grad)):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "k1, dil1, k2, dil2, bias, add",
+    [
+        (5, 1, 7, 3, True, False),  # the forward chain: halo 9, 46-wide tiles
+        (7, 3, 5, 1, False, True),  # the backward's order: halo 2 (60-wide tiles), first conv reads 9 away
+    ],
+)
+def test_dw_chain_matches_conv2d_composition(k1, dil1, k2, dil2, bias, add):
+    # 70x67 planes: 2x2 tiles either way, so halos cross tile borders and the image border
+    from visattn.kernels.triton import large_kernel_attention as tk
+
+    chans = 3
+    x = torch.randn(1, chans, 70, 67)
+    w1, w2 = torch.randn(chans, 1, k1, k1) * 0.2, torch.randn(chans, 1, k2, k2) * 0.2
+    b1, b2 = (torch.randn(chans), torch.randn(chans)) if bias else (None, None)
+    extra = torch.randn_like(x) if add else None
+    out, mid = tk.dw_chain(
+        x, w1.reshape(chans, -1), b1, w2.reshape(chans, -1), b2, dil1, dil2, add=extra, keep_mid=True
+    )
+    want_mid = F.conv2d(x, w1, b1, padding=dil1 * (k1 // 2), dilation=dil1, groups=chans)
+    want = F.conv2d(want_mid, w2, b2, padding=dil2 * (k2 // 2), dilation=dil2, groups=chans)
+    if add:
+        want = want + extra
+    torch.testing.assert_close(mid, want_mid, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out_only, no_mid = tk.dw_chain(x, w1.reshape(chans, -1), b1, w2.reshape(chans, -1), b2, dil1, dil2)
+    assert no_mid is None
+    torch.testing.assert_close(out_only, want - extra if add else want, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_on_cpu_is_the_reference():
@@ -191,10 +227,13 @@ def compile_(fn, consts, dtype):
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4})
 
-c = dict(K1=5, K2=7, DIL=3, PB=1, RH=64, RW=64, HAS_B1=True, HAS_B2=True)
+c = dict(K1=5, DIL1=1, K2=7, DIL2=3, PB=1, RH=64, RW=64, HAS_B1=True, HAS_B2=True, HAS_ADD=False,
+         STORE_MID=False)
 compile_(tk._dw_chain_kernel, c, "bf16")
-c = dict(K=7, DIL=3, FLIP=True, HAS_BIAS=True, HAS_ADD=True, PB=1, BH=32, BW=64)
-compile_(tk._dwconv_kernel, c, "bf16")
+c = dict(K1=7, DIL1=3, K2=5, DIL2=1, PB=1, RH=64, RW=64, HAS_B1=False, HAS_B2=False, HAS_ADD=True,
+         STORE_MID=True)
+compile_(tk._dw_chain_kernel, c, "bf16")
+compile_(tk._dwconv_kernel, dict(K=5, DIL=1, HAS_BIAS=True, PB=1, BH=32, BW=64), "bf16")
 compile_(tk._dwconv_wgrad_kernel, dict(K=7, DIL=3, PB=1, BH=32, BW=64), "bf16")
 for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32")):
     c = dict(HAS_BIAS=True, BM=64, BN=128, BK=32, PRECISION=precision)

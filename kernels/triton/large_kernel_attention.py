@@ -3,20 +3,24 @@
 Forward (two launches):
 
 1. :func:`dw_chain` — the two depthwise convolutions in one kernel. A program owns a
-   spatial tile of one ``(batch, channel)`` plane; it first evaluates the ``k1 x k1``
-   convolution on the tile grown by the halo of the dilated convolution (zero outside the
-   image, as the zero padding of the second convolution requires), parks that region in a
-   per-program scratch slot (a few KiB, L1/L2-resident; the grid is persistent so the
-   scratch stays small), then evaluates the dilated ``k2 x k2`` convolution from it. The
+   spatial tile of one ``(batch, channel)`` plane; it first evaluates the first convolution
+   (``k1 x k1``) on the tile grown by the halo of the second (dilated ``k2 x k2``) one, zero
+   outside the image as the zero padding of the second convolution requires, parks that
+   region in a per-program scratch slot (a few KiB, L1/L2-resident; the grid is persistent
+   so the scratch stays small), then evaluates the second convolution from it. The
    intermediate never makes a round trip through a full-size tensor.
 2. :func:`pointwise_gate` — the 1x1 convolution as a GEMM over channels with the bias and
    the gating product ``x * attn`` in its epilogue, so ``attn`` is never written.
 
-Backward: the 1x1 parts are GEMMs left to cuBLAS (``torch.matmul``); the depthwise parts use
-:func:`dwconv` (input gradients are depthwise convolutions with flipped kernels; the last one
-adds the direct ``grad * attn`` term in its epilogue) and :func:`dwconv_weight_grad`
-(per-tile partial sums of every tap, reduced by ``torch.sum``). The intermediate
-``dwconv(x)`` is recomputed instead of saved.
+Backward: the 1x1 parts are GEMMs left to cuBLAS (``torch.matmul``). The input gradient of a
+same-padded depthwise convolution is the same convolution with the spatially flipped kernel, so
+the chain ``g_x = dwconv(dwconv_dilated(g_d, flip(w2)), flip(w1)) + grad * attn`` is one
+:func:`dw_chain` launch too (each convolution has its own kernel size and dilation; the direct
+``grad * attn`` term is added in the epilogue), which also stores the intermediate ``g_a`` over the
+tiles it owns, for the weight gradient of the first convolution. Weight gradients use
+:func:`dwconv_weight_grad` (per-tile partial sums of every tap, reduced by ``torch.sum``); the
+intermediate ``dwconv(x)`` that the dilated kernel's weight gradient needs is recomputed with
+:func:`dwconv` instead of saved.
 
 ``visattn bench lka`` times this against the official nn.Conv2d chain and against the same forward with
 the two depthwise convolutions as two :func:`dwconv` launches (row ``triton 2-kernel (fwd)``), which is
@@ -42,7 +46,9 @@ def _dw_chain_kernel(
     b1_ptr,
     w2_ptr,
     b2_ptr,
+    add_ptr,
     out_ptr,
+    mid_ptr,
     scratch_ptr,
     n_planes,
     C,
@@ -52,18 +58,21 @@ def _dw_chain_kernel(
     tiles_per_block,
     total_tiles,
     K1: tl.constexpr,
+    DIL1: tl.constexpr,
     K2: tl.constexpr,
-    DIL: tl.constexpr,
+    DIL2: tl.constexpr,
     PB: tl.constexpr,
     RH: tl.constexpr,
     RW: tl.constexpr,
     HAS_B1: tl.constexpr,
     HAS_B2: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    STORE_MID: tl.constexpr,
 ):
     # A work item is PB planes x one spatial tile. A region of RH x RW intermediate values per
-    # plane feeds an output tile of (RH - 2*P2) x (RW - 2*P2).
-    P1: tl.constexpr = K1 // 2
-    P2: tl.constexpr = DIL * (K2 // 2)
+    # plane feeds an output tile of (RH - 2*P2) x (RW - 2*P2); the region's halo is the second conv's.
+    P1: tl.constexpr = DIL1 * (K1 // 2)
+    P2: tl.constexpr = DIL2 * (K2 // 2)
     TILE_H: tl.constexpr = RH - 2 * P2
     TILE_W: tl.constexpr = RW - 2 * P2
     pid = tl.program_id(0)
@@ -84,33 +93,44 @@ def _dw_chain_kernel(
         # phase 1: first depthwise conv on the tile + halo, zero outside the image
         ih = oh0 - P2 + rr
         iw = ow0 - P2 + cc
+        # tap rows are a loop and tap columns unrolled (both phases), taps are scalar offsets: with all
+        # 49 taps of a 7x7 unrolled, the sm_90 compile of the backward chain took 43 s (now 3.3 s)
         acc = tl.zeros((PB, RH, RW), dtype=tl.float32)
-        for i in tl.static_range(K1):
+        xp = x_ptr + base + ih * W + iw  # a tap is a scalar offset from here
+        for i in range(K1):
+            yh = ih + (i * DIL1 - P1)
+            row_ok = pvalid & (yh >= 0) & (yh < H)
             for j in tl.static_range(K1):
                 w = tl.load(w1_ptr + ch * (K1 * K1) + (i * K1 + j), mask=pvalid, other=0.0).to(tl.float32)
-                yh = ih + (i - P1)
-                yw = iw + (j - P1)
-                m = pvalid & (yh >= 0) & (yh < H) & (yw >= 0) & (yw < W)
-                acc += w * tl.load(x_ptr + base + yh * W + yw, mask=m, other=0.0).to(tl.float32)
+                yw = iw + (j * DIL1 - P1)
+                m = row_ok & (yw >= 0) & (yw < W)
+                v = tl.load(xp + ((i * DIL1 - P1) * W + (j * DIL1 - P1)), mask=m, other=0.0)
+                acc += w * v.to(tl.float32)
         if HAS_B1:
             acc += tl.load(b1_ptr + ch, mask=pvalid, other=0.0).to(tl.float32)
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         acc = tl.where(inside, acc, 0.0)
+        if STORE_MID:
+            # the intermediate over the tile this work item owns (each position has exactly one owner)
+            owned = pvalid & inside & (rr >= P2) & (rr < P2 + TILE_H) & (cc >= P2) & (cc < P2 + TILE_W)
+            tl.store(mid_ptr + base + ih * W + iw, acc.to(mid_ptr.dtype.element_ty), mask=owned)
         tl.debug_barrier()  # the previous work item's phase-2 reads of this slot are done
         tl.store(slot + rr * RW + cc, acc)
         tl.debug_barrier()  # the region is visible to every thread of the program
-        # phase 2: dilated depthwise conv read from the region
+        # phase 2: second depthwise conv read from the region
         out = tl.zeros((PB, RH, RW), dtype=tl.float32)
-        for i in tl.static_range(K2):
+        for i in range(K2):
             for j in tl.static_range(K2):
                 w = tl.load(w2_ptr + ch * (K2 * K2) + (i * K2 + j), mask=pvalid, other=0.0).to(tl.float32)
-                v = tl.load(slot + (rr + i * DIL) * RW + (cc + j * DIL), mask=in_tile, other=0.0)
+                v = tl.load(slot + (rr + i * DIL2) * RW + (cc + j * DIL2), mask=in_tile, other=0.0)
                 out += w * v
         if HAS_B2:
             out += tl.load(b2_ptr + ch, mask=pvalid, other=0.0).to(tl.float32)
         oh = oh0 + rr
         ow = ow0 + cc
         keep = pvalid & in_tile & (oh < H) & (ow < W)
+        if HAS_ADD:
+            out += tl.load(add_ptr + base + oh * W + ow, mask=keep, other=0.0).to(tl.float32)
         tl.store(out_ptr + base + oh * W + ow, out.to(out_ptr.dtype.element_ty), mask=keep)
 
 
@@ -119,7 +139,6 @@ def _dwconv_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
-    add_ptr,
     out_ptr,
     n_planes,
     C,
@@ -128,9 +147,7 @@ def _dwconv_kernel(
     tiles_w,
     K: tl.constexpr,
     DIL: tl.constexpr,
-    FLIP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_ADD: tl.constexpr,
     PB: tl.constexpr,
     BH: tl.constexpr,
     BW: tl.constexpr,
@@ -146,11 +163,7 @@ def _dwconv_kernel(
     acc = tl.zeros((PB, BH, BW), dtype=tl.float32)
     for i in tl.static_range(K):
         for j in tl.static_range(K):
-            if FLIP:
-                widx = (K - 1 - i) * K + (K - 1 - j)
-            else:
-                widx = i * K + j
-            w = tl.load(w_ptr + ch * (K * K) + widx, mask=pvalid, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + ch * (K * K) + (i * K + j), mask=pvalid, other=0.0).to(tl.float32)
             yh = oh + (i * DIL - P)
             yw = ow + (j * DIL - P)
             m = pvalid & (yh >= 0) & (yh < H) & (yw >= 0) & (yw < W)
@@ -158,8 +171,6 @@ def _dwconv_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + ch, mask=pvalid, other=0.0).to(tl.float32)
     keep = pvalid & (oh < H) & (ow < W)
-    if HAS_ADD:
-        acc += tl.load(add_ptr + base + oh * W + ow, mask=keep, other=0.0).to(tl.float32)
     tl.store(out_ptr + base + oh * W + ow, acc.to(out_ptr.dtype.element_ty), mask=keep)
 
 
@@ -243,8 +254,9 @@ def _pointwise_gate_kernel(
 
 
 def _region(size: int, halo: int) -> int:
-    """Power-of-two region edge for :func:`dw_chain`: the whole plane plus halo when that is small,
-    else 64 (a 46-wide output tile for VAN's halo of 9), more only for very wide halos."""
+    """Power-of-two region edge for :func:`dw_chain`, given the halo of its second convolution: the
+    whole plane plus halo when that is small, else 64 (a 46-wide output tile for the forward's halo of
+    9, 60-wide for the backward's halo of 2), more only for very wide halos."""
     return min(triton.next_power_of_2(size + 2 * halo), max(64, triton.next_power_of_2(4 * halo)))
 
 
@@ -270,14 +282,23 @@ def dw_chain(
     b1: torch.Tensor | None,
     w2: torch.Tensor,
     b2: torch.Tensor | None,
-    dilation: int,
-) -> torch.Tensor:
-    """``dwconv_dilated(dwconv(x, w1, b1), w2, b2)`` for ``x`` ``[B, C, H, W]``; ``w1`` ``[C, k1*k1]``,
-    ``w2`` ``[C, k2*k2]`` (contiguous), same padding. Returns ``[B, C, H, W]`` in ``x.dtype``."""
+    dilation1: int,
+    dilation2: int,
+    add: torch.Tensor | None = None,
+    keep_mid: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Two same-padded depthwise convolutions in one launch: ``mid = dwconv(x, w1, b1, dilation1)``,
+    ``out = dwconv(mid, w2, b2, dilation2) + add``.
+
+    ``x`` and ``add`` ``[B, C, H, W]``; ``w1`` ``[C, k1*k1]``, ``w2`` ``[C, k2*k2]``, biases ``[C]`` (all
+    contiguous; odd ``k1``, ``k2``). Returns ``(out, mid)`` in ``x.dtype``; ``mid`` is written only when
+    ``keep_mid`` (else None). Forward of LKA: ``(w1, 1, w2, dilation)``; input gradient: the flipped
+    kernels in the opposite order.
+    """
     bsz, chans, h, w = x.shape
     k1 = int(round(w1.shape[1] ** 0.5))
     k2 = int(round(w2.shape[1] ** 0.5))
-    halo = dilation * (k2 // 2)
+    halo = dilation2 * (k2 // 2)
     rh, rw = _region(h, halo), _region(w, halo)
     tiles_w = triton.cdiv(w, rw - 2 * halo)
     tiles_per_block = triton.cdiv(h, rh - 2 * halo) * tiles_w
@@ -287,13 +308,16 @@ def dw_chain(
     nprog = min(total, _max_programs(x.device))
     scratch = torch.empty(nprog * pb * rh * rw, device=x.device, dtype=torch.float32)
     out = torch.empty_like(x)
+    mid = torch.empty_like(x) if keep_mid else None
     _dw_chain_kernel[(nprog,)](
         x,
         w1,
         b1 if b1 is not None else w1,
         w2,
         b2 if b2 is not None else w2,
+        add if add is not None else x,
         out,
+        mid if mid is not None else out,
         scratch,
         n_planes,
         chans,
@@ -303,28 +327,26 @@ def dw_chain(
         tiles_per_block,
         total,
         K1=k1,
+        DIL1=dilation1,
         K2=k2,
-        DIL=dilation,
+        DIL2=dilation2,
         PB=pb,
         RH=rh,
         RW=rw,
         HAS_B1=b1 is not None,
         HAS_B2=b2 is not None,
+        HAS_ADD=add is not None,
+        STORE_MID=keep_mid,
         num_warps=_NUM_WARPS,
     )
-    return out
+    return out, mid
 
 
 def dwconv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    dilation: int = 1,
-    flip: bool = False,
-    add: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dilation: int = 1
 ) -> torch.Tensor:
-    """Same-padded depthwise conv of ``x`` ``[B, C, H, W]`` with ``weight`` ``[C, k*k]`` (spatially
-    flipped when ``flip``), plus ``bias`` ``[C]`` and ``add`` ``[B, C, H, W]`` when given."""
+    """Same-padded depthwise conv of ``x`` ``[B, C, H, W]`` with ``weight`` ``[C, k*k]`` and ``bias`` ``[C]``
+    or None."""
     bsz, chans, h, w = x.shape
     k = int(round(weight.shape[1] ** 0.5))
     bh, bw = _tile(h, 32), _tile(w, 64)
@@ -336,7 +358,6 @@ def dwconv(
         x,
         weight,
         bias if bias is not None else weight,
-        add if add is not None else x,
         out,
         n_planes,
         chans,
@@ -345,9 +366,7 @@ def dwconv(
         tiles_w,
         K=k,
         DIL=dilation,
-        FLIP=flip,
         HAS_BIAS=bias is not None,
-        HAS_ADD=add is not None,
         PB=pb,
         BH=bh,
         BW=bw,
