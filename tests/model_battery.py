@@ -43,6 +43,22 @@ def checkpoint_filter_for(name: str):
     return sys.modules[timm.models.model_entrypoint(name).__module__].checkpoint_filter_fn
 
 
+def meta_model(name: str, **kwargs) -> torch.nn.Module:
+    """The full-size ``name`` built on the meta device (no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+def assert_paper_params(
+    model: torch.nn.Module, name: str, paper_millions: float, slack_millions: float = 0.0
+) -> None:
+    """``model`` has the parameter count of the paper's table within 1% (or within ``slack_millions``
+    when that is looser: tables that round to whole millions)."""
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    tolerance = max(0.01 * paper_millions, slack_millions)
+    assert abs(millions - paper_millions) <= tolerance, f"{name}: {millions:.2f}M vs paper {paper_millions}M"
+
+
 def _get_submodule(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
     return model.get_submodule(dotted)
 

@@ -7,7 +7,13 @@ import timm
 import torch
 
 import visattn  # noqa: F401  (registers the models)
-from tests.model_battery import battery_names, checkpoint_filter_for, run_battery
+from tests.model_battery import (
+    assert_paper_params,
+    battery_names,
+    checkpoint_filter_for,
+    meta_model,
+    run_battery,
+)
 from visattn.backbones.agent_common import AgentAttentionBase
 
 # Official constructor kwargs that are defaults of ours (or spelled differently) and are not passed on.
@@ -115,10 +121,7 @@ PAPER_PARAMS = {
 
 @pytest.mark.parametrize("variant", sorted(PAPER_PARAMS))
 def test_param_count_matches_paper(variant):
-    with torch.device("meta"):
-        model = timm.create_model(variant)
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
-    assert abs(millions - PAPER_PARAMS[variant]) / PAPER_PARAMS[variant] < 0.01, f"{variant}: {millions:.2f}M"
+    assert_paper_params(meta_model(variant), variant, PAPER_PARAMS[variant])
 
 
 def test_registered_variants_are_the_paper_ones():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import visattn  # noqa: F401  (registers the models)
-from tests.model_battery import battery_names, run_battery
+from tests.model_battery import assert_paper_params, battery_names, meta_model, run_battery
 from visattn.backbones.biformer import BiFormer, BiLevelRoutingAttention, checkpoint_filter_fn
 
 TINY = dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), n_win=2, num_classes=10)
@@ -74,10 +74,7 @@ def test_full_size_official_keys_load_strict(conformance_dir, name, keys):
 
 @pytest.mark.parametrize("name,millions", [("biformer_t", 13.1), ("biformer_s", 25.5), ("biformer_b", 56.8)])
 def test_param_counts_match_paper(name, millions):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
-    assert abs(count - millions) / millions < 0.01, f"{name}: {count:.2f}M vs {millions}M"
+    assert_paper_params(meta_model(name), name, millions)
 
 
 def test_long_names_are_aliases():

@@ -10,7 +10,7 @@ import timm.optim
 import torch
 
 import visattn  # noqa: F401  (registers the models)
-from tests.model_battery import battery_names, run_battery
+from tests.model_battery import assert_paper_params, battery_names, meta_model, run_battery
 from visattn.backbones import nat as nat_module
 from visattn.backbones.nat import NAT, NeighborhoodAttention2D, checkpoint_filter_fn
 from visattn.kernels import interpreter_enabled, neighborhood_attention
@@ -58,15 +58,9 @@ def test_battery(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_full_size_params_and_cfg(name):
-    kwargs = dict(num_classes=1000) if "21k" in name else {}
-    with torch.device("meta"):
-        model = timm.create_model(name, **kwargs)
-    n_params = sum(p.numel() for p in model.parameters())
-    paper = PAPER_PARAMS_M[name] * 1e6
+    model = meta_model(name, **(dict(num_classes=1000) if "21k" in name else {}))
     # within 1%, or within the rounding of the table's whole-million figure
-    assert abs(n_params - paper) <= max(0.01 * paper, 0.5e6), (
-        f"{name}: {n_params / 1e6:.2f}M vs {paper / 1e6}M"
-    )
+    assert_paper_params(model, name, PAPER_PARAMS_M[name], slack_millions=0.5)
     cfg = model.pretrained_cfg
     assert cfg["url"].startswith("https://shi-labs.com/projects/") and cfg["url"].endswith(".pth")
     size = 384 if "384" in name else 224
@@ -293,11 +287,8 @@ def test_isotropic_battery(name):
 
 @pytest.mark.parametrize("name", ISO_NAMES)
 def test_isotropic_full_size_params_cfg_and_dilations(name):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    n_params = sum(p.numel() for p in model.parameters())
-    paper = ISO_PAPER_PARAMS_M[name] * 1e6
-    assert abs(n_params - paper) <= 0.01 * paper, f"{name}: {n_params / 1e6:.2f}M vs {paper / 1e6}M"
+    model = meta_model(name)
+    assert_paper_params(model, name, ISO_PAPER_PARAMS_M[name])
     cfg = model.pretrained_cfg
     assert cfg["url"] == f"https://shi-labs.com/projects/dinat/checkpoints/isotropic/{name}_in1k_224.pth"
     assert cfg["input_size"] == (3, 224, 224) and cfg["first_conv"] == "patch_embed.proj"

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import visattn  # noqa: F401  (registers the models)
-from tests.model_battery import battery_names, run_battery
+from tests.model_battery import assert_paper_params, battery_names, meta_model, run_battery
 from tests.test_agent_models import check_intermediates_and_prune
 from visattn.backbones.van import VAN, checkpoint_filter_fn
 
@@ -35,10 +35,7 @@ def test_battery(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_param_count_matches_paper(name):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
-    assert abs(count - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.01, f"{name}: {count:.2f}M"
+    assert_paper_params(meta_model(name), name, PAPER_PARAMS_M[name])
 
 
 def _official_r1(conformance_dir):
