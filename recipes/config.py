@@ -48,6 +48,7 @@ class Recipe:
     dataset: str = ""
     train_split: str = "train"
     val_split: str = "validation"
+    train_samples: int | None = None
     input_size: int = 224
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
@@ -182,6 +183,7 @@ class Recipe:
             (self.threads >= 0, "threads must be >= 0 (0: PyTorch's default)"),
             (self.keep_last >= 1 and self.log_interval >= 1, "keep_last and log_interval must be >= 1"),
             (self.ckpt_interval_steps >= 0, "ckpt_interval_steps must be >= 0"),
+            (self.train_samples is None or self.train_samples > 0, "train_samples must be > 0 or null"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,19 +9,33 @@ Where the images come from (:func:`build_datasets`):
   ``DIR/val/<class>/*.jpg`` (``validation/`` also accepted), or image tars ``DIR/train.tar`` and
   ``DIR/val.tar`` holding ``<class>/<image>`` members; read with timm's ``create_dataset``.
 * any other map-style timm dataset kind (``torch/cifar10``, ``torch/image_folder``, ``hfds/<name>``,
-  ...) — passed to ``timm.data.create_dataset(kind, root=DIR, split=...)``. Streaming kinds
-  (``hfids/``, ``tfds/``, ``wds/``) are refused with a clear error: the trainer shards, seeds and
-  resumes by sample index, which an iterable dataset does not offer.
+  ...) — passed to ``timm.data.create_dataset(kind, root=DIR, split=...)``.
+* ``wds/<name>`` — WebDataset shards read by timm's ``ReaderWds`` (``pip install visattn[wds]``):
+  ``DIR/_info.json`` lists each split's shards and sample counts, or the split is a brace pattern
+  (``train_split: "imagenet-train-{0000..1023}.tar"``, optionally ``|<samples>``); the train split's
+  sample count must be known (``_info.json``, ``|<samples>`` or the recipe's ``train_samples``).
+  The other streaming kinds are refused with a clear error: ``tfds/`` (TensorFlow is not a
+  dependency) and ``hfids/`` (use the map-style ``hfds/``).
 
-Augmentation is made deterministic per sample: the sampler yields ``(index, seed)`` pairs
-where the seed depends on (recipe seed, epoch, position of the sample in the global order),
+Map-style augmentation is made deterministic per sample: the sampler yields ``(index, seed)``
+pairs where the seed depends on (recipe seed, epoch, position of the sample in the global order),
 and :class:`SeededDataset` seeds ``random``/``numpy``/``torch`` from it before the timm
 transform runs. A sample therefore gets the same augmentation whatever the number of
 workers or devices, and a resumed run sees exactly the batches an uninterrupted one would.
+
+WebDataset epochs (:class:`SeededStream`) are deterministic too, for a fixed world size, worker
+count and batch size: timm shuffles the shard list from (seed, epoch) and deals shards to the
+``world x workers`` readers; each reader's sample shuffle buffer is re-seeded from (seed, epoch,
+reader) every epoch and each sample's augmentation from (seed, epoch, reader, position). A
+resumed run re-opens the epoch, reads (and decodes, without augmenting) the samples already
+consumed and drops them, and rotates the worker order so batches arrive in the original order:
+it sees the same batches as an uninterrupted run. With another world size or worker count the
+shards are dealt differently: the epoch restarts its stream and skips only the count of batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tarfile
@@ -32,20 +46,31 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup, auto_augment, create_dataset, create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    Sampler,
+    get_worker_info,
+)
 
 from visattn.recipes.config import Recipe
 
 IMG_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
-# timm dataset kinds that stream (IterableDataset): HF streaming, TFDS, WebDataset
+# timm dataset kinds that stream (IterableDataset): HF streaming, TFDS, WebDataset; only wds/ is read
 STREAMING_PREFIXES = ("hfids", "tfds", "wds")
 
 
 def _streaming_message(kind: str) -> str:
+    why = {
+        "tfds": "TensorFlow Datasets, which needs TensorFlow (not a visattn dependency)",
+        "hfids": "Hugging Face streaming; the map-style hfds/<name> reads the same data sets",
+    }.get(kind.partition("/")[0].lower(), "a streaming (iterable) timm dataset")
     return (
-        f"dataset kind {kind!r} is a streaming (iterable) timm dataset; the trainer shards and resumes "
-        "by sample index, so it needs a map-style kind: an ImageNet-style folder or train.tar/val.tar "
-        "(dataset ''), torch/<name> or hfds/<name>"
+        f"dataset kind {kind!r} is refused: it is {why}. Use WebDataset shards (wds/<name>) or a "
+        "map-style kind: an ImageNet-style folder or train.tar/val.tar (dataset ''), torch/<name> or "
+        "hfds/<name>"
     )
 
 
@@ -163,6 +188,8 @@ def build_datasets(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dataset
         val = create_dataset("", root=str(val_dir), search_split=False, class_map=class_map)
         return train, val, len(classes)
     prefix = kind.partition("/")[0].lower() if "/" in kind else ""
+    if prefix == "wds":
+        return _build_wds(recipe, root, kind)
     if prefix in STREAMING_PREFIXES:
         raise ValueError(_streaming_message(kind))
     train = create_dataset(kind, root=str(root), split=recipe.train_split, is_training=True, download=False)
@@ -172,6 +199,52 @@ def build_datasets(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dataset
             raise ValueError(_streaming_message(kind))
     num_classes = recipe.num_classes or _count_classes(train)
     return train, val, num_classes
+
+
+def _build_wds(recipe: Recipe, root: Path, kind: str) -> tuple[Dataset, Dataset, int]:
+    """timm's ``IterableImageDataset`` + ``ReaderWds`` for the train and val shards under ``root``."""
+    try:
+        import webdataset  # noqa: F401  (timm's reader needs it)
+    except ImportError as exc:
+        raise ImportError(
+            f"dataset kind {kind!r} needs the webdataset package: pip install 'visattn[wds]'"
+        ) from exc
+    common = dict(root=str(root), batch_size=recipe.batch_size, seed=recipe.seed)
+    datasets = []
+    for split, training in ((recipe.train_split, True), (recipe.val_split, False)):
+        try:
+            datasets.append(
+                create_dataset(
+                    kind,
+                    split=split,
+                    is_training=training,
+                    num_samples=recipe.train_samples if training else None,
+                    **common,
+                )
+            )
+        except RuntimeError as exc:
+            if "num_samples" in str(exc):
+                raise ValueError(
+                    f"{kind} split {split!r} under {root}: its number of samples is unknown (no _info.json "
+                    "giving it, no '|<samples>' after the shard pattern); set train_samples "
+                    "(--set train_samples=N), it fixes the steps per epoch"
+                ) from exc
+            raise ValueError(f"{kind} split {split!r} under {root}: {exc}") from exc
+    train, val = datasets
+    num_classes = recipe.num_classes or train.reader.info.get("num_classes")
+    if not num_classes:
+        raise ValueError(
+            f"cannot tell the number of classes of {kind}: set num_classes in the recipe "
+            f"(--set num_classes=N) or 'num_classes' in {root / '_info.json'}"
+        )
+    return train, val, int(num_classes)
+
+
+def dataset_size(dataset: Dataset) -> int | None:
+    """Number of samples of a split (``None`` when a stream does not know it)."""
+    if isinstance(dataset, IterableDataset):
+        return getattr(getattr(dataset, "reader", None), "num_samples", None) or None
+    return len(dataset)
 
 
 def build_eval_dataset(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dataset, int]:
@@ -254,6 +327,25 @@ def _unwrap_image_dataset(dataset: Dataset) -> Dataset:
     return dataset
 
 
+@contextlib.contextmanager
+def _seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed ``random``/``numpy``/``torch`` with ``seed``; in the main process restore them afterwards, so
+    data loading with ``workers=0`` leaves the training RNG untouched."""
+    in_main = get_worker_info() is None
+    if in_main:
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if in_main:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
 class SeededDataset(Dataset):
     """Apply ``transform`` to ``dataset[index]`` after seeding the RNGs with the sample's seed.
 
@@ -274,20 +366,9 @@ class SeededDataset(Dataset):
             img, target = self.dataset[item]
             return self.transform(img), target
         index, seed = item
-        in_main = torch.utils.data.get_worker_info() is None
-        if in_main:
-            saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
+        with _seeded_rngs(seed):
             img, target = self.dataset[index]
             return self.transform(img), target
-        finally:
-            if in_main:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
 
 
 class SeededSampler(Sampler):
@@ -332,8 +413,110 @@ class ShardSampler(Sampler):
         return iter(self.indices)
 
 
+class SeededStream(IterableDataset):
+    """timm's WebDataset stream (an ``IterableImageDataset`` over ``ReaderWds``) with deterministic,
+    resumable epochs; yields ``(image tensor [3, H, W], label)``.
+
+    Training (``training=True``): each of the ``world x workers`` readers gets its shards from timm
+    (shard order from (seed, epoch), dealt round-robin) and yields ``len(self) / workers`` samples per
+    epoch (timm's ``with_epoch``: a reader whose shards run out starts over on them). Per epoch the
+    reader's sample shuffle buffer is re-seeded from (seed, epoch, reader) and every sample's
+    augmentation from (seed, epoch, reader, position), so an epoch is a function of (seed, epoch,
+    world size, workers, batch size). ``set_epoch(epoch, skip)`` with ``skip`` = samples this rank
+    already consumed re-opens the epoch there: each reader drops its consumed samples (reading and
+    decoding them, not augmenting them) and the worker order is rotated so that the DataLoader's
+    round-robin over workers continues with the next batch of the original order.
+
+    Evaluation (``training=False``): every sample of the split exactly once over all ranks and workers
+    (each reader reads its shards once, no padding), transformed by ``transform``.
+    """
+
+    def __init__(self, dataset: Dataset, transform, seed: int, batch_size: int, training: bool) -> None:
+        self.dataset = _unwrap_image_dataset(dataset)
+        self.reader = dataset.reader
+        self.transform, self.seed, self.batch_size, self.training = transform, seed, batch_size, training
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start ``epoch``, after the first ``skip`` samples of this rank (a multiple of the batch size)."""
+        if skip % self.batch_size:
+            raise ValueError(f"skip={skip} is not a multiple of batch_size={self.batch_size}")
+        self.epoch, self.skip_batches = epoch, skip // self.batch_size
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Samples this rank reads per epoch (training: timm's count, rounded up to whole batches)."""
+        return len(self.dataset)
+
+    def _open_reader(self) -> int:
+        """(Re)build the reader's pipeline for this worker and epoch; return the worker's logical id."""
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        logical = ((info.id if info is not None else 0) + self.skip_batches) % workers
+        r = self.reader
+        r.worker_info = info  # not None in a worker: timm's _lazy_init then keeps the ids set here
+        r.worker_id, r.num_workers = logical, workers
+        r.global_num_workers = r.dist_num_replicas * workers
+        r.global_worker_id = r.dist_rank * workers + logical
+        r.worker_seed = ((self.seed * 1_000_003 + self.epoch) * 65_537 + r.global_worker_id) % 2**63
+        r.ds = None
+        r._lazy_init()
+        return logical
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        logical = self._open_reader()
+        if not self.training:
+            for sample in self.reader.ds:  # each reader's shards once: exact metrics, no padding
+                yield self.transform(sample["image"]), sample["target"]
+            return
+        workers = self.reader.num_workers
+        skip = len(range(logical, self.skip_batches, workers)) * self.batch_size
+        base = (
+            (self.seed * 1_000_003 + self.epoch) * 2_147_483_647 + self.reader.global_worker_id
+        ) * 1_000_003
+        for pos, (img, target) in enumerate(self.reader):
+            if pos < skip:
+                continue
+            with _seeded_rngs((base + pos) % (2**63 - 1)):
+                yield self.transform(img), target
+
+
+def _build_stream_loaders(recipe: Recipe, train: Dataset, val: Dataset, device: torch.device):
+    """Loaders over :class:`SeededStream`; workers restart each epoch so they see its epoch and skip."""
+    train_tf, val_tf = build_transforms(recipe)
+    if recipe.aug_repeats > 0:
+        raise ValueError("aug_repeats (repeated augmentation) needs a map-style dataset, not wds/")
+    reader = train.reader
+    readers = reader.dist_num_replicas * max(recipe.workers, 1)
+    shards = len(reader.split_info.filenames)
+    if shards < readers:
+        raise ValueError(
+            f"the {recipe.train_split!r} split has {shards} shard(s) for {reader.dist_num_replicas} "
+            f"process(es) x {max(recipe.workers, 1)} loader worker(s): every reader needs a shard of its "
+            "own; lower workers or write more, smaller shards"
+        )
+    for ds in (train, val):
+        ds.set_loader_cfg(num_workers=recipe.workers)
+    common = dict(batch_size=recipe.batch_size, num_workers=recipe.workers, pin_memory=device.type == "cuda")
+    train_loader = DataLoader(
+        SeededStream(train, train_tf, recipe.seed, recipe.batch_size, training=True), drop_last=True, **common
+    )
+    val_loader = DataLoader(
+        SeededStream(val, val_tf, recipe.seed, recipe.batch_size, training=False), **common
+    )
+    if len(train_loader) < recipe.accum_steps:
+        raise ValueError(
+            f"the training stream gives {len(train_loader)} batch(es) of {recipe.batch_size} per device, "
+            f"fewer than accum_steps={recipe.accum_steps}: lower batch_size"
+        )
+    return train_loader, val_loader
+
+
 def build_loaders(recipe: Recipe, train: Dataset, val: Dataset, rank: int, world: int, device: torch.device):
-    """``(train_loader, val_loader)``; the train loader's sampler is a :class:`SeededSampler`."""
+    """``(train_loader, val_loader)``; the train loader's sampler is a :class:`SeededSampler`, or, for a
+    WebDataset, its dataset is a :class:`SeededStream` (both have ``set_epoch(epoch, skip)``)."""
+    if isinstance(train, IterableDataset):
+        return _build_stream_loaders(recipe, train, val, device)
     train_tf, val_tf = build_transforms(recipe)
     if recipe.aug_repeats > 0:
         from timm.data.distributed_sampler import RepeatAugSampler

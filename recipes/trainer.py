@@ -1,10 +1,11 @@
 """The trainer: one process (CPU or one GPU) or ``torchrun`` DDP over many GPUs and nodes.
 
 Built from timm's pieces: ``create_transform`` + a ``DataLoader`` over a ``DistributedSampler``
-(or timm's ``RepeatAugSampler``), ``Mixup``, ``create_optimizer_v2`` (weight-decay exclusions
-from ``no_weight_decay()`` / ``no_weight_decay_keywords()``), ``create_scheduler_v2`` (stepped
-per optimizer update or per epoch, as the recipe says), ``ModelEmaV3``, timm's losses and
-``accuracy``.
+(or timm's ``RepeatAugSampler``; WebDataset shards stream through timm's ``ReaderWds``, sharded
+over ranks and loader workers by timm, see :class:`~visattn.recipes.data.SeededStream`),
+``Mixup``, ``create_optimizer_v2`` (weight-decay exclusions from ``no_weight_decay()`` /
+``no_weight_decay_keywords()``), ``create_scheduler_v2`` (stepped per optimizer update or per
+epoch, as the recipe says), ``ModelEmaV3``, timm's losses and ``accuracy``.
 
 Batch and learning rate: ``global batch = batch_size x world_size x accum_steps``; the
 recipe's ``lr`` is scaled by ``global_batch / lr_base_batch`` (``lr_scaling: linear``), its
@@ -43,7 +44,7 @@ from torch import nn
 
 from visattn.recipes import checkpoint as ckpt
 from visattn.recipes.config import Recipe, dump_recipe
-from visattn.recipes.data import build_datasets, build_loaders, build_mixup
+from visattn.recipes.data import SeededStream, build_datasets, build_loaders, build_mixup, dataset_size
 
 CKPT_FORMAT = "visattn-train-v1"
 EPOCH_COLUMNS = [
@@ -401,7 +402,10 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
             f"recipe says num_classes={recipe.num_classes} but the dataset has {num_classes} classes"
         )
     train_loader, val_loader = build_loaders(recipe, train_ds, val_ds, info.rank, info.world, info.device)
-    sampler = train_loader.sampler
+    # what set_epoch(epoch, skip) goes to: the index sampler, or a WebDataset stream itself
+    epoch_source = (
+        train_loader.dataset if isinstance(train_loader.dataset, SeededStream) else train_loader.sampler
+    )
     accum = recipe.accum_steps
     batches_per_epoch = (len(train_loader) // accum) * accum
     steps_per_epoch = batches_per_epoch // accum
@@ -473,7 +477,8 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
 
     if info.is_main:
         print(
-            f"run dir {run_dir} | model {recipe.model} | {len(train_ds)} train / {len(val_ds)} val images, "
+            f"run dir {run_dir} | model {recipe.model} | {dataset_size(train_ds)} train / "
+            f"{dataset_size(val_ds) or '?'} val images, "
             f"{num_classes} classes | world {info.world} x batch {recipe.batch_size} x accum {accum} = "
             f"global batch {global_batch} | lr {lr:.3g} | {total_epochs} epochs x {steps_per_epoch} steps "
             f"| device {info.device}",
@@ -507,7 +512,7 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
     stopped = False
     while epoch < total_epochs and not stopped:
         epoch_start = time.perf_counter()
-        sampler.set_epoch(epoch, skip=batch_in_epoch * recipe.batch_size)
+        epoch_source.set_epoch(epoch, skip=batch_in_epoch * recipe.batch_size)
         model.train()
         bar = _progress(
             batches_per_epoch * recipe.batch_size * info.world,
