@@ -499,10 +499,15 @@ def _build_stream_loaders(recipe: Recipe, train: Dataset, val: Dataset, device: 
         ds.set_loader_cfg(num_workers=recipe.workers)
     common = dict(batch_size=recipe.batch_size, num_workers=recipe.workers, pin_memory=device.type == "cuda")
     train_loader = DataLoader(
-        SeededStream(train, train_tf, recipe.seed, recipe.batch_size, training=True), drop_last=True, **common
+        SeededStream(train, train_tf, recipe.seed, recipe.batch_size, training=True),
+        drop_last=True,
+        generator=torch.Generator().manual_seed(recipe.seed),  # iterators must not draw from the global RNG
+        **common,
     )
     val_loader = DataLoader(
-        SeededStream(val, val_tf, recipe.seed, recipe.batch_size, training=False), **common
+        SeededStream(val, val_tf, recipe.seed, recipe.batch_size, training=False),
+        generator=torch.Generator().manual_seed(recipe.seed),
+        **common,
     )
     if len(train_loader) < recipe.accum_steps:
         raise ValueError(

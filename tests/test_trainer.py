@@ -553,10 +553,14 @@ def _wds_recipe(**extra):
     return load_recipe("digits", _folder_overrides(**{"dataset": "wds/toy", **extra}))
 
 
-def test_wds_trains_and_resumes_exactly(wds_dir, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_wds_trains_and_resumes_exactly(wds_dir, tmp_path, workers):
     """WebDataset shards: 48 samples / batch 8 = 6 steps per epoch, validation over all 12 samples; killed
-    at step 3 and resumed, the run ends with the uninterrupted run's weights, bit for bit."""
-    recipe = _wds_recipe(mixup=0.8, drop_path=0.1, sched_on_updates="true", scale="0.5,1.0", hflip=0.5)
+    at step 9 (3 batches into epoch 2: loader workers rotate) and resumed, the run ends with the
+    uninterrupted run's weights, bit for bit."""
+    recipe = _wds_recipe(
+        workers=workers, mixup=0.8, drop_path=0.1, sched_on_updates="true", scale="0.5,1.0", hflip=0.5
+    )
     full = train(recipe, data_dir=str(wds_dir), output=str(tmp_path / "full"), progress=False)
     assert full["step"] == 12 and full["epoch"] == 2
     recs = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -565,8 +569,8 @@ def test_wds_trains_and_resumes_exactly(wds_dir, tmp_path):
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [r["step"] for r in epochs] == [6, 12]
     assert all(round(r["val_top1"] * 12 / 100, 6).is_integer() for r in epochs)  # 12 val samples
-    part = train(recipe, data_dir=str(wds_dir), output=str(tmp_path / "part"), progress=False, max_steps=3)
-    assert part["step"] == 3 and part["epoch"] == 0
+    part = train(recipe, data_dir=str(wds_dir), output=str(tmp_path / "part"), progress=False, max_steps=9)
+    assert part["step"] == 9 and part["epoch"] == 1
     resumed = train(
         recipe, data_dir=str(wds_dir), output=str(tmp_path / "part"), resume="auto", progress=False
     )
