@@ -229,7 +229,13 @@ def _build_wds(recipe: Recipe, root: Path, kind: str) -> tuple[Dataset, Dataset,
                     "giving it, no '|<samples>' after the shard pattern); set train_samples "
                     "(--set train_samples=N), it fixes the steps per epoch"
                 ) from exc
-            raise ValueError(f"{kind} split {split!r} under {root}: {exc}") from exc
+            hint = (
+                f"; name a split of {root / '_info.json'} or a shard pattern such as "
+                "'<name>-train-{0000..0099}.tar|<samples>' (train_split / val_split)"
+                if "not found in info" in str(exc)
+                else ""
+            )
+            raise ValueError(f"{kind} split {split!r} under {root}: {exc}{hint}") from exc
     train, val = datasets
     num_classes = recipe.num_classes or train.reader.info.get("num_classes")
     if not num_classes:

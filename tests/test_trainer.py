@@ -568,7 +568,7 @@ def test_wds_trains_and_resumes_exactly(wds_dir, tmp_path, workers):
     assert len(losses) == 12 and all(np.isfinite(losses))
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [r["step"] for r in epochs] == [6, 12]
-    assert all(round(r["val_top1"] * 12 / 100, 6).is_integer() for r in epochs)  # 12 val samples
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"] and epochs[1]["val_top1"] > 90  # it learns
     part = train(recipe, data_dir=str(wds_dir), output=str(tmp_path / "part"), progress=False, max_steps=9)
     assert part["step"] == 9 and part["epoch"] == 1
     resumed = train(
@@ -644,6 +644,8 @@ def test_wds_clear_errors(wds_dir, tmp_path):
     bare.mkdir()
     for f in wds_dir.glob("*.tar"):
         (bare / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="split 'train' .*not found.* shard pattern"):
+        build_datasets(_wds_recipe(), bare)
     with pytest.raises(ValueError, match="number of classes.*num_classes"):
         build_datasets(
             _wds_recipe(train_split=pattern + "|48", val_split="toy-validation-{0000..0001}.tar"), bare
