@@ -13,11 +13,11 @@ from typing import Any
 
 import timm
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from visattn.recipes import checkpoint as ckpt
 from visattn.recipes.config import Recipe, recipe_from_dict
-from visattn.recipes.data import SeededDataset, build_eval_dataset, build_transforms
+from visattn.recipes.data import SeededDataset, SeededStream, build_eval_dataset, build_transforms
 from visattn.recipes.trainer import DistInfo, _check_same_model, check_model_name, evaluate
 
 
@@ -86,8 +86,10 @@ def run_eval(
     config. Without ``data_dir`` the checkpoint's recipe must use the embedded dataset.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     obj_recipe = None
-    probe = ckpt.load(checkpoint) if Path(checkpoint).is_file() else {}
+    probe = ckpt.load(checkpoint)
     if isinstance(probe, dict) and isinstance(probe.get("recipe"), dict):
         obj_recipe = recipe_from_dict(probe["recipe"], where=str(checkpoint))
     if obj_recipe is None:
@@ -115,6 +117,11 @@ def run_eval(
             f"the checkpoint's head has {head_classes} classes but the dataset has {num_classes}"
         )
     _, val_tf = build_transforms(obj_recipe)
-    loader = DataLoader(SeededDataset(val_ds, val_tf), batch_size=batch_size, num_workers=workers)
+    if isinstance(val_ds, IterableDataset):  # WebDataset shards: every sample once over the workers
+        val_ds.set_loader_cfg(num_workers=workers)
+        dataset = SeededStream(val_ds, val_tf, obj_recipe.seed, batch_size, training=False)
+    else:
+        dataset = SeededDataset(val_ds, val_tf)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     model.to(dev)
     return evaluate(model, loader, DistInfo(device=dev))

@@ -569,6 +569,12 @@ def test_wds_trains_and_resumes_exactly(wds_dir, tmp_path, workers):
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [r["step"] for r in epochs] == [6, 12]
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"] and epochs[1]["val_top1"] > 90  # it learns
+    # visattn eval reads the shards too, and finds the last epoch's validation metrics
+    newest = ckpt.list_checkpoints(tmp_path / "full")[0][1]
+    final = run_eval(EXACT_MODEL, newest, data_dir=str(wds_dir), workers=workers)
+    assert final["count"] == 12
+    assert final["top1"] == pytest.approx(epochs[1]["val_top1"])
+    assert final["loss"] == pytest.approx(epochs[1]["val_loss"])
     part = train(recipe, data_dir=str(wds_dir), output=str(tmp_path / "part"), progress=False, max_steps=9)
     assert part["step"] == 9 and part["epoch"] == 1
     resumed = train(
