@@ -56,12 +56,14 @@ def validate_attention_args(op, q, k, v, attn_mask, causal, scale) -> float:
         raise ValueError(f"{op}: causal attention needs kv_tokens >= tokens, got {nk} < {nq}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.ndim != 4:
-            raise ValueError(f"{op}: attn_mask must be a 4-D tensor [batch or 1, heads or 1, {nq}, {nk}]")
-        b, h, mq, mk = attn_mask.shape
-        if b not in (1, batch) or h not in (1, heads) or (mq, mk) != (nq, nk):
             raise ValueError(
-                f"{op}: attn_mask must have shape [batch or 1, heads or 1, {nq}, {nk}], "
-                f"got {tuple(attn_mask.shape)}"
+                f"{op}: attn_mask must be a 4-D tensor [batch or 1, heads or 1, {nq} or 1, {nk}]"
+            )
+        b, h, mq, mk = attn_mask.shape
+        if b not in (1, batch) or h not in (1, heads) or mq not in (1, nq) or mk != nk:
+            raise ValueError(
+                f"{op}: attn_mask must have shape [batch or 1, heads or 1, {nq} or 1, {nk}] (1: the same "
+                f"row for every query, e.g. key padding), got {tuple(attn_mask.shape)}"
             )
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise ValueError(
@@ -168,7 +170,8 @@ def attention_with_key_mass(
 
     Args:
         q: ``[B, Nq, H, D]``; k: ``[B, Nk, Hkv, D]``; v: ``[B, Nk, Hkv, Dv]`` (``H`` a multiple of ``Hkv``).
-        attn_mask: bool (True = attend) or additive float, ``[B or 1, H or 1, Nq, Nk]``.
+        attn_mask: bool (True = attend) or additive float, ``[B or 1, H or 1, Nq or 1, Nk]`` (a single
+            row applies to every query: key padding, combined with ``causal`` when set).
         causal: causal mask aligned bottom-right (queries are the last ``Nq`` of the ``Nk`` positions).
         scale: default ``D ** -0.5``.
         query_set: ``"all"``, ``"last"`` or a bool ``[B, Nq]`` tensor of the queries to count.

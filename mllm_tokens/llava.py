@@ -410,9 +410,9 @@ class LlavaAdapter:
                     attention_mask=attention_mask, past_key_values=past_key_values, **kwargs,
                 )  # fmt: skip
             q, k, v = _llama_qkv(module, hidden_states, position_embeddings, past_key_values)
-            if attention_mask is not None and attention_mask.ndim == 2:  # flash convention: [B, Lk] padding
-                attention_mask = additive_causal_mask(attention_mask.bool(), q.shape[1], q.dtype)
             causal = attention_mask is None
+            if attention_mask is not None and attention_mask.ndim == 2:  # flash convention: [B, Lk] padding
+                attention_mask, causal = attention_mask.bool()[:, None, None, :], True
             if query is not None:
                 if query == "all":
                     query = state.current(state.real)

@@ -120,3 +120,34 @@ def test_validation_errors():
         attention_with_key_mass(q, k[:, :5], v[:, :5], causal=True)
     with pytest.raises(ValueError, match="bool of shape"):
         attention_with_key_mass(q, k, v, query_set=torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("nq", [37, 5])
+def test_key_padding_row_mask_equals_the_full_mask(nq):
+    """A ``[B, 1, 1, Nk]`` mask (one row for all queries: how the adapter passes flash attention's 2-D
+    padding masks, with ``causal``) gives what that row repeated over the queries gives, on every path,
+    the reference also in several query chunks."""
+    from visattn.kernels.reference.attention_with_key_mass import attention_with_key_mass_reference
+
+    q, k, v = _inputs(nq=nq, nk=70)
+    row = torch.rand(2, 1, 1, 70) > 0.3
+    row[0, ..., :9] = False  # left padding of sample 0
+    row[..., -1] = True
+    full = row.expand(2, 1, nq, 70).contiguous()
+    for query_set in ("last", "all"):
+        ref = attention_with_key_mass(
+            q, k, v, attn_mask=full, causal=True, query_set=query_set, backend="torch"
+        )
+        for backend in ("torch", "triton", "auto"):
+            got = attention_with_key_mass(
+                q, k, v, attn_mask=row, causal=True, query_set=query_set, backend=backend
+            )
+            torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=1e-4)
+    weight = torch.full((2, nq), 1.0 / nq)
+    chunked = attention_with_key_mass_reference(q, k, v, weight, row, causal=True, chunk=4)
+    whole = attention_with_key_mass_reference(q, k, v, weight, full, causal=True)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="or 1"):
+        attention_with_key_mass(q, k, v, attn_mask=row.expand(2, 1, 2, 70))

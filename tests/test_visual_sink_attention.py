@@ -71,12 +71,24 @@ def test_fraction_zero_is_plain_attention():
     torch.testing.assert_close(moved[:, :25], plain[:, :25])  # queries outside query_mask
 
 
-@pytest.mark.parametrize("causal,mask_kind,nq", [(True, None, 40), (False, "bool", 40), (True, "float", 3)])
+@pytest.mark.parametrize(
+    "causal,mask_kind,nq",
+    [(True, None, 40), (False, "bool", 40), (True, "float", 3), (True, "key_padding", 40)],
+)
 def test_triton_matches_reference(causal, mask_kind, nq):
     q, k, v, category, query_mask = _inputs(nq=nq, nk=70)
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(2, 1, nq, 70) > 0.2
+    elif mask_kind == "key_padding":  # one row for all queries (flash attention's 2-D padding masks)
+        mask = torch.rand(2, 1, 1, 70) > 0.2
+        full = visual_sink_attention(
+            q, k, v, category, query_mask, attn_mask=mask.expand(2, 1, nq, 70), causal=causal, backend="torch"
+        )
+        row = visual_sink_attention(
+            q, k, v, category, query_mask, attn_mask=mask, causal=causal, backend="torch"
+        )
+        torch.testing.assert_close(row, full)
     elif mask_kind == "float":
         mask = torch.where(torch.rand(1, 4, nq, 70) > 0.2, 0.0, -1e4)
     kw = dict(fraction=0.5, rho=0.3, min_image_attention=0.1, attn_mask=mask, causal=causal)

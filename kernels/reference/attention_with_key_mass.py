@@ -30,7 +30,7 @@ def masked_scores(
     """Scores ``[B, H, rows, Nk]`` (at least float32) for the query rows ``rows``, mask and causality applied.
 
     ``q``: ``[B, Nq, H, D]``; ``k``: ``[B, Nk, Hkv, D]`` (GQA: ``H`` a multiple of ``Hkv``);
-    ``bias``: additive float32 ``[B or 1, H or 1, Nq, Nk]``. Causality is bottom-right aligned
+    ``bias``: additive float32 ``[B or 1, H or 1, Nq or 1, Nk]``. Causality is bottom-right aligned
     (query ``i`` sees keys ``j <= i + Nk - Nq``), as for queries appended after a KV cache.
     """
     heads, kv_heads = q.shape[2], k.shape[2]
@@ -39,7 +39,7 @@ def masked_scores(
     ct = torch.promote_types(q.dtype, torch.float32)
     s = torch.einsum("bqhd,bkhd->bhqk", q[:, rows].to(ct), kk.to(ct)) * scale
     if bias is not None:
-        s = s + bias[:, :, rows].to(ct)
+        s = s + (bias if bias.shape[2] == 1 else bias[:, :, rows]).to(ct)
     if causal:
         qi = torch.arange(nq, device=q.device)[rows, None] + (nk - nq)
         kj = torch.arange(nk, device=q.device)[None, :]
@@ -63,7 +63,7 @@ def attention_with_key_mass_reference(
         q: ``[B, Nq, H, D]``; k: ``[B, Nk, Hkv, D]``; v: ``[B, Nk, Hkv, Dv]``.
         query_weight: ``[B, Nq]`` float weights of the queries whose attention is counted (rows sum to 1
             for a mean over the selected queries).
-        attn_mask: boolean (True = attend) or additive ``[B or 1, H or 1, Nq, Nk]``.
+        attn_mask: boolean (True = attend) or additive ``[B or 1, H or 1, Nq or 1, Nk]``.
         causal: bottom-right aligned causal mask.
 
     Returns:

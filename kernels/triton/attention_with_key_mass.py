@@ -118,7 +118,7 @@ def attention_with_key_mass_triton(
     scale: float,
     q_lo: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch both kernels. ``bias``: additive float32 ``[B or 1, H or 1, Nq, Nk]`` or None;
+    """Launch both kernels. ``bias``: additive float32 ``[B or 1, H or 1, Nq or 1, Nk]`` or None;
     ``query_weight``: ``[B, Nq]`` float32, zero before ``q_lo``. Returns ``(out, mass)``."""
     batch, nq, heads, dim = q.shape
     nk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[3]

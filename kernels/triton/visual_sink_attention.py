@@ -104,7 +104,7 @@ def visual_sink_attention_triton(
     causal: bool,
     scale: float,
 ) -> torch.Tensor:
-    """Launch the fused kernel; ``bias`` additive float32 ``[B or 1, H or 1, Nq, Nk]`` or None."""
+    """Launch the fused kernel; ``bias`` additive float32 ``[B or 1, H or 1, Nq or 1, Nk]`` or None."""
     batch, nq, heads, dim = q.shape
     nk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(batch, nq, heads, dv, dtype=q.dtype, device=q.device)
