@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+import tempfile
+from pathlib import Path
 
 import timm
 import torch
@@ -57,6 +59,30 @@ def assert_paper_params(
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     tolerance = max(0.01 * paper_millions, slack_millions)
     assert abs(millions - paper_millions) <= tolerance, f"{name}: {millions:.2f}M vs paper {paper_millions}M"
+
+
+def _check_pretrained_from_file(name: str, sd: dict, cfg, size: int, kwargs: dict) -> None:
+    """``pretrained=True`` with a local file, as timm users load downloaded weights: timm's loader must
+    find the cfg's ``classifier`` (dropped for another class count) and ``first_conv`` (adapted to
+    ``in_chans=1`` by summing its input channels); everything else loads unchanged."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.pth"
+        torch.save(sd, path)
+        taken = (kwargs.get("num_classes"), cfg["num_classes"])
+        classes = 3 if 3 not in taken else 7  # differs from the file's head and the cfg's
+        overlay = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(path))
+        overrides = dict(kwargs, num_classes=classes, in_chans=1, pretrained_cfg_overlay=overlay)
+        model = timm.create_model(name, pretrained=True, **overrides).eval()
+    classifiers = (cfg["classifier"],) if isinstance(cfg["classifier"], str) else tuple(cfg["classifier"])
+    first_conv = cfg["first_conv"] + ".weight"
+    own = model.state_dict()
+    assert first_conv in own, f"{name}: first_conv {cfg['first_conv']!r} names no conv"
+    torch.testing.assert_close(own[first_conv], sd[first_conv].sum(1, keepdim=True))
+    for key, value in sd.items():
+        if key != first_conv and not key.startswith(tuple(c + "." for c in classifiers)):
+            assert torch.equal(own[key], value), f"{name}: {key} not loaded from the file"
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, size, size)).shape == (2, classes)
 
 
 def _get_submodule(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
@@ -181,6 +207,7 @@ def run_battery(
     fresh.load_state_dict(checkpoint_filter_for(name)(sd, fresh), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), logits, rtol=0, atol=0)
+    _check_pretrained_from_file(name, sd, cfg, x.shape[-1], kwargs)
 
     # reset_classifier
     model.reset_classifier(7)
