@@ -43,11 +43,7 @@ def padding_mask_convention(impl: str) -> bool | None:
         return False
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    return (
-        True
-        if impl in ALL_MASK_ATTENTION_FUNCTIONS and ALL_MASK_ATTENTION_FUNCTIONS[impl] is flash_attention_mask
-        else None
-    )
+    return True if ALL_MASK_ATTENTION_FUNCTIONS.get(impl) is flash_attention_mask else None
 
 
 def is_supported(model: nn.Module) -> bool:
