@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
+from visattn.kernels.triton._common import (
+    LOG2E,
+    dot_precision,
+    finish_softmax,
+    load_tile,
+    online_softmax_step,
+)
 
 
 @triton.jit
@@ -73,11 +79,7 @@ def _aggregate_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
     mask_a = offs_a < A
-    agent = tl.load(
-        Agent + b * sab + h * sah + offs_a[:, None] * saa + offs_d[None, :] * sad,
-        mask=mask_a[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    agent = load_tile(Agent + b * sab + h * sah, offs_a, offs_d, saa, sad, mask_a, D)
     agent = (agent * scale).to(agent.dtype)
     m_i = tl.full([BLOCK_A], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_A], tl.float32)
@@ -92,18 +94,10 @@ def _aggregate_fwd(
         )
         s = tl.dot(agent, kt, input_precision=PRECISION)
         if HAS_BIAS:
-            s += tl.load(
-                Bias + b * sbb + h * sbh + offs_a[:, None] * sba + n[None, :] * sbn,
-                mask=mask_a[:, None] & mask_n[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            s += load_tile(Bias + b * sbb + h * sbh, offs_a, n, sba, sbn, mask_a, N).to(tl.float32)
         s = tl.where(mask_n[None, :], s * LOG2E, float("-inf"))
         m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
-        v = tl.load(
-            V + b * svb + h * svh + n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=mask_n[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        v = load_tile(V + b * svb + h * svh, n, offs_dv, svn, svd, mask_n, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     out, lse = finish_softmax(acc, m_i, l_i)
     row = (split * BH + pid) * A + offs_a
@@ -159,11 +153,7 @@ def _broadcast_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < N
     mask_a = offs_a < A
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-        mask=mask_m[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, mask_m, D)
     q = (q * scale).to(q.dtype)
     agent_t = tl.load(
         Agent + b * sab + h * sah + offs_a[None, :] * saa + offs_d[:, None] * sad,
@@ -172,11 +162,7 @@ def _broadcast_fwd(
     )
     s = tl.dot(q, agent_t, input_precision=PRECISION)
     if HAS_BIAS:
-        s += tl.load(
-            Bias + b * sbb + h * sbh + offs_m[:, None] * sbn + offs_a[None, :] * sba,
-            mask=mask_m[:, None] & mask_a[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        s += load_tile(Bias + b * sbb + h * sbh, offs_m, offs_a, sbn, sba, mask_m, A).to(tl.float32)
     s = tl.where(mask_a[None, :], s * LOG2E, float("-inf"))
     m_i, l_i, _, p = online_softmax_step(
         tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32), s
@@ -258,11 +244,7 @@ def _broadcast_bwd(
     mask_a = offs_a < A
     mask_d = offs_d < D
     mask_dv = offs_dv < DV
-    agent = tl.load(
-        Agent + b * sab + h * sah + offs_a[:, None] * saa + offs_d[None, :] * sad,
-        mask=mask_a[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    agent = load_tile(Agent + b * sab + h * sah, offs_a, offs_d, saa, sad, mask_a, D)
     agent_v = tl.load(
         AgentV + (pid * A + offs_a[:, None]) * DV + offs_dv[None, :],
         mask=mask_a[:, None] & mask_dv[None, :],
@@ -273,31 +255,15 @@ def _broadcast_bwd(
     for tile in range(split, tl.cdiv(N, BLOCK_M), splits):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=mask_m[:, None] & mask_d[None, :],
-            other=0.0,
-        )
+        q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, mask_m, D)
         qs = (q * scale).to(q.dtype)
         s = tl.dot(qs, tl.trans(agent), input_precision=PRECISION)
         if HAS_BIAS:
-            s += tl.load(
-                Bias + b * sbb + h * sbh + offs_m[:, None] * sbn + offs_a[None, :] * sba,
-                mask=mask_m[:, None] & mask_a[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            s += load_tile(Bias + b * sbb + h * sbh, offs_m, offs_a, sbn, sba, mask_m, A).to(tl.float32)
         lse = tl.load(Lse + pid * N + offs_m, mask=mask_m, other=0.0)
         p = tl.where(mask_a[None, :] & mask_m[:, None], tl.exp2(s * LOG2E - lse[:, None]), 0.0)
-        do = tl.load(
-            DOut + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_dv[None, :] * sdod,
-            mask=mask_m[:, None] & mask_dv[None, :],
-            other=0.0,
-        )
-        o = tl.load(
-            Out + b * sob + h * soh + offs_m[:, None] * son + offs_dv[None, :] * sod,
-            mask=mask_m[:, None] & mask_dv[None, :],
-            other=0.0,
-        )
+        do = load_tile(DOut + b * sdob + h * sdoh, offs_m, offs_dv, sdon, sdod, mask_m, DV)
+        o = load_tile(Out + b * sob + h * soh, offs_m, offs_dv, son, sod, mask_m, DV)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         dp = tl.dot(do, tl.trans(agent_v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -391,11 +357,7 @@ def _aggregate_bwd(
     mask_a = offs_a < A
     mask_d = offs_d < D
     mask_dv = offs_dv < DV
-    agent = tl.load(
-        Agent + b * sab + h * sah + offs_a[:, None] * saa + offs_d[None, :] * sad,
-        mask=mask_a[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    agent = load_tile(Agent + b * sab + h * sah, offs_a, offs_d, saa, sad, mask_a, D)
     agent_s = (agent * scale).to(agent.dtype)
     rows = (pid * A + offs_a[:, None]) * DV + offs_dv[None, :]
     mask_av = mask_a[:, None] & mask_dv[None, :]
@@ -407,23 +369,11 @@ def _aggregate_bwd(
     for tile in range(split, tl.cdiv(N, BLOCK_N), splits):
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = n < N
-        k = tl.load(
-            K + b * skb + h * skh + n[:, None] * skn + offs_d[None, :] * skd,
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * svb + h * svh + n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=mask_n[:, None] & mask_dv[None, :],
-            other=0.0,
-        )
+        k = load_tile(K + b * skb + h * skh, n, offs_d, skn, skd, mask_n, D)
+        v = load_tile(V + b * svb + h * svh, n, offs_dv, svn, svd, mask_n, DV)
         s = tl.dot(agent_s, tl.trans(k), input_precision=PRECISION)
         if HAS_BIAS:
-            s += tl.load(
-                Bias + b * sbb + h * sbh + offs_a[:, None] * sba + n[None, :] * sbn,
-                mask=mask_a[:, None] & mask_n[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            s += load_tile(Bias + b * sbb + h * sbh, offs_a, n, sba, sbn, mask_a, N).to(tl.float32)
         p = tl.where(mask_a[:, None] & mask_n[None, :], tl.exp2(s * LOG2E - lse[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(v.dtype)), d_agent_v, input_precision=PRECISION)
         tl.store(
