@@ -17,21 +17,28 @@ from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.vtc_cls import VTCCLS
 
-# Other model families: ADAPTERS[probe] = AdapterClass, where probe(model) -> bool and the class has
-# the interface of visattn.mllm_tokens.llava.LlavaAdapter (constructor(model, reducer), install(),
-# remove(), stats, info, output_positions()). LLaVA is always tried first.
+# Model families: ADAPTERS[name] = (probe, adapter class); probe(model) -> bool, the class subclasses
+# visattn.mllm_tokens._adapter.Adapter (constructor(model, reducer), install(), remove(), stats, info,
+# output_positions()). The first probe that accepts the model wins.
 ADAPTERS: dict = {}
 
 
-def _adapter_for(model: nn.Module):
+def _register_builtin_adapters() -> None:
     from visattn.mllm_tokens import llava
 
-    for probe, adapter in ((llava.is_supported, llava.LlavaAdapter), *ADAPTERS.items()):
+    ADAPTERS["llava"] = (llava.is_supported, llava.LlavaAdapter)
+
+
+_register_builtin_adapters()
+
+
+def _adapter_for(model: nn.Module):
+    for probe, adapter in ADAPTERS.values():
         if probe(model):
             return adapter
     raise ValueError(
-        f"attach: no adapter for {type(model).__name__}; "
-        "supported: transformers LlavaForConditionalGeneration"
+        f"attach: no adapter for {type(model).__name__}; supported: "
+        + ", ".join(f"{a.family} ({name})" for name, (_, a) in ADAPTERS.items())
     )
 
 
