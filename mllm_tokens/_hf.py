@@ -27,7 +27,7 @@ from torch import nn
 
 # Declared in pyproject.toml too; .ci/run tests the oldest (tests/constraints-transformers-oldest.txt) and
 # the newest release a fresh install resolves.
-SUPPORTED = ("5.0.0", "5.40.0")  # [oldest, first unsupported)
+SUPPORTED = ("5.4.0", "5.40.0")  # [oldest, first unsupported)
 CACHE_NAMES = ("cache", "past_key_values")  # the 5.24+ name first, then the deprecated one
 
 # module -> handler(module, q, k, v, attention_mask, scaling, **kwargs) -> (out, weights) | None

@@ -48,8 +48,12 @@ def install(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make transformers' flash path load the functions above (undone by ``monkeypatch``)."""
     from transformers import modeling_flash_attention_utils as fa
 
+    # transformers 5.x before the kv-cache function was added returns four functions, later five
+    with_kvcache = "_flash_with_kvcache_fn" in fa.lazy_import_flash_attention.__code__.co_names
+
     def lazy_imports(implementation, *args, **kwargs):
-        return flash_attn_func, flash_attn_varlen_func, None, fa._pad_input, fa._unpad_input
+        found = (flash_attn_func, flash_attn_varlen_func, None, fa._pad_input, fa._unpad_input)
+        return found if with_kvcache else found[:2] + found[3:]
 
     monkeypatch.setattr(fa, "_lazy_imports", lazy_imports)
     monkeypatch.setattr(fa, "_loaded_implementation", None)

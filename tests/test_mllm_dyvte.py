@@ -53,18 +53,23 @@ def manual_layer(lm, layer, hidden):
 @pytest.mark.parametrize("attn", ATTENTION, indirect=True)
 def test_exit_matches_reference_and_generate_matches_cache_free(attn):
     model, eager = tiny_llava(attn, layers=5), tiny_llava("eager", layers=5)  # same weights
-    routers = random_routers(model)
     ids, mask, pix = tiny_inputs(images=2, text_after=(5, 3))
+    samples = [sample(ids, mask, pix, b, images=2) for b in range(2)]
+    # routers whose reference exits differ per sample (random weights differ across transformers releases)
+    for seed in range(50):
+        routers = random_routers(model, seed=seed)
+        exits = [reference_exit(eager, sid, spix, routers) for sid, spix in samples]
+        if exits[0] != exits[1] and all(0 <= e < 4 for e in exits):
+            break
+    else:
+        pytest.fail("no router seed gives the two samples different exits")
     gen = dict(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=3, do_sample=False)
     with torch.no_grad(), attach(model, DyVTE(hypernet=routers)) as handle:
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
         stats = handle.stats
         generated = model.generate(**gen)[:, ids.shape[1] :]
-    exits = []
-    for b in range(2):
-        sid, spix = sample(ids, mask, pix, b, images=2)
-        exit_at = reference_exit(eager, sid, spix, routers)
-        exits.append(exit_at)
+    for b, (sid, spix) in enumerate(samples):
+        exit_at = exits[b]
         text = (sid[0] != IMG).nonzero()[:, 0]
         ref = manual_logits(eager, embed(eager, sid, spix), text, from_layer=exit_at + 1)
         torch.testing.assert_close(out[b, -ref.shape[1] :], ref[0], atol=1e-5, rtol=1e-4)
@@ -76,7 +81,6 @@ def test_exit_matches_reference_and_generate_matches_cache_free(attn):
             logits = manual_logits(eager, embed(eager, tokens, spix), keep, from_layer=exit_at + 1)
             tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(generated[b], tokens[0, sid.shape[1] :])
-    assert exits[0] != exits[1] and any(0 <= e < 4 for e in exits), exits  # per-sample, real exits
 
 
 def test_exit_labels_last_layer_agrees_and_features_match():

@@ -280,7 +280,11 @@ def test_remove_restores_every_reducer_bit_identically():
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=2)
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
-        hooks = {m: (list(m._forward_pre_hooks), list(m._forward_hooks)) for m in model.modules()}
+        # transformers' own output-capturing hooks and forward wrappers stay as they are
+        hooks = {
+            m: (list(m._forward_pre_hooks), list(m._forward_hooks), m.__dict__.get("forward"))
+            for m in model.modules()
+        }
         reducers = (
             FastV(keep=3), VTCCLS(keep=3, start_layer=1), VAR(sink_dims=(3, 7), tau=1.0),
             DyVTE(hypernet=DyVTERouters(64, 4, 8)), DyVTE(exit_layer=1),
@@ -289,6 +293,58 @@ def test_remove_restores_every_reducer_bit_identically():
             with attach(model, reducer):
                 model.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=2)
             assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits, ref)
-            for m, (pre, post) in hooks.items():  # transformers' own output-capturing hooks stay
+            for m, (pre, post, forward) in hooks.items():
                 assert list(m._forward_pre_hooks) == pre and list(m._forward_hooks) == post
-                assert "forward" not in m.__dict__
+                assert m.__dict__.get("forward") is forward
+
+
+def test_transformers_outside_the_declared_range_is_refused(monkeypatch):
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    from visattn.mllm_tokens import _hf
+
+    low, high = _hf.SUPPORTED
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    declared = re.findall(r'"(transformers[^"]*)"', pyproject)
+    assert declared == [f"transformers>={low.removesuffix('.0')},<{high.removesuffix('.0')}"]
+    _hf.check_version(transformers.__version__)  # the installed release is inside
+    for version in (low, "5.39.9", "5.24.0.dev0"):
+        _hf.check_version(version)
+    for version in ("5.3.9", high, "6.0.0", "4.57.1"):
+        with pytest.raises(ValueError, match=f"transformers {version} is outside"):
+            _hf.check_version(version)
+    monkeypatch.setattr(transformers, "__version__", "5.3.0")
+    with pytest.raises(ValueError, match=r"transformers 5.3.0 is outside .*>=5.4.0,<5.40.0"):
+        attach(tiny_llava(), FastV())
+
+
+def test_attention_runs_through_the_registered_interface_and_remove_restores_the_config():
+    """The layers a reducer needs run visattn's AttentionInterface function (not a patched forward);
+    every other layer, and everything after remove(), runs transformers' own implementation."""
+    from transformers import AttentionInterface
+
+    model = tiny_llava("sdpa")
+    ids, mask, pix = tiny_inputs()
+    calls = []
+    with attach(model, FastV(layer=2, keep=4)) as handle:
+        impl = model.config.text_config._attn_implementation
+        assert impl == "visattn_sdpa" and impl in AttentionInterface()
+        routed = AttentionInterface()[impl]
+
+        def spy(module, *args, **kwargs):
+            calls.append(module.layer_idx)
+            return routed(module, *args, **kwargs)
+
+        AttentionInterface.register(impl, spy)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, pixel_values=pix)
+        finally:
+            AttentionInterface.register(impl, routed)
+        assert sorted(handle.stats[0]["kept_per_layer"]) == [4, 4, PATCHES, PATCHES]
+    assert calls == [0, 1, 2, 3]
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
