@@ -87,7 +87,22 @@ class Handle:
 
 
 def attach(model: nn.Module, reducer: Reducer) -> Handle:
-    """Attach ``reducer`` to ``model`` (a transformers ``LlavaForConditionalGeneration``)."""
+    """Attach ``reducer`` to a stock transformers vision-language model; returns a :class:`Handle`.
+
+    Args:
+        model: a supported transformers model (see ``ADAPTERS``; e.g. ``LlavaForConditionalGeneration``)
+            with ``attn_implementation`` ``"eager"``, ``"sdpa"`` or a flash-attention one.
+        reducer: :class:`FastV`, :class:`VTCCLS`, :class:`VAR`, :class:`DyVTE`, ... configured with its
+            budget / layers; it is validated against the model here (``ValueError`` if it cannot act).
+
+    The model is used as before (``model(...)``, ``model.generate(...)`` with the KV cache, padded
+    batches, several images); prefills that contain images are reduced. ``handle.stats`` lists, per
+    sample of the last prefill (also the one inside ``generate()``), ``visual_tokens_in``,
+    ``kept_per_layer`` and the prefill FLOPs saved; ``handle.output_positions`` maps the logits rows
+    of a reduced prefill back to ``input_ids`` positions. ``handle.remove()`` (or leaving a ``with``
+    block) restores the model bit for bit. Raises ``ValueError`` for an unsupported model, transformers
+    release or attention implementation, or a second reducer on the same model.
+    """
     return Handle(model, reducer)
 
 

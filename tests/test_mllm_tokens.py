@@ -207,8 +207,11 @@ def test_generate_with_cache_matches_cache_free_reference(attn):
         with attach(model, FastV(layer=2, keep=4)):
             fastv = model.generate(**gen)[:, ids.shape[1] :]
             sampled = model.generate(**{**gen, "do_sample": True, "top_k": 1})[:, ids.shape[1] :]
-        with attach(model, VTCCLS(keep=4, start_layer=1)):
+        with attach(model, VTCCLS(keep=4, start_layer=1)) as handle:
             vtc = model.generate(**gen)[:, ids.shape[1] :]
+            after_generate = handle.stats  # describes generate's prefill
+            model(input_ids=ids, attention_mask=mask, pixel_values=pix)
+            assert after_generate == handle.stats and len(after_generate) == 2
             vtc_nocache = model.generate(**gen, use_cache=False)[:, ids.shape[1] :]
             # sampling and beam search (generate encodes the images once, then repeats them per beam)
             sampled_vtc = []
