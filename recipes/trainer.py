@@ -761,9 +761,15 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
 
 
 def _epochs_text(recipe: Recipe, total: int) -> str:
-    """``"12 epochs (2 + 10 cooldown)"``: how the total is made up (timm runs the cooldown after)."""
-    if recipe.cooldown_epochs and total == recipe.epochs + recipe.cooldown_epochs:
-        return f"{total} epochs ({recipe.epochs} + {recipe.cooldown_epochs} cooldown at min_lr)"
+    """``"12 epochs (2 + 10 cooldown at min_lr)"``: how timm's scheduler made up the total (a warmup
+    prefix and the cooldown are added to ``epochs``)."""
+    warmup = recipe.warmup_epochs if recipe.warmup_prefix else 0
+    if total != recipe.epochs and total == warmup + recipe.epochs + recipe.cooldown_epochs:
+        parts = [f"{warmup} warmup"] if warmup else []
+        parts.append(str(recipe.epochs))
+        if recipe.cooldown_epochs:
+            parts.append(f"{recipe.cooldown_epochs} cooldown at min_lr")
+        return f"{total} epochs ({' + '.join(parts)})"
     return f"{total} epochs"
 
 

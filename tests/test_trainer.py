@@ -746,12 +746,15 @@ def test_wds_ddp_two_processes_on_cpu(wds_dir, tmp_path):
 def test_run_header_and_epoch_line_formats(tmp_path, capsys):
     """The header says how the epoch total is made up (timm adds the cooldown epochs); throughput under
     1 img/s keeps its decimals."""
-    from visattn.recipes.trainer import _rate_text
+    from visattn.recipes.trainer import _epochs_text, _rate_text
 
     recipe = load_recipe("digits", ["epochs=2", "cooldown_epochs=3", "warmup_epochs=0", "batch_size=16"])
     train(recipe, output=str(tmp_path / "run"), progress=False, max_steps=1)
     assert "5 epochs (2 + 3 cooldown at min_lr) x 89 steps" in capsys.readouterr().out
     assert [_rate_text(r) for r in (0.4213, 5.126, 57.31, 1234.4)] == ["0.421", "5.13", "57.3", "1234"]
+    prefixed = apply_overrides(recipe, ["warmup_epochs=1", "warmup_prefix=true"])
+    assert _epochs_text(prefixed, 6) == "6 epochs (1 warmup + 2 + 3 cooldown at min_lr)"
+    assert _epochs_text(load_recipe("digits"), 10) == "10 epochs"
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
         train(recipe, output=str(tmp_path / "zero"), max_steps=0)
     assert not (tmp_path / "zero").exists()
