@@ -133,3 +133,28 @@ def test_version_and_plain_text_help(capsys):
             main(argv)
         text = capsys.readouterr().out
         assert "``" not in text and ":func:" not in text and ":mod:" not in text, text
+
+
+def test_full_disk_during_training_is_one_line_and_leaves_no_run(tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing the first checkpoint: one line naming the file, and the run folder is gone."""
+    from pathlib import Path
+
+    from visattn.recipes import checkpoint
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: open("/dev/full", "wb"), raising=False)  # noqa: SIM115
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--output",
+        str(run),
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--set",
+        "batch_size=16",
+        "workers=0",
+    ]
+    _fails(argv, capsys, "cannot write checkpoint", "ckpt-00000001.pth", "No space left on device")
+    assert not run.exists()
