@@ -133,8 +133,8 @@ def _gather_object(obj: Any, info: DistInfo) -> list[Any]:
 
 # ---------------------------------------------------------------------------------- model pieces
 def check_model_name(name: str) -> None:
-    """Raise ``ValueError`` when ``name`` is not a registered timm model (visattn's register on import)."""
-
+    """Raise ``ValueError`` when ``name`` is not a registered timm model (visattn's register on import),
+    suggesting the closest registered names."""
     if not timm.is_model(name):
         import difflib
 
