@@ -96,19 +96,78 @@ class DyVTERouters(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> DyVTERouters:
-        """Read routers written by :meth:`save` (safetensors, no pickle)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """Read routers written by :meth:`save` (safetensors, no pickle).
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("dyvte")
-        if meta is None:
-            raise ValueError(
-                f"DyVTERouters.load: {path} has no 'dyvte' metadata (not saved by DyVTERouters.save)"
-            )
-        routers = cls(**json.loads(meta))
-        routers.load_state_dict(load_file(str(path)))
+        The file is untrusted: its ``dyvte`` metadata must be JSON with exactly the keys ``hidden_size``,
+        ``num_layers`` and ``router_dim`` (positive ints within :data:`LOAD_LIMITS`), and its tensors
+        must be exactly the ``[router_dim, 2h]`` / ``[2, router_dim]`` weights of that many routers;
+        all of this is checked from the header before anything is allocated. ``ValueError`` otherwise.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("dyvte")
+                if raw is None:
+                    raise ValueError(
+                        f"DyVTERouters.load: {path} has no 'dyvte' metadata (not saved by DyVTERouters.save)"
+                    )
+                meta = _parse_router_meta(raw, path)
+                names = f.keys()  # a safe_open handle is not iterable
+                _check_router_shapes(meta, {k: tuple(f.get_slice(k).get_shape()) for k in names}, path)
+                state = {k: f.get_tensor(k) for k in names}
+        except SafetensorError as exc:
+            raise ValueError(f"DyVTERouters.load: {path} is not a readable safetensors file: {exc}") from exc
+        bad = sorted(k for k, v in state.items() if not v.is_floating_point())
+        if bad:
+            raise ValueError(f"DyVTERouters.load: {path}: tensors {bad[:3]} are not floating point")
+        with torch.device("meta"):  # no second copy of the weights: the file's tensors are assigned
+            routers = cls(**meta)
+        routers.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
         return routers
+
+
+# Bounds on what a routers file may declare (LLaMA-3-405B: hidden 16384, 126 layers; official width 2048).
+LOAD_LIMITS = {"hidden_size": 65536, "num_layers": 1024, "router_dim": 65536}
+
+
+def _parse_router_meta(raw: str, path: str | Path) -> dict[str, int]:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"DyVTERouters.load: {path}: 'dyvte' metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or set(meta) != set(LOAD_LIMITS):
+        found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(
+            f"DyVTERouters.load: {path}: 'dyvte' metadata must have exactly the keys "
+            f"{sorted(LOAD_LIMITS)}, got {found}"
+        )
+    for key, limit in LOAD_LIMITS.items():
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(
+                f"DyVTERouters.load: {path}: {key} must be an int in [1, {limit}], got {value!r}"
+            )
+    return meta
+
+
+def _check_router_shapes(meta: dict[str, int], shapes: dict[str, tuple[int, ...]], path: str | Path) -> None:
+    """The file's tensor names and shapes must be exactly those of ``DyVTERouters(**meta)``."""
+    h, d = meta["hidden_size"], meta["router_dim"]
+    expected = {}
+    for i in range(meta["num_layers"]):
+        expected[f"routers.{i}.w1.weight"] = (d, 2 * h)
+        expected[f"routers.{i}.w2.weight"] = (2, d)
+    if shapes != expected:
+        missing = sorted(set(expected) - set(shapes))
+        unexpected = sorted(set(shapes) - set(expected))
+        wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+        raise ValueError(
+            f"DyVTERouters.load: {path}: tensors do not match the metadata {meta}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(wrong)} of another shape (e.g. {[(k, shapes[k]) for k in wrong[:2]]})"
+        )
 
 
 def router_features(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 DEFAULT_RECIPE = "digits"
 
@@ -20,11 +19,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 data = yaml.safe_load(f) or {}
             print(f"{name:24s} {data.get('model', ''):22s} {path.parent.name}/{path.name}")
         return 0
-    try:
-        recipe = load_recipe(args.recipe, args.set)
-    except ValueError as exc:  # unknown recipe or key, unreadable or insane value: a usage error
-        print(f"visattn train: error: {exc}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, args.set)
     from visattn.recipes.trainer import train
 
     summary = train(
@@ -42,9 +37,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_train_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "train",
+        parents=parents,
         help="train a model from a recipe (default: the embedded digits recipe, no download)",
         description="Train from a recipe. Single process, or many with torchrun "
         "(torchrun --nproc_per_node=8 -m visattn.cli train ...). See docs/training.md.",
@@ -66,7 +73,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
-        "--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps"
+        "--max-steps",
+        type=positive_int,
+        default=None,
+        help="stop (with a checkpoint) after this many optimizer steps in total (>= 1)",
     )
     p.add_argument("--summary-json", default=None, help="also write the final summary to this JSON file")
     p.set_defaults(func=_cmd_train)
@@ -91,13 +101,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a validation set")
+def add_eval_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a validation set", parents=parents)
     p.add_argument("--model", required=True, help="registered model name, e.g. nat_tiny")
     p.add_argument("--checkpoint", required=True, help="trainer checkpoint or official state dict")
     p.add_argument("--data-dir", default=None, help="dataset root with a val/ split (omit for digits runs)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes (0: in this one)")
     p.add_argument("--device", default=None)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.set_defaults(func=_cmd_eval)
@@ -110,15 +120,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_plot_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="write PNG curves (loss, lr, top-1) of a run directory")
+def add_plot_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("plot", help="write PNG curves (loss, lr, top-1) of a run directory", parents=parents)
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
     p.set_defaults(func=_cmd_plot)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``train``, ``eval`` and ``plot`` on the ``visattn`` sub-command parser."""
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    add_plot_parser(sub)
+def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] = ()) -> None:
+    """Register ``train``, ``eval`` and ``plot`` on the ``visattn`` sub-command parser (``parents``: shared
+    options such as ``--debug``)."""
+    add_train_parser(sub, list(parents))
+    add_eval_parser(sub, list(parents))
+    add_plot_parser(sub, list(parents))

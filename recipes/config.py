@@ -43,6 +43,7 @@ class Recipe:
     model: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: str | None = None
+    init_strict: bool = True
     num_classes: int | None = None
     # -- data
     dataset: str = ""
@@ -146,6 +147,11 @@ class Recipe:
         """Raise ``ValueError`` naming the first insane value; return ``self``."""
         checks = [
             (bool(self.model), "model must name a timm model"),
+            (
+                is_run_name(self.name or self.model),
+                f"name {self.name!r} must be a plain folder name (no '/', '\\', '..' or absolute path); "
+                "it names the run directory runs/<name>-<time>",
+            ),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (
@@ -190,6 +196,17 @@ class Recipe:
                 where = f"recipe {self.name!r}: " if self.name else ""
                 raise ValueError(where + message)
         return self
+
+
+def is_run_name(name: str) -> bool:
+    """Whether ``name`` can name a folder inside ``runs/``: one path component, not ``.``/``..``."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\\0:")
+        and not name.startswith("~")
+        and not Path(name).is_absolute()
+    )
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in dataclasses.fields(Recipe)}
@@ -309,8 +326,14 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
                 "(or give a .yaml path)"
             )
         path = shipped[str(name_or_path)]
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:  # a syntax error, or a tag (!!python/...) that safe_load refuses
+        problem = " ".join(str(exc).split())
+        raise ValueError(f"recipe file {path} is not plain YAML (keys and values only): {problem}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"recipe file {path} is not UTF-8 text: {exc}") from exc
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     recipe = recipe_from_dict(data, where=str(path)).validate()

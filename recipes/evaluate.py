@@ -61,7 +61,13 @@ def load_model_from_checkpoint(
                 state = filter_fn(state, model)
             except Exception as exc:  # the filter expects the official layout of this model
                 raise ValueError(f"checkpoint {path} does not fit model {model_name!r}: {exc!r}") from exc
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes: another width, depth or class count
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc))
+        raise ValueError(
+            f"checkpoint {path} does not fit model {model_name!r} (another variant or model_kwargs?): {first}"
+        ) from exc
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"checkpoint {path} does not fit model {model_name!r} (from another model?): "
@@ -86,14 +92,15 @@ def run_eval(
     config. Without ``data_dir`` the checkpoint's recipe must use the embedded dataset.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    check_model_name(model_name)
     obj_recipe = None
     probe = ckpt.load(checkpoint)
-    if isinstance(probe, dict) and isinstance(probe.get("recipe"), dict):
+    if not isinstance(probe, dict):
+        raise ValueError(f"checkpoint {checkpoint} is not a state dict")
+    _check_same_model(probe, model_name, str(checkpoint))
+    if isinstance(probe.get("recipe"), dict):
         obj_recipe = recipe_from_dict(probe["recipe"], where=str(checkpoint))
     if obj_recipe is None:
-        check_model_name(model_name)
         pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
         cfg = timm.data.resolve_data_config(
             {}, pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {}

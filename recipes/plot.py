@@ -10,7 +10,10 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """``(step_records, epoch_records)`` of a run; the last record wins when a step repeats."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a visattn run directory?")
+        raise FileNotFoundError(
+            f"{path} not found: {run_dir} is not a visattn run directory "
+            "(give the folder `visattn train` printed, runs/<recipe>-<time>)"
+        )
     by_key: dict[tuple[str, int], dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():

@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
 from torch import nn
 
 from visattn.recipes import checkpoint as ckpt
-from visattn.recipes.config import Recipe, dump_recipe
+from visattn.recipes.config import Recipe, dump_recipe, is_run_name
 from visattn.recipes.data import SeededStream, build_datasets, build_loaders, build_mixup, dataset_size
 
 CKPT_FORMAT = "visattn-train-v1"
@@ -88,7 +89,7 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     """
     use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -132,12 +133,16 @@ def _gather_object(obj: Any, info: DistInfo) -> list[Any]:
 
 # ---------------------------------------------------------------------------------- model pieces
 def check_model_name(name: str) -> None:
-    """Raise ``ValueError`` when ``name`` is not a registered timm model (visattn's register on import)."""
-    import visattn
-
+    """Raise ``ValueError`` when ``name`` is not a registered timm model (visattn's register on import),
+    suggesting the closest registered names."""
     if not timm.is_model(name):
-        ours = ", ".join(visattn.list_models()) or "(none registered yet)"
-        raise ValueError(f"model {name!r} is not registered with timm; visattn models: {ours}")
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(
+            f"model {name!r} is not registered with timm; {hint}`visattn list` prints the visattn models"
+        )
 
 
 def create_model(recipe: Recipe, num_classes: int) -> nn.Module:
@@ -151,13 +156,22 @@ def create_model(recipe: Recipe, num_classes: int) -> nn.Module:
     return timm.create_model(recipe.model, num_classes=num_classes, **kwargs)
 
 
-def load_init_checkpoint(model: nn.Module, model_name: str, source: str) -> list[str]:
+def classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier named by the model's pretrained cfg (timm's ``classifier``)."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    names = [names] if isinstance(names, str) else list(names)
+    return {k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)}
+
+
+def load_init_checkpoint(model: nn.Module, model_name: str, source: str, strict: bool = True) -> list[str]:
     """Initialise ``model`` from ``source`` (a file or an http(s) URL, cached by torch.hub) for fine-tuning.
 
     Trainer checkpoints and official files (wrapped under ``model``/``state_dict`` or bare) go through
-    the model module's ``checkpoint_filter_fn``; tensors whose shape differs from the model's (a
-    classifier for another label set) are dropped and keep their fresh init. Returns the dropped keys;
-    ``ValueError`` if any other key is missing or unexpected.
+    the model module's ``checkpoint_filter_fn``. Classifier tensors whose shape differs from the model's
+    (another label set) are dropped and keep their fresh init; any other shape difference (another width
+    or depth of the model) is a ``ValueError`` listing them, unless ``strict=False`` (recipe key
+    ``init_strict: false``), which drops those too. Returns the dropped keys; ``ValueError`` if any other
+    key is missing or unexpected.
     """
     if source.startswith(("http://", "https://")):
         import hashlib
@@ -183,6 +197,15 @@ def load_init_checkpoint(model: nn.Module, model_name: str, source: str) -> list
         state = filter_fn(state, model)
     own = model.state_dict()
     dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    head = classifier_keys(model)
+    body = [k for k in dropped if k not in head]
+    if body and strict:
+        shapes = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in body[:5])
+        raise ValueError(
+            f"init_checkpoint {source} does not fit {model_name!r}: {len(body)} non-classifier "
+            f"tensor(s) have another shape ({shapes}{', ...' if len(body) > 5 else ''}); check "
+            "model_kwargs, or set init_strict=false to start those from scratch"
+        )
     state = {k: v for k, v in state.items() if k not in dropped}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in dropped]
@@ -246,6 +269,38 @@ def to_channels_last(model: nn.Module) -> None:
     for t in (*model.parameters(), *model.buffers()):
         if t.dim() == 4:
             t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+def match_param_layout_to_grads(model: nn.Module, recipe: Recipe, device: torch.device) -> list[str]:
+    """Store each parameter with the strides its gradient comes back with; return the names changed.
+
+    DDP builds its gradient buckets from the parameters' strides, and autograd may hand back a gradient
+    whose strides differ only in size-1 dimensions (a depthwise conv weight ``[C, 1, k, k]`` fed a
+    channels-last input gets channels-last gradients), which DDP then copies every step, with a "Grad
+    strides do not match bucket view strides" warning. One eval-mode forward/backward of a random batch
+    (no running statistics change) shows the layouts; call this before wrapping the model in DDP.
+    """
+    x = torch.randn(
+        2, recipe.model_kwargs.get("in_chans", 3), recipe.input_size, recipe.input_size, device=device
+    )
+    if recipe.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    training = model.training
+    model.eval()
+    try:
+        with amp_context(recipe.amp, device):
+            out = model(x)
+        out.float().sum().backward()
+    finally:
+        model.train(training)
+    changed = []
+    for name, p in model.named_parameters():
+        g, p.grad = p.grad, None
+        dense = g is not None and (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last))
+        if dense and g.shape == p.shape and g.stride() != p.stride():
+            p.data = torch.empty_strided(p.shape, g.stride(), dtype=p.dtype, device=p.device).copy_(p.data)
+            changed.append(name)
+    return changed
 
 
 def amp_context(amp: str, device: torch.device):
@@ -341,6 +396,8 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 def resolve_run_dir(recipe: Recipe, output: str | None, resume: str | None, info: DistInfo) -> Path:
     """``output`` if given; with ``resume="auto"`` and no output, the newest ``runs/<recipe>-*``;
     else a fresh ``runs/<recipe>-<UTC time>``. Decided on rank 0 and broadcast."""
+    if not is_run_name(recipe.name or recipe.model):
+        raise ValueError(f"recipe name {recipe.name!r} must be a plain folder name (runs/<name>-<time>)")
     choice = None
     if info.is_main:
         if output:
@@ -377,22 +434,42 @@ def train(
     ``max_steps`` stops after that many optimizer steps in total (checkpointing first), as if the
     run were interrupted there.
     """
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     info = setup_distributed(device)
     threads = torch.get_num_threads()
+    created: list[Path] = []  # folders this call made, removed again if it fails before a checkpoint
     try:
-        return _train(recipe, data_dir, output, resume, info, progress, max_steps)
+        return _train(recipe, data_dir, output, resume, info, progress, max_steps, created)
+    except BaseException:
+        if info.is_main:
+            _remove_failed_run(created)
+        raise
     finally:
         torch.set_num_threads(threads)
         cleanup_distributed()
 
 
-def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps) -> dict[str, Any]:
+def _remove_failed_run(created: list[Path]) -> None:
+    """Delete the run directory of a run that failed before writing any checkpoint (nothing in it
+    could be resumed or evaluated), then its parent if this run made it and it is empty now."""
+    run_dir, *parents = created or [None]
+    if run_dir is None or ckpt.list_checkpoints(run_dir) or (run_dir / "best.pth").exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in parents:
+        with contextlib.suppress(OSError):  # not empty: another run lives there
+            parent.rmdir()
+
+
+def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps, created) -> dict[str, Any]:
     start_time = time.perf_counter()
     check_model_name(recipe.model)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     run_dir = resolve_run_dir(recipe, output, resume, info)
     if info.is_main:
+        created.extend(p for p in (run_dir, *run_dir.parents)[:2] if not p.exists())
         run_dir.mkdir(parents=True, exist_ok=True)
     _seed_all(recipe.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
 
@@ -415,11 +492,11 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
     loaded = _load_resume(resume, run_dir)
     model = create_model(recipe, num_classes)
     if recipe.init_checkpoint and loaded is None:
-        dropped = load_init_checkpoint(model, recipe.model, recipe.init_checkpoint)
+        dropped = load_init_checkpoint(model, recipe.model, recipe.init_checkpoint, recipe.init_strict)
         if info.is_main:
             print(
                 f"initialised from {recipe.init_checkpoint}"
-                + (f" (new: {', '.join(dropped)})" if dropped else "")
+                + (f"; {len(dropped)} tensor(s) start fresh: {', '.join(dropped)}" if dropped else "")
             )
     if recipe.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -431,6 +508,7 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
     scheduler, total_epochs = create_scheduler(optimizer, recipe, warmup_lr, min_lr, steps_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type) if recipe.amp == "fp16" else None
     if info.distributed:
+        match_param_layout_to_grads(core, recipe, info.device)  # before DDP sizes its buckets
         ids = [info.local_rank] if info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ema = ModelEmaV3(core, decay=recipe.model_ema_decay) if recipe.model_ema else None
@@ -480,7 +558,8 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
             f"run dir {run_dir} | model {recipe.model} | {dataset_size(train_ds)} train / "
             f"{dataset_size(val_ds) or '?'} val images, "
             f"{num_classes} classes | world {info.world} x batch {recipe.batch_size} x accum {accum} = "
-            f"global batch {global_batch} | lr {lr:.3g} | {total_epochs} epochs x {steps_per_epoch} steps "
+            f"global batch {global_batch} | lr {lr:.3g} | {_epochs_text(recipe, total_epochs)} x "
+            f"{steps_per_epoch} steps "
             f"| device {info.device}",
             flush=True,
         )
@@ -643,7 +722,7 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
                 f"epoch {epoch}/{total_epochs} | step {step} | train loss {record['train_loss']:.4f} | "
                 f"val loss {last_eval['loss']:.4f} | top-1 {last_eval['top1']:.2f} | "
                 f"top-5 {last_eval['top5']:.2f}"
-                f"{ema_txt} | {record['img_per_s']:.0f} img/s | {epoch_time:.1f}s",
+                f"{ema_txt} | {_rate_text(record['img_per_s'])} img/s | {epoch_time:.1f}s",
                 flush=True,
             )
         if max_steps is not None and step >= max_steps:
@@ -679,6 +758,24 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
             flush=True,
         )
     return summary
+
+
+def _epochs_text(recipe: Recipe, total: int) -> str:
+    """``"12 epochs (2 + 10 cooldown at min_lr)"``: how timm's scheduler made up the total (a warmup
+    prefix and the cooldown are added to ``epochs``)."""
+    warmup = recipe.warmup_epochs if recipe.warmup_prefix else 0
+    if total != recipe.epochs and total == warmup + recipe.epochs + recipe.cooldown_epochs:
+        parts = [f"{warmup} warmup"] if warmup else []
+        parts.append(str(recipe.epochs))
+        if recipe.cooldown_epochs:
+            parts.append(f"{recipe.cooldown_epochs} cooldown at min_lr")
+        return f"{total} epochs ({' + '.join(parts)})"
+    return f"{total} epochs"
+
+
+def _rate_text(rate: float) -> str:
+    """Throughput with the digits that matter: ``1234``, ``57.3``, ``0.42``."""
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def _weights_only(state: dict[str, Any], evaluation: dict[str, float]) -> dict[str, Any]:
@@ -730,4 +827,6 @@ def _load_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict[str, Any
 def _check_same_model(state: dict[str, Any], model_name: str, where: str) -> None:
     found = state.get("model_name")
     if found is not None and found != model_name:
-        raise ValueError(f"checkpoint {where} was trained for model {found!r}, not {model_name!r}")
+        raise ValueError(
+            f"checkpoint {where} was trained for model {found!r}, not {model_name!r} (use --model {found})"
+        )

@@ -39,3 +39,122 @@ def test_bench_discovers_the_benchmarks(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "no-such-benchmark"])
     assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------------------------- user mistakes
+def _fails(argv, capsys, *expected: str) -> str:
+    """``main(argv)`` exits 2 with one ``visattn <cmd>: error: ...`` line that contains ``expected``."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"visattn {argv[0]}: error: "), lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_eval_mistakes_are_one_line(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "notes.pth").write_text("hello, not a checkpoint")
+    _fails(
+        ["eval", "--model", "agent_swin_tinny", "--checkpoint", "x.pth"],
+        capsys,
+        "did you mean agent_swin_tiny",
+    )
+    _fails(
+        ["eval", "--model", "van_b0", "--checkpoint", str(tmp_path / "missing.pth")], capsys, "does not exist"
+    )
+    _fails(
+        ["eval", "--model", "van_b0", "--checkpoint", str(tmp_path / "notes.pth")],
+        capsys,
+        "is not a readable PyTorch checkpoint",
+    )
+    other = {"format": "visattn-train-v1", "model_name": "nat_mini", "model": {}}
+    torch.save(other, tmp_path / "nat.pth")
+    _fails(
+        ["eval", "--model", "van_b0", "--checkpoint", str(tmp_path / "nat.pth")],
+        capsys,
+        "use --model nat_mini",
+    )
+
+
+def test_plot_and_recipe_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fails(["plot", "runs/nope"], capsys, "not a visattn run directory")
+    (tmp_path / "tag.yaml").write_text('model: !!python/object/apply:os.system ["echo pwned"]\n')
+    _fails(["train", "--recipe", "tag.yaml"], capsys, "is not plain YAML")
+    _fails(["train", "--recipe", "no_such_recipe"], capsys, "unknown recipe")
+    _fails(["train", "--set", "no_such_key=1"], capsys, "unknown recipe key")
+    _fails(["train", "--set", "lr=fast"], capsys, "cannot read 'fast'")
+    for name in ("../../../../x", "/tmp/abs", "a/b", ".."):
+        _fails(["train", "--set", f"name={name}"], capsys, "must be a plain folder name")
+    (tmp_path / "escape.yaml").write_text("name: ../../escape\nmodel: agent_swin_tiny\ndataset: digits\n")
+    _fails(["train", "--recipe", "escape.yaml"], capsys, "must be a plain folder name")
+    # the digits recipe with --data-dir: refused, and the failed run leaves no folder behind
+    _fails(["train", "--data-dir", str(tmp_path), "--no-progress"], capsys, "--recipe nat_tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["escape.yaml", "tag.yaml"]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "two"])
+def test_max_steps_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--max-steps", value])
+    assert exit_info.value.code == 2
+    assert "argument --max-steps" in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _fails(["bench", "na", "--device", "cuda"], capsys, "use --device cpu")
+    _fails(["train", "--device", "cuda"], capsys, "use --device cpu")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        main(["--debug", "plot", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        main(["plot", str(tmp_path), "--debug"])
+
+
+def test_version_and_plain_text_help(capsys):
+    import visattn
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"visattn {visattn.__version__}"
+    for argv in (["--help"], ["bench", "--help"], ["bench", "na", "--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert "``" not in text and ":func:" not in text and ":mod:" not in text, text
+
+
+def test_full_disk_during_training_is_one_line_and_leaves_no_run(tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing the first checkpoint: one line naming the file, and the run folder is gone."""
+    from pathlib import Path
+
+    from visattn.recipes import checkpoint
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: open("/dev/full", "wb"), raising=False)  # noqa: SIM115
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--output",
+        str(run),
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--set",
+        "batch_size=16",
+        "workers=0",
+    ]
+    _fails(argv, capsys, "cannot write checkpoint", "ckpt-00000001.pth", "No space left on device")
+    assert not run.exists()

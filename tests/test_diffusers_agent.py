@@ -124,6 +124,22 @@ def test_shape_dtype_and_remove_restores_bit_identical_outputs():
     assert remove_agent_attention(unet) is False
 
 
+def test_handle_is_a_context_manager_with_a_repr():
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    base = run(unet, inputs)
+    with apply_agent_attention(unet, seed=0, backend="torch") as handle:
+        assert repr(handle) == (
+            "AgentSDHandle(3 self-attention modules, step 0, 2-phase schedule, now ratio=0.4 "
+            "agent_ratio=0.95 sx=4 sy=4)"
+        )
+        assert not torch.equal(run(unet, inputs), base)
+        handle.set_step(20)
+        assert "step 20" in repr(handle) and "agent_ratio=0.5 sx=2 sy=2" in repr(handle)
+    assert repr(handle) == "AgentSDHandle(removed)"
+    assert torch.equal(run(unet, inputs), base) and remove_agent_attention(unet) is False
+
+
 def test_phase_without_merging_or_agents_runs_the_original_processor():
     unet = tiny_unet()
     inputs = unet_inputs()

@@ -1,5 +1,7 @@
 """DyVTE: routers, exit inference through ``attach``, label derivation and the training recipe."""
 
+import json
+
 import pytest
 import torch
 
@@ -166,6 +168,64 @@ def test_routers_save_load_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[name], value), name
     feats = torch.randn(3, 128)
     assert torch.equal(loaded(2, feats), routers(2, feats))
+
+
+def _routers_file(path, meta, tensors):
+    from safetensors.torch import save_file
+
+    raw = meta if isinstance(meta, str) else json.dumps(meta)
+    save_file(tensors, str(path), metadata={"dyvte": raw})
+    return path
+
+
+@pytest.mark.parametrize(
+    "meta,tensors,match",
+    [
+        # 168-byte file asking for ~6.7 TB: refused from the header, nothing is allocated
+        ({"hidden_size": 4096, "num_layers": 100000, "router_dim": 2048}, {}, r"num_layers must be .*1024"),
+        ({"hidden_size": 64, "num_layers": 3, "router_dim": 8}, {}, "tensors do not match"),
+        ({"hidden_size": 64, "num_layers": 1, "router_dim": 8, "extra": 1}, {}, "exactly the keys"),
+        ({"hidden_size": 64, "num_layers": 1}, {}, "exactly the keys"),
+        ({"hidden_size": True, "num_layers": 1, "router_dim": 8}, {}, "hidden_size must be an int"),
+        ("{not json", {}, "not valid JSON"),
+        ("[1, 2]", {}, "exactly the keys"),
+        (
+            {"hidden_size": 4, "num_layers": 1, "router_dim": 8},
+            {"routers.0.w1.weight": torch.zeros(8, 16), "routers.0.w2.weight": torch.zeros(2, 8)},
+            "another shape",
+        ),
+        (
+            {"hidden_size": 4, "num_layers": 1, "router_dim": 8},
+            {
+                "routers.0.w1.weight": torch.zeros(8, 8, dtype=torch.int64),
+                "routers.0.w2.weight": torch.zeros(2, 8),
+            },
+            "not floating point",
+        ),
+    ],
+)
+def test_routers_load_rejects_hostile_files(tmp_path, meta, tensors, match):
+    path = _routers_file(tmp_path / "r.safetensors", meta, tensors)
+    with pytest.raises(ValueError, match=match):
+        DyVTERouters.load(path)
+
+
+def test_routers_load_checks_before_allocating(tmp_path, monkeypatch):
+    """A metadata/tensor mismatch is found from the header: no router module is ever built."""
+    routers = DyVTERouters(16, 2, 8)
+    routers.save(tmp_path / "r.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "r.safetensors"))
+    path = _routers_file(
+        tmp_path / "big.safetensors", {"hidden_size": 16, "num_layers": 900, "router_dim": 8}, tensors
+    )
+    monkeypatch.setattr(DyVTERouters, "__init__", lambda *a, **k: pytest.fail("built before the check"))
+    with pytest.raises(ValueError, match="1796 missing"):
+        DyVTERouters.load(path)
+    (tmp_path / "text.safetensors").write_text("hello, not a tensor file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        DyVTERouters.load(tmp_path / "text.safetensors")
 
 
 def test_invalid_arguments(tmp_path):

@@ -234,6 +234,8 @@ def test_ddp_two_processes_on_cpu(image_folder, tmp_path):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the depthwise-conv weights are stored in the layout of their gradients before DDP is built
+    assert "Grad strides do not match" not in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 16 and summary["step"] == 3
     assert summary["lr"] == pytest.approx(load_recipe("digits").lr)  # x 16 / lr_base_batch 16
@@ -405,6 +407,14 @@ def test_init_checkpoint_for_fine_tuning(image_folder, tmp_path):
     assert model.state_dict()["head.weight"].shape == (10, saved["head.weight"].shape[1])
     with pytest.raises(FileNotFoundError, match="init_checkpoint"):
         load_init_checkpoint(model, recipe.model, str(tmp_path / "missing.pth"))
+    # the same model at another width: refused (it would train on from random weights), unless asked
+    wider = create_model(
+        apply_overrides(recipe, [f"model_kwargs={json.dumps(EXACT_KWARGS | {'embed_dim': 24})}"]), 10
+    )
+    with pytest.raises(ValueError, match=r"non-classifier tensor\(s\) have another shape.*init_strict=false"):
+        load_init_checkpoint(wider, recipe.model, str(source))
+    loose = load_init_checkpoint(wider, recipe.model, str(source), strict=False)
+    assert {"head.weight", "head.bias"} < set(loose) and len(loose) > 10
     with pytest.raises(ValueError, match="trained for model"):
         load_init_checkpoint(
             timm.create_model("nat_mini", **tiny_kwargs("nat_mini", 32)), "nat_mini", str(source)
@@ -470,12 +480,47 @@ def test_checkpoint_writes_are_atomic_and_a_damaged_newest_is_skipped(tmp_path):
     assert ckpt.load(path)["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002.pth", "ckpt-00000003.pth"]
     (tmp_path / "ckpt-00000009.pth").write_bytes(path.read_bytes()[:100])  # a half-written file
-    found, state = manager.load_latest()
+    with pytest.warns(UserWarning, match="skipped a damaged checkpoint: .*ckpt-00000009.pth"):
+        found, state = manager.load_latest()
     assert found == path and state["step"] == 3
     path.write_bytes(b"")
     (tmp_path / "ckpt-00000002.pth").write_bytes(b"")
-    with pytest.raises(RuntimeError, match="no loadable checkpoint"):
+    with pytest.raises(ValueError, match="no loadable checkpoint"):
         manager.load_latest()
+
+
+def test_a_corrupted_checkpoint_is_refused_by_its_checksum(tmp_path):
+    """4 KB overwritten in the middle of a checkpoint still unpickles; its checksum names it damaged, and
+    --resume auto falls back to the previous checkpoint with a warning."""
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=2)
+    g = torch.Generator().manual_seed(0)
+    for step in (1, 2):
+        state = {"step": step, "model": {"w": torch.randn(64, 1024, generator=g)}, "optimizer": {"lr": 0.1}}
+        manager.save(state, step)
+    newest = tmp_path / "ckpt-00000002.pth"
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)
+    newest.write_bytes(bytes(data))
+    raw = torch.load(newest, weights_only=True)  # the damage is invisible to torch.load itself
+    assert not torch.equal(raw["model"]["w"], state["model"]["w"])
+    with pytest.raises(ValueError, match="ckpt-00000002.pth is damaged"):
+        ckpt.load(newest)
+    with pytest.warns(UserWarning, match="ckpt-00000002.pth is damaged"):
+        found, loaded = manager.load_latest()
+    assert found.name == "ckpt-00000001.pth" and loaded["step"] == 1
+
+
+def test_a_full_disk_is_one_oserror_naming_the_file(tmp_path, monkeypatch):
+    """torch.save reports ENOSPC as "[enforce fail ...] unexpected pos": the save names the file and cause."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    monkeypatch.setattr(ckpt, "open", lambda *a, **k: open("/dev/full", "wb"), raising=False)  # noqa: SIM115
+    with pytest.raises(
+        OSError, match=r"cannot write checkpoint .*ckpt-00000001.pth: No space left on device; free"
+    ):
+        ckpt.CheckpointManager(tmp_path).save({"w": torch.randn(1 << 16)}, 1)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_progress_bars_on_a_tty(tmp_path, capsys, monkeypatch):
@@ -681,6 +726,8 @@ def test_wds_ddp_two_processes_on_cpu(wds_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the depthwise-conv weights are stored in the layout of their gradients before DDP is built
+    assert "Grad strides do not match" not in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 16 and summary["step"] == 3
     assert summary["lr"] == pytest.approx(2 * load_recipe("digits").lr)
@@ -694,3 +741,33 @@ def test_wds_ddp_two_processes_on_cpu(wds_dir, tmp_path):
     assert single["count"] == 12
     assert epoch["val_top1"] == pytest.approx(single["top1"])
     assert epoch["val_loss"] == pytest.approx(single["loss"])
+
+
+def test_run_header_and_epoch_line_formats(tmp_path, capsys):
+    """The header says how the epoch total is made up (timm adds the cooldown epochs); throughput under
+    1 img/s keeps its decimals."""
+    from visattn.recipes.trainer import _epochs_text, _rate_text
+
+    recipe = load_recipe("digits", ["epochs=2", "cooldown_epochs=3", "warmup_epochs=0", "batch_size=16"])
+    train(recipe, output=str(tmp_path / "run"), progress=False, max_steps=1)
+    assert "5 epochs (2 + 3 cooldown at min_lr) x 89 steps" in capsys.readouterr().out
+    assert [_rate_text(r) for r in (0.4213, 5.126, 57.31, 1234.4)] == ["0.421", "5.13", "57.3", "1234"]
+    prefixed = apply_overrides(recipe, ["warmup_epochs=1", "warmup_prefix=true"])
+    assert _epochs_text(prefixed, 6) == "6 epochs (1 warmup + 2 + 3 cooldown at min_lr)"
+    assert _epochs_text(load_recipe("digits"), 10) == "10 epochs"
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        train(recipe, output=str(tmp_path / "zero"), max_steps=0)
+    assert not (tmp_path / "zero").exists()
+
+
+def test_a_failed_run_leaves_no_folder(image_folder, tmp_path, monkeypatch):
+    """A run that fails before its first checkpoint removes the run directory (and a runs/ it made)."""
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("digits", _folder_overrides(dataset="", num_classes=7))
+    with pytest.raises(ValueError, match="num_classes=7 but the dataset has 3"):
+        train(recipe, data_dir=str(image_folder))
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "keep").mkdir(parents=True)
+    with pytest.raises(ValueError, match="num_classes=7"):
+        train(recipe, data_dir=str(image_folder))
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["keep"]

@@ -1,28 +1,64 @@
 """visattn: attention for vision backbones and multimodal LLMs.
 
-Importing ``visattn`` registers every backbone with timm, so
-``timm.create_model("nat_tiny")`` works right after ``import visattn``, and registers the
-open_clip configs whose vision tower is one of them (``open_clip.list_models()`` shows the
-``visattn-*`` names).
+Importing ``visattn`` registers every backbone with timm, so ``timm.create_model("nat_tiny")`` works
+right after ``import visattn`` (in either order with ``import timm``). Registration needs timm, so it
+happens as soon as timm is imported: at once when it already is, otherwise right after the first
+``import timm``. That keeps ``import visattn.kernels`` free of timm, open_clip, transformers and
+diffusers. The sub-packages (``visattn.mllm_tokens``, ``visattn.recipes``, ``visattn.integrations``,
+...) load on first use; ``import visattn.integrations.open_clip`` registers the open_clip configs.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
 import importlib.util
-
-import timm
-
-from visattn import backbones  # noqa: F401  (registers the timm models)
-
-if importlib.util.find_spec("open_clip") is not None:
-    # open_clip is a declared dependency; the guard keeps `pip install --no-deps` set-ups working.
-    from visattn.integrations import open_clip as _open_clip_towers  # noqa: F401  (registers configs)
+import sys
 
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("backbones", "bench", "integrations", "kernels", "mllm_tokens", "recipes")
+
+
+class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
+    """One-shot import hook: once ``timm`` has finished importing, import ``visattn.backbones``
+    (whose ``@register_model`` functions put the models into timm's registry)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")  # the finders that would have found it anyway
+        if spec is None or spec.loader is None:
+            return spec
+        exec_timm = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_timm(module)
+            importlib.import_module("visattn.backbones")
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "timm" in sys.modules:
+    from visattn import backbones  # noqa: F401  (registers the timm models)
+elif not any(isinstance(f, _RegisterAfterTimm) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterTimm())
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"visattn.{name}")
+    raise AttributeError(f"module 'visattn' has no attribute {name!r}")
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the timm models that visattn registers, filtered by a glob ``pattern``."""
+    import timm
+
+    import visattn.backbones  # noqa: F401  (registered already unless timm was imported some odd way)
+
     return sorted(
         name
         for name in timm.list_models(pattern)

@@ -1,51 +1,100 @@
-"""The ``visattn`` command line: ``visattn --help`` lists the subcommands."""
+"""The visattn command line. Run "visattn COMMAND --help" for the options of a command.
+
+A mistake in the arguments, a missing or unreadable file, or a full disk ends the command with
+exit status 2 and one line "visattn COMMAND: error: ..." that says what to change; --debug shows
+the full traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+
+import visattn
+
+# What a user can cause (bad names, values, files, devices, a full disk): one line, exit status 2.
+# Anything else is a bug of visattn and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+_RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+_RST_LITERAL = re.compile(r"``([^`]+)``|`([^`]+)`")
+
+
+def plain(text: str) -> str:
+    """Docstring text as terminal help: reST roles and literals lose their markup."""
+    text = _RST_ROLE.sub(lambda m: m.group(1), text)
+    return _RST_LITERAL.sub(lambda m: m.group(1) or m.group(2), text)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import visattn
-
     for name in visattn.list_models(args.pattern):
         print(name)
     return 0
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+def _debug_flag() -> argparse.ArgumentParser:
+    """``--debug`` accepted after every subcommand too (``visattn train --debug``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
+    return parent
+
+
+def _add_bench(sub: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
     from visattn import bench
 
-    parser = sub.add_parser("bench", help="run a benchmark and print its table")
+    parser = sub.add_parser("bench", help="run a benchmark and print its table", parents=common)
     kinds = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
     for name, module in sorted(bench.available().items()):
-        doc = (module.__doc__ or name).strip()
-        p = kinds.add_parser(name, help=doc.splitlines()[0], description=doc)
+        doc = plain((module.__doc__ or name).strip())
+        p = kinds.add_parser(name, help=doc.splitlines()[0], description=doc, parents=common)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="visattn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="visattn", description=plain(__doc__))
+    parser.add_argument("--version", action="version", version=f"visattn {visattn.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = [_debug_flag()]
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="list the timm models visattn registers")
+    p = sub.add_parser("list", help="list the timm models visattn registers", parents=common)
     p.add_argument("pattern", nargs="?", default="*", help="glob filter, e.g. 'nat*'")
     p.set_defaults(func=_cmd_list)
 
-    _add_bench(sub)
+    _add_bench(sub, common)
 
     from visattn.recipes.cli import add_parsers
 
-    add_parsers(sub)
+    add_parsers(sub, common)
     return parser
+
+
+def _check_device(device: str | None) -> None:
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        _check_device(getattr(args, "device", None))
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
+            message = f"{message}: {exc.filename}"
+        print(f"visattn {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -430,7 +430,11 @@ class AgentSDHandle:
     """Returned by :func:`apply_agent_attention`: the step counter, the pipeline callback and removal.
 
     Pass ``handle.callback`` as a pipeline's ``callback_on_step_end``: after denoising step ``i`` the
-    counter becomes ``i + 1`` (back to 0 after the last step, ready for the next generation).
+    counter becomes ``i + 1`` (back to 0 after the last step, ready for the next generation). As a
+    context manager it removes AgentSD on exit::
+
+        with apply_agent_attention(pipe) as handle:
+            image = pipe(prompt, callback_on_step_end=handle.callback).images[0]
     """
 
     def __init__(self, unet: nn.Module, state: _AgentSDState) -> None:
@@ -461,6 +465,22 @@ class AgentSDHandle:
         total = getattr(pipe, "num_timesteps", None)
         self.state.step = 0 if total is not None and step_index + 1 >= total else step_index + 1
         return callback_kwargs
+
+    def __enter__(self) -> AgentSDHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        if not self.processors:
+            return "AgentSDHandle(removed)"
+        phase = self.phase
+        return (
+            f"AgentSDHandle({len(self.processors)} self-attention modules, step {self.step}, "
+            f"{len(self.state.schedule)}-phase schedule, now ratio={phase.ratio} "
+            f"agent_ratio={phase.agent_ratio} sx={phase.sx} sy={phase.sy})"
+        )
 
     def remove(self) -> None:
         """Put the original processors back and drop the hooks (see :func:`remove_agent_attention`)."""

@@ -32,7 +32,7 @@ from typing import Any
 import open_clip
 import timm
 
-import visattn  # noqa: F401  (registers the visattn backbones with timm)
+import visattn.backbones  # noqa: F401  (registers the visattn backbones with timm)
 
 __all__ = ["TOWERS", "TowerSpec", "model_config", "register", "registered"]
 
