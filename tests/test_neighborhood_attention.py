@@ -182,8 +182,8 @@ def test_reference_gradcheck():
         (dict(kernel_size=3, is_causal=True, rpb=torch.zeros(2, 5, 5)), "causal"),
         (dict(kernel_size=3, rpb=torch.zeros(2, 5, 5, dtype=torch.long)), "floating-point"),
         (dict(kernel_size=3, backend="cuda"), "backend must be one of"),
-        (dict(kernel_size=3, scale=float("nan")), "scale must be a finite number"),
-        (dict(kernel_size=3, scale=torch.tensor(0.5)), "scale must be a finite number"),
+        (dict(kernel_size=3, scale=float("nan")), "scale must be a positive finite number"),
+        (dict(kernel_size=3, scale=torch.tensor(0.5)), "scale must be a positive finite number"),
     ],
 )
 def test_clear_errors(kwargs, match):
@@ -327,7 +327,7 @@ def test_triton_large_head_dim_forward():
 
 def test_triton_head_dim_and_dtype_limits():
     q, k, v, _ = _inputs((1, 5, 1, 257), dtype=torch.float32)
-    with pytest.raises(ValueError, match="head_dim <= 256"):
+    with pytest.raises(ValueError, match="head dims <= 256"):
         neighborhood_attention(q, k, v, 3, backend="triton")
     q, k, v, _ = _inputs((1, 5, 1, 8))
     with pytest.raises(ValueError, match="float64"):
