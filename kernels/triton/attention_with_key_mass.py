@@ -141,6 +141,8 @@ def attention_with_key_mass_triton(
         *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
         nq, nk, heads, group, dim, dv, scale,
         HAS_BIAS=bias is not None, CAUSAL=causal, PREC=prec, BM=bm, BN=bn, BD=bd, BDV=bdv,
+        # with a bias tile, three pipeline stages at head dim 128 need 144 KB: one block per SM
+        num_stages=2 if bias is not None and max(bd, bdv) >= 128 else 3,
     )  # fmt: skip
     _key_mass_accumulate[(triton.cdiv(nk, bn), batch)](
         q, k, bias_arg, row_max, row_inv, weight, mass,
