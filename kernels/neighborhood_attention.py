@@ -22,6 +22,7 @@ import torch
 
 from visattn.kernels._checks import as_tuple, check_float_tensors, check_ndim, check_same_shape, softmax_scale
 from visattn.kernels._dispatch import resolve_backend, triton_limit
+from visattn.kernels.neighborhood_attention_tiled import neighborhood_attention_tiled
 from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
 
 __all__ = ["neighborhood_attention"]
@@ -29,6 +30,9 @@ __all__ = ["neighborhood_attention"]
 _OP = "neighborhood_attention"
 _LAYOUT = "[batch, *spatial, heads, head_dim] with 1-3 spatial dims"
 MAX_TRITON_HEAD_DIM = 256
+# backend="torch" runs query tiles through SDPA (neighborhood_attention_tiled) up to this scale; beyond
+# it logits could overflow, and the reference, which saturates them at LOGIT_LIMIT, runs instead.
+MAX_TILED_SCALE = 1.0e4
 
 
 def _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
@@ -91,7 +95,8 @@ def neighborhood_attention(
         rpb: optional NAT relative positional bias ``[heads, 2k_1 - 1, ...]`` (odd kernels,
             not causal); any float dtype, cast to the compute precision.
         scale: multiplies ``q . k`` before ``rpb`` is added; defaults to ``head_dim ** -0.5``.
-        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"`` (query tiles
+            with their key halo through SDPA, :mod:`.neighborhood_attention_tiled`; exact).
 
     Returns:
         ``[batch, *spatial, heads, head_dim]`` in the dtype of ``q``.
@@ -101,7 +106,10 @@ def neighborhood_attention(
     limit = triton_limit(q.dtype, (q.shape[-1],), MAX_TRITON_HEAD_DIM, grid_axis=q.shape[0] * q.shape[-2])
     backend = resolve_backend(backend, *tensors, op=_OP, limit=limit)
     if backend == "torch":
-        return neighborhood_attention_reference(q, k, v, kernel_size, dilation, is_causal, rpb, scale)
+        args = (q, k, v, kernel_size, dilation, is_causal, rpb, scale)
+        if torch.compiler.is_compiling() or not isinstance(scale, float) or scale > MAX_TILED_SCALE:
+            return neighborhood_attention_reference(*args)  # traces with symbolic shapes; saturates logits
+        return neighborhood_attention_tiled(*args)
     out, _ = torch.ops.visattn.na_forward(
         q, k, v, rpb, list(kernel_size), list(dilation), list(is_causal), scale
     )

@@ -458,3 +458,35 @@ def test_benchmark_runs_on_cpu(capsys):
     for impl in ("visattn triton", "visattn torch", "sdpa dense"):
         assert "n/a" not in rows[impl] and "skipped" not in rows[impl], rows[impl]
     assert "skipped" in rows["natten"]  # NATTEN has no rpb
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 8])
+@pytest.mark.parametrize("shape,kernel_size,dilation,causal,use_rpb", NAIVE_CASES)
+def test_tiled_sdpa_path_matches_reference_with_gradients(
+    shape, kernel_size, dilation, causal, use_rpb, tile
+):
+    """backend='torch' runs query tiles with their key halo through SDPA; small tiles force many tiles
+    (and tiles moved back at a group's end) even on these small maps."""
+    from visattn.kernels.neighborhood_attention_tiled import neighborhood_attention_tiled
+    from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+
+    n = len(shape) - 3
+    args = tuple(a if isinstance(a, tuple) else (a,) * n for a in (kernel_size, dilation, causal))
+    q, k, v, rpb = _inputs(shape, rpb_kernel=args[0] if use_rpb else None)
+    leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
+    ref = neighborhood_attention_reference(q, k, v, *args, rpb, 0.37)
+    out = neighborhood_attention_tiled(q, k, v, *args, rpb, 0.37, tile=tile)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_tiled_sdpa_path_half_precision_and_bench_shape():
+    from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+
+    q, k, v, rpb = _inputs((1, 30, 23, 2, 8), dtype=torch.bfloat16, rpb_kernel=(7, 7))
+    out = neighborhood_attention(q, k, v, 7, dilation=(2, 3), rpb=rpb, backend="torch")
+    ref = neighborhood_attention_reference(q, k, v, (7, 7), (2, 3), (False, False), rpb, 8**-0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
