@@ -142,11 +142,12 @@ def test_reference_never_builds_token_by_token_matrix(monkeypatch):
     reference (forward or backward) comes near tokens x tokens, and chunking does not change the result."""
     q, k, v, rpb = _inputs((1, 48, 48, 2, 8), rpb_kernel=(3, 3))
     leaves = [t.requires_grad_(True) for t in (q, k, v, rpb)]
-    whole = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch")
+    args = ((3, 3), (1, 1), (False, False), rpb, 8**-0.5)
+    whole = na_reference.neighborhood_attention_reference(q, k, v, *args)
     whole_grads = torch.autograd.grad(whole.sum(), leaves)
     monkeypatch.setattr(na_reference, "_CHUNK_ELEMENTS", 1 << 15)
     with _LargestTensor() as mode:
-        out = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch")
+        out = na_reference.neighborhood_attention_reference(q, k, v, *args)
         grads = torch.autograd.grad(out.sum(), leaves)
     tokens = 48 * 48
     assert tokens * tokens > 100 * q.numel()
@@ -154,6 +155,10 @@ def test_reference_never_builds_token_by_token_matrix(monkeypatch):
     torch.testing.assert_close(out, whole)
     for g, r in zip(grads, whole_grads):
         torch.testing.assert_close(g, r)
+    # backend="torch" (query tiles through SDPA): its largest tensor, the tiles' mask, is linear in tokens
+    with _LargestTensor() as mode:
+        torch.autograd.grad(neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch").sum(), leaves)
+    assert mode.largest <= 16 * q.numel(), mode.largest
 
 
 def test_reference_gradcheck():
