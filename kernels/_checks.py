@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Attention logits saturate at +-LOGIT_LIMIT (every backend), so any finite scale gives finite outputs.
+LOGIT_LIMIT = 1.0e30
 
 
 def as_tuple(value, n: int, name: str, kind: type = int) -> tuple:
@@ -63,9 +65,14 @@ def check_ndim(op: str, name: str, t: torch.Tensor, allowed: Sequence[int], layo
 
 
 def softmax_scale(op: str, scale, head_dim: int) -> float:
-    """``scale`` as a float, ``head_dim ** -0.5`` when None; anything but a positive finite number raises."""
+    """``scale`` as a float, ``head_dim ** -0.5`` when None; anything but a positive finite number raises.
+
+    The one scale rule of every op. Symbolic values (``torch.compile(dynamic=True)``) pass unchecked:
+    reading them would specialise the graph on them."""
     if scale is None:
         return head_dim**-0.5
+    if isinstance(scale, (torch.SymInt, torch.SymFloat)):
+        return scale
     is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
     if not is_number or not math.isfinite(scale) or scale <= 0:
         raise ValueError(

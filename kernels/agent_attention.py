@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from visattn.kernels import _dispatch
 from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
 from visattn.kernels._dispatch import interpreter_enabled, resolve_backend
 from visattn.kernels.reference.agent_attention import agent_attention_reference
@@ -112,13 +113,10 @@ def agent_attention(
     """
     scale = _validate(q, k, v, agent, scale, agent_bias, query_bias)
     tensors = [t for t in (q, k, v, agent, agent_bias, query_bias) if t is not None]
-    chosen = resolve_backend(backend, *tensors, op=OP)
-    if chosen == "triton":
-        problem = _triton_limits(q, v, agent)
-        if problem and backend == "triton":
-            raise ValueError(f"{OP}: {problem}")
-        if problem:  # "auto": torch's fused attention takes what the Triton kernels do not
-            return agent_attention_sdpa(q, k, v, agent, scale, agent_bias, query_bias)
+    chosen = resolve_backend(backend, *tensors, op=OP, limit=_triton_limit(q, v, agent))
+    if chosen == "torch" and backend == "auto" and _dispatch.cuda_tensors(*tensors):
+        # beyond the Triton kernels' limits torch's fused attention beats the reference on a GPU
+        return agent_attention_sdpa(q, k, v, agent, scale, agent_bias, query_bias)
     if chosen == "torch":
         return agent_attention_reference(q, k, v, agent, scale, agent_bias, query_bias)
     return _agent_attention_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
@@ -142,21 +140,14 @@ def agent_attention_sdpa(
     return out.transpose(1, 2)
 
 
-def _triton_limits(q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> str | None:
+def _triton_limit(q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"backend='triton' supports float16/bfloat16/float32, got {q.dtype}"
-    if agent.shape[1] > TRITON_MAX_AGENTS:
+    if agent.shape[1] > TRITON_MAX_AGENTS and q.dtype in _dispatch.TRITON_DTYPES:
         return (
-            f"backend='triton' holds all agents in one block: at most {TRITON_MAX_AGENTS} agents, "
-            f"got {agent.shape[1]} (backend='auto' uses scaled_dot_product_attention then)"
+            f"holds all agents in one block: at most {TRITON_MAX_AGENTS} agents, got {agent.shape[1]} "
+            "(backend='auto' uses scaled_dot_product_attention then)"
         )
-    if max(q.shape[3], v.shape[3]) > TRITON_MAX_HEAD_DIM:
-        return (
-            f"backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got q/k {q.shape[3]}, "
-            f"v {v.shape[3]}"
-        )
-    return None
+    return _dispatch.triton_limit(q.dtype, (q.shape[3], v.shape[3]), TRITON_MAX_HEAD_DIM)
 
 
 # Triton path as torch.library ops (fake + autograd) so it traces under torch.compile / export.

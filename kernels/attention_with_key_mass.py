@@ -20,11 +20,13 @@ from __future__ import annotations
 import torch
 
 from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
-from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels._dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.attention_with_key_mass import (
     additive_mask,
     attention_with_key_mass_reference,
+    live_rows,
     masked_scores,
+    masked_softmax,
 )
 
 OP = "attention_with_key_mass"
@@ -123,8 +125,11 @@ def sdpa_with_suffix_mass(q, k, v, query_weight, bias, causal, scale, q_lo):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
         is_causal=causal and mask is None, scale=scale, enable_gqa=kv_heads != heads,
     ).transpose(1, 2)  # fmt: skip
+    live = live_rows(bias, causal, nq, nk)
+    if live is not None:  # SDPA spreads a fully masked row evenly: such rows are zero here
+        out = out * live.expand(-1, heads, nq).transpose(1, 2)[..., None].to(out.dtype)
     rows = slice(q_lo, nq)
-    p = torch.softmax(masked_scores(q, k, rows, scale, bias, causal), dim=-1)
+    p = masked_softmax(masked_scores(q, k, rows, scale, bias, causal))
     mass = torch.einsum("bhqk,bq->bk", p, query_weight[:, rows].to(p.dtype)).float() / heads
     return out.contiguous(), mass
 
@@ -179,12 +184,12 @@ def attention_with_key_mass(
 
     Returns:
         ``out [B, Nq, H, Dv]`` (dtype of q) and ``mass [B, Nk]`` float32, the mean over the selected
-        queries and over heads of the attention probabilities (sums to 1 over keys).
+        queries and over heads of the attention probabilities (sums to 1 over keys). A (head, query) row
+        whose keys are all masked (bool False, additive ``-inf`` or causality) has a zero output and
+        gives no mass, on every backend, so the mass then sums to the share of live rows.
     """
     scale = validate_attention_args(OP, q, k, v, attn_mask, causal, scale)
-    which = resolve_backend(backend, q, k, v, op=OP)
-    if which == "triton" and q.dtype == torch.float64:
-        raise ValueError(f"{OP}: backend='triton' supports float16/bfloat16/float32, got float64")
+    which = resolve_backend(backend, q, k, v, op=OP, limit=triton_limit(q.dtype))
     weight = query_weights(OP, query_set, q.shape[0], q.shape[1], q.device)
     nz = weight.sum(0).nonzero()
     q_lo = int(nz[0]) if nz.numel() else q.shape[1]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels._checks import check_float_tensors, check_ndim
-from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
+from visattn.kernels._dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
     routing_indices,
@@ -26,7 +26,8 @@ _LAYOUT = "[batch, H, W, heads, head_dim]"
 MAX_TRITON_HEAD_DIM = 256
 
 
-def _check_args(q, k, v, num_regions, topk, scale) -> None:
+def _check_args(q, k, v, num_regions, topk, scale) -> float:
+    """Validate the arguments; returns the softmax scale."""
     check_float_tensors(_OP, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_ndim(_OP, name, t, (5,), _LAYOUT)
@@ -42,19 +43,7 @@ def _check_args(q, k, v, num_regions, topk, scale) -> None:
         raise ValueError(f"{_OP}: num_regions must be a positive int, got {num_regions!r}")
     if isinstance(topk, bool) or not isinstance(topk, int) or (topk < 1 and topk != -1):
         raise ValueError(f"{_OP}: topk must be a positive int or -1 (all regions), got {topk!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-        raise ValueError(f"{_OP}: scale must be a positive number or None, got {scale!r}")
-
-
-def _triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot take these inputs, or None when they can."""
-    if q.dtype == torch.float64:
-        return "takes float16/bfloat16/float32, got float64"
-    if max(q.shape[-1], v.shape[-1]) > MAX_TRITON_HEAD_DIM:
-        return f"supports head dims <= {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]} (qk) and {v.shape[-1]} (v)"
-    if q.shape[0] * q.shape[3] > 65535:
-        return f"supports batch * heads <= 65535 (one grid axis), got {q.shape[0]} * {q.shape[3]}"
-    return None
+    return softmax_scale(_OP, scale, q.shape[-1])
 
 
 def _triton_forward(q, k, v, routing, num_regions, scale):
@@ -150,16 +139,11 @@ def bilevel_routing_attention(
     every query attends to at least one real key. Returns ``[batch, H, W, heads, head_dim_v]``
     (and the routing).
     """
-    _check_args(q, k, v, num_regions, topk, scale)
-    chosen = resolve_backend(backend, q, k, v, op=_OP)
-    unsupported = _triton_unsupported(q, v) if chosen == "triton" else None
-    if unsupported:
-        if backend == "triton":
-            raise ValueError(f"{_OP}: backend='triton' {unsupported}; use backend='torch'")
-        chosen = "torch"  # auto: the reference handles what the kernels cannot
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    scale = float(scale)
+    scale = _check_args(q, k, v, num_regions, topk, scale)
+    limit = triton_limit(
+        q.dtype, (q.shape[-1], v.shape[-1]), MAX_TRITON_HEAD_DIM, grid_axis=q.shape[0] * q.shape[3]
+    )
+    chosen = resolve_backend(backend, q, k, v, op=_OP, limit=limit)
     routing = routing_indices(q, k, num_regions, topk, scale)
     if chosen == "torch":
         out = bilevel_routing_attention_reference(q, k, v, routing, num_regions, scale)

@@ -22,11 +22,10 @@ from __future__ import annotations
 import torch
 
 from visattn.kernels._checks import check_float_tensors, check_ndim
-from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels._dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.large_kernel_attention import large_kernel_attention_reference
 
 _OP = "large_kernel_attention"
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_depthwise(name: str, weight: torch.Tensor, channels: int) -> int:
@@ -234,13 +233,8 @@ def large_kernel_attention(
         )
     _check_args(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)
     tensors = [t for t in (x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias) if t is not None]
-    if resolve_backend(backend, *tensors, op=_OP) == "torch":
+    if resolve_backend(backend, *tensors, op=_OP, limit=triton_limit(x.dtype)) == "torch":
         return large_kernel_attention_reference(
             x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation
-        )
-    if x.dtype not in _TRITON_DTYPES:
-        raise ValueError(
-            f"{_OP}: backend='triton' supports float16/bfloat16/float32, got {x.dtype}; "
-            "use backend='torch' for float64"
         )
     return _lka_fwd(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)[0]

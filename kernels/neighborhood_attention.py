@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
-from visattn.kernels._checks import as_tuple, check_float_tensors, check_ndim, check_same_shape
-from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels._checks import as_tuple, check_float_tensors, check_ndim, check_same_shape, softmax_scale
+from visattn.kernels._dispatch import resolve_backend, triton_limit
+from visattn.kernels.neighborhood_attention_tiled import neighborhood_attention_tiled
 from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
 
 __all__ = ["neighborhood_attention"]
@@ -29,6 +30,9 @@ __all__ = ["neighborhood_attention"]
 _OP = "neighborhood_attention"
 _LAYOUT = "[batch, *spatial, heads, head_dim] with 1-3 spatial dims"
 MAX_TRITON_HEAD_DIM = 256
+# backend="torch" runs query tiles through SDPA (neighborhood_attention_tiled) up to this scale; beyond
+# it logits could overflow, and the reference, which saturates them at LOGIT_LIMIT, runs instead.
+MAX_TILED_SCALE = 1.0e4
 
 
 def _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
@@ -66,15 +70,7 @@ def _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
             raise ValueError(
                 f"{_OP}: rpb must have shape [heads, 2*k-1 per dim] = {expected}, got {tuple(rpb.shape)}"
             )
-    if scale is None:
-        # head_dim may be a SymInt under torch.compile(dynamic=True): keep the scale symbolic
-        # (float() would specialize on it, math.isfinite breaks fullgraph tracing)
-        return kernel_size, dilation, is_causal, q.shape[-1] ** -0.5
-    if isinstance(scale, (torch.SymInt, torch.SymFloat)):
-        return kernel_size, dilation, is_causal, scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
-    return kernel_size, dilation, is_causal, float(scale)
+    return kernel_size, dilation, is_causal, softmax_scale(_OP, scale, q.shape[-1])
 
 
 def neighborhood_attention(
@@ -99,32 +95,21 @@ def neighborhood_attention(
         rpb: optional NAT relative positional bias ``[heads, 2k_1 - 1, ...]`` (odd kernels,
             not causal); any float dtype, cast to the compute precision.
         scale: multiplies ``q . k`` before ``rpb`` is added; defaults to ``head_dim ** -0.5``.
-        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"`` (query tiles
+            with their key halo through SDPA, :mod:`.neighborhood_attention_tiled`; exact).
 
     Returns:
         ``[batch, *spatial, heads, head_dim]`` in the dtype of ``q``.
     """
     kernel_size, dilation, is_causal, scale = _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale)
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
-    requested = backend
-    backend = resolve_backend(backend, *tensors, op=_OP)
-    if backend == "triton" and q.dtype == torch.float64:
-        if requested == "auto":
-            backend = "torch"
-        else:
-            raise ValueError(f"{_OP}: backend='triton' supports float16/bfloat16/float32, got float64")
-    if backend == "triton" and q.shape[-1] > MAX_TRITON_HEAD_DIM:
-        raise ValueError(
-            f"{_OP}: backend='triton' supports head_dim <= {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}; "
-            "use backend='torch'"
-        )
-    if backend == "triton" and q.shape[0] * q.shape[-2] > 65535:
-        raise ValueError(
-            f"{_OP}: backend='triton' supports batch * heads <= 65535 (one grid axis), got "
-            f"{q.shape[0]} * {q.shape[-2]}; split the batch"
-        )
+    limit = triton_limit(q.dtype, (q.shape[-1],), MAX_TRITON_HEAD_DIM, grid_axis=q.shape[0] * q.shape[-2])
+    backend = resolve_backend(backend, *tensors, op=_OP, limit=limit)
     if backend == "torch":
-        return neighborhood_attention_reference(q, k, v, kernel_size, dilation, is_causal, rpb, scale)
+        args = (q, k, v, kernel_size, dilation, is_causal, rpb, scale)
+        if torch.compiler.is_compiling() or not isinstance(scale, float) or scale > MAX_TILED_SCALE:
+            return neighborhood_attention_reference(*args)  # traces with symbolic shapes; saturates logits
+        return neighborhood_attention_tiled(*args)
     out, _ = torch.ops.visattn.na_forward(
         q, k, v, rpb, list(kernel_size), list(dilation), list(is_causal), scale
     )

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from visattn.kernels._dispatch import resolve_backend
+from visattn.kernels._dispatch import resolve_backend, triton_limit
 from visattn.kernels.attention_with_key_mass import validate_attention_args
 from visattn.kernels.reference.attention_with_key_mass import additive_mask
 from visattn.kernels.reference.visual_sink_attention import visual_sink_attention_reference
@@ -117,9 +117,7 @@ def visual_sink_attention(
     fraction = _check_fraction("fraction", fraction)
     rho = _check_fraction("rho", rho)
     min_image_attention = _check_fraction("min_image_attention", min_image_attention)
-    which = resolve_backend(backend, q, k, v, op=OP)
-    if which == "triton" and q.dtype == torch.float64:
-        raise ValueError(f"{OP}: backend='triton' supports float16/bfloat16/float32, got float64")
+    which = resolve_backend(backend, q, k, v, op=OP, limit=triton_limit(q.dtype))
     category = category.to(device=q.device, dtype=torch.int8)
     query_mask = query_mask.to(q.device)
     return _visual_sink_op(

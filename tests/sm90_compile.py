@@ -1,10 +1,9 @@
 """Compile an op's Triton kernels for an H100 (sm_90) on a machine without a GPU.
 
-``python -m tests.sm90_compile OP`` (without ``TRITON_INTERPRET``) replaces Triton's driver by a
-stand-in whose target is sm_90 and turns every kernel launch into a compile-only warmup, then runs the
-public op with ``backend="triton"`` on CPU tensors of realistic shapes, forward and backward. Every
-kernel is therefore lowered to a cubin with the arguments and constexprs its launcher really picks
-(the tensors stay unwritten: the numbers are meaningless, only compilation is checked). Prints one
+``python -m tests.sm90_compile OP`` (without ``TRITON_INTERPRET``) compiles through the stand-in
+driver of :mod:`visattn.bench._sm90`, running the public op with ``backend="triton"`` on CPU tensors
+of realistic shapes, forward and backward, in bf16 and fp32 (the tensors stay unwritten: only
+compilation is checked). Prints one
 line per compiled kernel, ``compiled <kernel name>``, after a ``dtype <name>`` line per input dtype.
 """
 
@@ -13,35 +12,8 @@ from __future__ import annotations
 import sys
 
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-from triton.runtime.jit import JITFunction
 
-
-class _StandInGPU:
-    """The part of a Triton driver that compilation asks for: an sm_90 target, device 0."""
-
-    def get_current_target(self) -> GPUTarget:
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-
-def _compile_only() -> None:
-    driver.set_active(_StandInGPU())
-    run = JITFunction.run
-
-    def warmup(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        assert "cubin" in kernel.asm, f"{self.fn.__name__}: no cubin"
-        print("compiled", self.fn.__name__, flush=True)
-        return kernel
-
-    JITFunction.run = warmup
+from visattn.bench._sm90 import compile_only
 
 
 def _leaf(*shape, dtype):
@@ -114,13 +86,17 @@ OPS = {
 def main(op: str) -> None:
     import importlib
 
-    _compile_only()
+    record = []
+    compile_only(record)
     # outside the interpreter the ops refuse Triton on CPU tensors; here those only carry shapes/dtypes
     module = importlib.import_module(f"visattn.kernels.{op}")
-    module.resolve_backend = lambda backend, *tensors, op: "triton"
+    module.resolve_backend = lambda backend, *tensors, op, limit=None: "triton"
     for dtype in (torch.bfloat16, torch.float32):
         print("dtype", str(dtype).removeprefix("torch."), flush=True)
         OPS[op](dtype)
+        for compiled in record:
+            print("compiled", compiled.kernel, flush=True)
+        record.clear()
 
 
 if __name__ == "__main__":

@@ -151,10 +151,12 @@ def test_bench_runs_on_cpu(capsys):
 
 
 def test_auto_uses_sdpa_beyond_triton_limits(monkeypatch):
+    from visattn.kernels import _dispatch as dispatch
+
     module = sys.modules["visattn.kernels.agent_attention"]  # the package attribute is the function
     q, k, v, _, _, _ = _inputs()
     agent = torch.randn(2, 300, 2, 8)
-    monkeypatch.setattr(module, "resolve_backend", lambda *a, **kw: "triton")  # as on a CUDA device
+    monkeypatch.setattr(dispatch, "cuda_tensors", lambda *tensors: True)  # as on a CUDA device
     sdpa_calls = []
     sdpa = module.F.scaled_dot_product_attention
     monkeypatch.setattr(

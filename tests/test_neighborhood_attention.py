@@ -142,11 +142,12 @@ def test_reference_never_builds_token_by_token_matrix(monkeypatch):
     reference (forward or backward) comes near tokens x tokens, and chunking does not change the result."""
     q, k, v, rpb = _inputs((1, 48, 48, 2, 8), rpb_kernel=(3, 3))
     leaves = [t.requires_grad_(True) for t in (q, k, v, rpb)]
-    whole = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch")
+    args = ((3, 3), (1, 1), (False, False), rpb, 8**-0.5)
+    whole = na_reference.neighborhood_attention_reference(q, k, v, *args)
     whole_grads = torch.autograd.grad(whole.sum(), leaves)
     monkeypatch.setattr(na_reference, "_CHUNK_ELEMENTS", 1 << 15)
     with _LargestTensor() as mode:
-        out = neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch")
+        out = na_reference.neighborhood_attention_reference(q, k, v, *args)
         grads = torch.autograd.grad(out.sum(), leaves)
     tokens = 48 * 48
     assert tokens * tokens > 100 * q.numel()
@@ -154,6 +155,10 @@ def test_reference_never_builds_token_by_token_matrix(monkeypatch):
     torch.testing.assert_close(out, whole)
     for g, r in zip(grads, whole_grads):
         torch.testing.assert_close(g, r)
+    # backend="torch" (query tiles through SDPA): its largest tensor, the tiles' mask, is linear in tokens
+    with _LargestTensor() as mode:
+        torch.autograd.grad(neighborhood_attention(q, k, v, 3, rpb=rpb, backend="torch").sum(), leaves)
+    assert mode.largest <= 16 * q.numel(), mode.largest
 
 
 def test_reference_gradcheck():
@@ -182,8 +187,8 @@ def test_reference_gradcheck():
         (dict(kernel_size=3, is_causal=True, rpb=torch.zeros(2, 5, 5)), "causal"),
         (dict(kernel_size=3, rpb=torch.zeros(2, 5, 5, dtype=torch.long)), "floating-point"),
         (dict(kernel_size=3, backend="cuda"), "backend must be one of"),
-        (dict(kernel_size=3, scale=float("nan")), "scale must be a finite number"),
-        (dict(kernel_size=3, scale=torch.tensor(0.5)), "scale must be a finite number"),
+        (dict(kernel_size=3, scale=float("nan")), "scale must be a positive finite number"),
+        (dict(kernel_size=3, scale=torch.tensor(0.5)), "scale must be a positive finite number"),
     ],
 )
 def test_clear_errors(kwargs, match):
@@ -327,7 +332,7 @@ def test_triton_large_head_dim_forward():
 
 def test_triton_head_dim_and_dtype_limits():
     q, k, v, _ = _inputs((1, 5, 1, 257), dtype=torch.float32)
-    with pytest.raises(ValueError, match="head_dim <= 256"):
+    with pytest.raises(ValueError, match="head dims <= 256"):
         neighborhood_attention(q, k, v, 3, backend="triton")
     q, k, v, _ = _inputs((1, 5, 1, 8))
     with pytest.raises(ValueError, match="float64"):
@@ -458,3 +463,35 @@ def test_benchmark_runs_on_cpu(capsys):
     for impl in ("visattn triton", "visattn torch", "sdpa dense"):
         assert "n/a" not in rows[impl] and "skipped" not in rows[impl], rows[impl]
     assert "skipped" in rows["natten"]  # NATTEN has no rpb
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 8])
+@pytest.mark.parametrize("shape,kernel_size,dilation,causal,use_rpb", NAIVE_CASES)
+def test_tiled_sdpa_path_matches_reference_with_gradients(
+    shape, kernel_size, dilation, causal, use_rpb, tile
+):
+    """backend='torch' runs query tiles with their key halo through SDPA; small tiles force many tiles
+    (and tiles moved back at a group's end) even on these small maps."""
+    from visattn.kernels.neighborhood_attention_tiled import neighborhood_attention_tiled
+    from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+
+    n = len(shape) - 3
+    args = tuple(a if isinstance(a, tuple) else (a,) * n for a in (kernel_size, dilation, causal))
+    q, k, v, rpb = _inputs(shape, rpb_kernel=args[0] if use_rpb else None)
+    leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
+    ref = neighborhood_attention_reference(q, k, v, *args, rpb, 0.37)
+    out = neighborhood_attention_tiled(q, k, v, *args, rpb, 0.37, tile=tile)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_tiled_sdpa_path_half_precision_and_bench_shape():
+    from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+
+    q, k, v, rpb = _inputs((1, 30, 23, 2, 8), dtype=torch.bfloat16, rpb_kernel=(7, 7))
+    out = neighborhood_attention(q, k, v, 7, dilation=(2, 3), rpb=rpb, backend="torch")
+    ref = neighborhood_attention_reference(q, k, v, (7, 7), (2, 3), (False, False), rpb, 8**-0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)

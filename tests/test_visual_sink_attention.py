@@ -8,10 +8,10 @@ from visattn.kernels.reference.visual_sink_attention import redistribute
 from visattn.kernels.visual_sink_attention import visual_sink_attention
 
 
-def _inputs(nq=40, nk=40, dtype=torch.float32):
-    q = torch.randn(2, nq, 4, 16, dtype=dtype)
-    k = torch.randn(2, nk, 2, 16, dtype=dtype)
-    v = torch.randn(2, nk, 2, 8, dtype=dtype)
+def _inputs(nq=40, nk=40, dtype=torch.float32, dim=16, dv=8):
+    q = torch.randn(2, nq, 4, dim, dtype=dtype)
+    k = torch.randn(2, nk, 2, dim, dtype=dtype)
+    v = torch.randn(2, nk, 2, dv, dtype=dtype)
     category = torch.zeros(2, nk, dtype=torch.long)
     category[:, 2:20] = 3  # image span
     category[:, 5] = 2  # visual sinks
@@ -73,10 +73,18 @@ def test_fraction_zero_is_plain_attention():
 
 @pytest.mark.parametrize(
     "causal,mask_kind,nq",
-    [(True, None, 40), (False, "bool", 40), (True, "float", 3), (True, "key_padding", 40)],
+    [
+        (True, None, 40),
+        (False, "bool", 40),
+        (True, "float", 3),
+        (True, "key_padding", 40),
+        (True, "d128", 40),
+    ],
 )
 def test_triton_matches_reference(causal, mask_kind, nq):
-    q, k, v, category, query_mask = _inputs(nq=nq, nk=70)
+    # d128: LLaVA's head dim, where the launcher takes 32-row query tiles
+    dims = dict(dim=128, dv=128) if mask_kind == "d128" else {}
+    q, k, v, category, query_mask = _inputs(nq=nq, nk=70, **dims)
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(2, 1, nq, 70) > 0.2

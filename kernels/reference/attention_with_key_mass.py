@@ -2,21 +2,48 @@
 
 Readable ground truth for :func:`visattn.kernels.attention_with_key_mass`. It never holds the full
 ``[Nq, Nk]`` score matrix of all heads at once: queries are processed in chunks of ``chunk`` rows.
+
+Masking, the same on every backend: a key is masked for a query when a bool mask says False, an
+additive mask holds ``-inf`` or causality excludes it. A (head, query) row whose keys are all masked
+gets a zero output and gives no attention mass. Logits of unmasked keys are clamped to
+``[-LOGIT_LIMIT, LOGIT_LIMIT]`` after the additive mask, so a huge ``scale`` or a ``finfo.min`` mask
+never turns into ``inf - inf``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from visattn.kernels._checks import LOGIT_LIMIT
+
 
 def additive_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Turn a boolean (True = attend) or additive float mask into an additive float32 mask."""
+    """Turn a boolean (True = attend) or additive float mask into an additive float32 mask (masked: -inf)."""
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=torch.float32, device=attn_mask.device)
-        return torch.where(attn_mask, zero, torch.finfo(torch.float32).min)
+        return torch.where(attn_mask, zero, float("-inf"))
     return attn_mask.float()
+
+
+def masked_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim; a row whose entries are all ``-inf`` (every key masked) is all zeros."""
+    live = scores.amax(-1, keepdim=True) > float("-inf")
+    return torch.softmax(scores.masked_fill(~live, 0.0), dim=-1) * live
+
+
+def live_rows(bias: torch.Tensor | None, causal: bool, nq: int, nk: int) -> torch.Tensor | None:
+    """``[B or 1, H or 1, Nq or 1]`` bool: rows with at least one unmasked key (None: every row).
+
+    Causal rows see keys ``j <= i + Nk - Nq``, so a row is live when its first unmasked key is there."""
+    if bias is None:
+        return None  # causal alone always leaves key 0 (Nk >= Nq)
+    allowed = bias > float("-inf")
+    first = torch.where(allowed.any(-1), allowed.to(torch.uint8).argmax(-1), nk)
+    if not causal:
+        return first < nk
+    return first <= torch.arange(nq, device=bias.device) + (nk - nq)
 
 
 def masked_scores(
@@ -38,13 +65,17 @@ def masked_scores(
     kk = k.repeat_interleave(heads // kv_heads, dim=2) if kv_heads != heads else k
     ct = torch.promote_types(q.dtype, torch.float32)
     s = torch.einsum("bqhd,bkhd->bhqk", q[:, rows].to(ct), kk.to(ct)) * scale
+    masked = None
     if bias is not None:
-        s = s + (bias if bias.shape[2] == 1 else bias[:, :, rows]).to(ct)
+        b = (bias if bias.shape[2] == 1 else bias[:, :, rows]).to(ct)
+        s = s + b
+        masked = b == float("-inf")
+    s = s.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
     if causal:
         qi = torch.arange(nq, device=q.device)[rows, None] + (nk - nq)
         kj = torch.arange(nk, device=q.device)[None, :]
-        s = s.masked_fill(kj > qi, float("-inf"))
-    return s
+        masked = kj > qi if masked is None else masked | (kj > qi)
+    return s if masked is None else s.masked_fill(masked, float("-inf"))
 
 
 def attention_with_key_mass_reference(
@@ -68,7 +99,7 @@ def attention_with_key_mass_reference(
 
     Returns:
         ``out [B, Nq, H, Dv]`` in ``q.dtype`` and ``mass [B, Nk]`` float32:
-        ``mass[b, j] = mean_h sum_i query_weight[b, i] * P[b, h, i, j]``.
+        ``mass[b, j] = mean_h sum_i query_weight[b, i] * P[b, h, i, j]`` (``P`` zero on fully masked rows).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     heads, kv_heads = q.shape[2], k.shape[2]
@@ -79,7 +110,7 @@ def attention_with_key_mass_reference(
     weight = query_weight.float()
     for start in range(0, q.shape[1], chunk):
         rows = slice(start, min(start + chunk, q.shape[1]))
-        p = torch.softmax(masked_scores(q, k, rows, scale, bias, causal), dim=-1)
+        p = masked_softmax(masked_scores(q, k, rows, scale, bias, causal))
         outs.append(torch.einsum("bhqk,bkhd->bqhd", p, vv.to(p.dtype)))
         mass += torch.einsum("bhqk,bq->bk", p, weight[:, rows].to(p.dtype)).float() / heads
     return torch.cat(outs, dim=1).to(q.dtype), mass

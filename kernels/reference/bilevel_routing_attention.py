@@ -84,10 +84,13 @@ def routing_indices(
         dtype = torch.promote_types(q.dtype, torch.float32)
         valid = _valid_tokens(h, w, s, q.device)  # [R, T]
         count = valid.sum(1).clamp(min=1).to(dtype)  # real tokens per region
-        q_r = _to_regions(_pad_map(q.detach().to(dtype), rh * s, rw * s), s).flatten(3)
-        k_r = _to_regions(_pad_map(k.detach().to(dtype), rh * s, rw * s), s).flatten(3)
-        q_r = q_r.sum(2) / count[:, None]  # [B, R, heads*dim]; padded slots hold zeros
-        k_r = k_r.sum(2) / count[:, None]
+        # region sums accumulate in `dtype` straight from q and k: no float32 copy of either
+        q_r, k_r = (
+            _pad_map(x.detach(), rh * s, rw * s).reshape(b, s, rh, s, rw, -1).sum((2, 4), dtype=dtype)
+            for x in (q, k)
+        )
+        q_r = q_r.reshape(b, s * s, -1) / count[:, None]  # [B, R, heads*dim]; padded slots hold zeros
+        k_r = k_r.reshape(b, s * s, -1) / count[:, None]
         affinity = (q_r * scale) @ k_r.transpose(-2, -1)  # [B, R, R]
         if (s - 1) * rh >= h or (s - 1) * rw >= w:  # the last region row/column holds no real token
             affinity = affinity.masked_fill(~valid.any(1)[None, None, :], float("-inf"))

@@ -26,6 +26,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from visattn.kernels._checks import LOGIT_LIMIT
+
 # Elements of the gathered key/value chunk ([batch, chunk, window, heads, head_dim]) per step.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -111,9 +113,10 @@ def neighborhood_attention_reference(
 
     def attend(q_chunk, key_c, valid_c, rel_c, kf, vf, bias_table):
         keys = kf[:, :, key_c]  # [batch, heads, chunk, window, head_dim]
-        logits = (q_chunk.unsqueeze(-2) * scale) @ keys.transpose(-1, -2)  # [batch, heads, chunk, 1, window]
+        logits = (q_chunk.unsqueeze(-2) @ keys.transpose(-1, -2)) * scale  # [batch, heads, chunk, 1, window]
         if bias_table is not None:
             logits = logits + bias_table[:, rel_c].unsqueeze(-2)  # [heads, chunk, 1, window]
+        logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)  # a huge scale saturates instead of giving NaN
         weights = logits.masked_fill(~valid_c[:, None, :], float("-inf")).softmax(dim=-1)
         return (weights @ vf[:, :, key_c]).squeeze(-2)  # [batch, heads, chunk, head_dim]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels.reference.attention_with_key_mass import additive_mask, masked_scores
+from visattn.kernels.reference.attention_with_key_mass import additive_mask, masked_scores, masked_softmax
 
 OTHER, TEXT_SINK, VISUAL_SINK, VISUAL = 0, 1, 2, 3
 
@@ -63,7 +63,7 @@ def visual_sink_attention_reference(
     outs = []
     for start in range(0, q.shape[1], chunk):
         rows = slice(start, min(start + chunk, q.shape[1]))
-        p = torch.softmax(masked_scores(q, k, rows, scale, bias, causal), dim=-1)
+        p = masked_softmax(masked_scores(q, k, rows, scale, bias, causal))
         p = redistribute(p, category, query_mask[:, rows], fraction, rho, min_image_attention)
         outs.append(torch.einsum("bhqk,bkhd->bqhd", p, vv.to(p.dtype)))
     return torch.cat(outs, dim=1).to(q.dtype)

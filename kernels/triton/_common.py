@@ -10,8 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
+from visattn.kernels._checks import LOGIT_LIMIT as _LOGIT_LIMIT
+
 # constexpr so that jitted kernels can read it; ``LOG2E.value`` on the host.
 LOG2E = tl.constexpr(1.4426950408889634)
+# logits of unmasked keys are clamped to +-LOGIT_LIMIT, as in the references
+LOGIT_LIMIT = tl.constexpr(_LOGIT_LIMIT)
 
 
 @triton.jit
@@ -56,18 +60,21 @@ def attention_logits(
     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Logits of a ``[BM, BN]`` tile in log2 units: ``scale * q k^T`` plus the additive bias tile at
-    ``bias_ptr`` (strides ``sbq``, ``sbk``) when ``HAS_BIAS``; ``-inf`` for keys outside ``n_ok`` and,
-    when ``CAUSAL``, above the bottom-right aligned diagonal (query ``i`` sees keys ``<= i + NK - NQ``).
-    A float32-min additive mask is clamped to -1e30 so that it stays finite, as in the references."""
+    ``bias_ptr`` (strides ``sbq``, ``sbk``) when ``HAS_BIAS``, clamped to ``[-LOGIT_LIMIT, LOGIT_LIMIT]``;
+    ``-inf`` for masked keys: outside ``n_ok``, a ``-inf`` bias and, when ``CAUSAL``, above the
+    bottom-right aligned diagonal (query ``i`` sees keys ``<= i + NK - NQ``). The masking rule of
+    :mod:`visattn.kernels.reference.attention_with_key_mass`."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    valid = n_ok[None, :]
     if HAS_BIAS:
-        s += tl.load(
+        bias = tl.load(
             bias_ptr + offs_m[:, None] * sbq + offs_n[None, :] * sbk,
             mask=m_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-    s = tl.maximum(s, -1.0e30)
-    valid = n_ok[None, :]
+        s += bias
+        valid = valid & (bias != float("-inf"))
+    s = tl.minimum(tl.maximum(s, -LOGIT_LIMIT), LOGIT_LIMIT)
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
     return tl.where(valid, s * LOG2E, float("-inf"))

@@ -3,9 +3,11 @@
 Two kernels:
 
 1. ``_key_mass_fwd``: online-softmax attention over key blocks (the shared base-2 blocks of
-   ``_common``); writes the output and the row log-sum-exp ``lse[b, h, i]`` (log2 units).
+   ``_common``); writes the output, the row max ``m[b, h, i]`` (log2 units) and the inverse row sum
+   ``1 / l`` (both 0 on a fully masked row). They are kept apart rather than as one log-sum-exp so that
+   saturated logits (``+-LOGIT_LIMIT``) still give probabilities that sum to one.
 2. ``_key_mass_accumulate``: one program per (key block, batch) recomputes the scores of the selected
-   queries against its keys, turns them into probabilities with the stored ``lse`` and sums
+   queries against its keys, turns them into probabilities ``exp2(s - m) / l`` and sums
    ``query_weight[i] * P[h, i, j]`` over queries and heads. Queries before ``q_lo`` have zero weight
    and are skipped, so ranking by the last query costs one query block per key block.
 """
@@ -27,7 +29,7 @@ from visattn.kernels.triton._common import (
 
 @triton.jit
 def _key_mass_fwd(
-    Q, K, V, Bias, Out, Lse,
+    Q, K, V, Bias, Out, RowMax, RowInv,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
     sbb, sbh, sbq, sbk, sob, son, soh, sod,
     NQ, NK, H, GROUP, D, DV, scale,
@@ -58,18 +60,19 @@ def _key_mass_fwd(
         m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
         v = load_tile(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, n_ok, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    out, lse = finish_softmax(acc, m_i, l_i)
+    out, _ = finish_softmax(acc, m_i, l_i)
     tl.store(
         Out + b * sob + h * soh + offs_m[:, None] * son + offs_dv[None, :] * sod,
         out.to(Out.dtype.element_ty),
         mask=m_ok[:, None] & (offs_dv[None, :] < DV),
     )
-    tl.store(Lse + (b * H + h) * NQ + offs_m, lse, mask=m_ok)
+    tl.store(RowMax + (b * H + h) * NQ + offs_m, tl.where(m_i == float("-inf"), 0.0, m_i), mask=m_ok)
+    tl.store(RowInv + (b * H + h) * NQ + offs_m, tl.where(l_i == 0.0, 0.0, 1.0 / l_i), mask=m_ok)
 
 
 @triton.jit
 def _key_mass_accumulate(
-    Q, K, Bias, Lse, W, Mass,
+    Q, K, Bias, RowMax, RowInv, W, Mass,
     sqb, sqn, sqh, sqd, skb, skn, skh, skd, sbb, sbh, sbq, sbk,
     NQ, NK, H, GROUP, D, scale, q_lo,
     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
@@ -93,12 +96,13 @@ def _key_mass_accumulate(
                 q, k, Bias + b * sbb + h * sbh, offs_m, offs_n, m_ok, n_ok, sbq, sbk, scale, NQ, NK,
                 HAS_BIAS, CAUSAL, PREC,
             )  # fmt: skip
-            lse = tl.load(Lse + (b * H + h) * NQ + offs_m, mask=m_ok, other=0.0)
-            w = tl.load(W + b * NQ + offs_m, mask=m_ok, other=0.0)
-            # masked keys stay at zero even in a row that sees no key at all (lse = -inf there)
-            valid = m_ok[:, None] & (s != float("-inf"))
-            p = tl.exp2(tl.where(valid, s - lse[:, None], float("-inf")))
-            acc += tl.sum(p * w[:, None], 0)
+            row = (b * H + h) * NQ + offs_m
+            m = tl.load(RowMax + row, mask=m_ok, other=0.0)
+            # query weight / row sum; zero on rows past NQ and on fully masked rows (1 / l stored as 0)
+            w = tl.load(W + b * NQ + offs_m, mask=m_ok, other=0.0) * tl.load(
+                RowInv + row, mask=m_ok, other=0.0
+            )
+            acc += tl.sum(tl.exp2(s - m[:, None]) * w[:, None], 0)
     tl.store(Mass + b * NK + offs_n, acc / H, mask=n_ok)
 
 
@@ -123,7 +127,7 @@ def attention_with_key_mass_triton(
     batch, nq, heads, dim = q.shape
     nk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(batch, nq, heads, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device)
+    row_max, row_inv = (torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device) for _ in range(2))
     mass = torch.empty(batch, nk, dtype=torch.float32, device=q.device)
     weight = query_weight.float().contiguous()
     bd, bdv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dv))
@@ -133,13 +137,15 @@ def attention_with_key_mass_triton(
     bias_arg = bias if bias is not None else q
     group = heads // kv_heads
     _key_mass_fwd[(triton.cdiv(nq, bm), batch * heads)](
-        q, k, v, bias_arg, out, lse,
+        q, k, v, bias_arg, out, row_max, row_inv,
         *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
         nq, nk, heads, group, dim, dv, scale,
         HAS_BIAS=bias is not None, CAUSAL=causal, PREC=prec, BM=bm, BN=bn, BD=bd, BDV=bdv,
+        # with a bias tile, three pipeline stages at head dim 128 need 144 KB: one block per SM
+        num_stages=2 if bias is not None and max(bd, bdv) >= 128 else 3,
     )  # fmt: skip
     _key_mass_accumulate[(triton.cdiv(nk, bn), batch)](
-        q, k, bias_arg, lse, weight, mass,
+        q, k, bias_arg, row_max, row_inv, weight, mass,
         *q.stride(), *k.stride(), *sb,
         nq, nk, heads, group, dim, scale, q_lo,
         HAS_BIAS=bias is not None, CAUSAL=causal, PREC=prec, BM=bm, BN=bn, BD=bd,

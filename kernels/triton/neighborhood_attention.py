@@ -38,7 +38,13 @@ import triton
 import triton.language as tl
 
 from visattn.kernels._dispatch import interpreter_enabled
-from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
+from visattn.kernels.triton._common import (
+    LOG2E,
+    LOGIT_LIMIT,
+    dot_precision,
+    finish_softmax,
+    online_softmax_step,
+)
 
 
 @triton.jit
@@ -145,13 +151,15 @@ def _logits(
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    """Masked logits in log2 units ``(scale * q k^T + rpb) * log2(e)`` and the mask."""
+    """Masked logits in log2 units ``(scale * q k^T + rpb) * log2(e)``, clamped to ``+-LOGIT_LIMIT``, and
+    the mask."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
     mask = valid & _pair_mask(qg0, kg0, G0, K0, C0)
     mask = mask & _pair_mask(qg1, kg1, G1, K1, C1) & _pair_mask(qg2, kg2, G2, K2, C2)
     if HAS_RPB:
         ridx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2)
         s += tl.load(rpb_h + ridx, mask=mask, other=0.0) * LOG2E
+    s = tl.minimum(tl.maximum(s, -LOGIT_LIMIT), LOGIT_LIMIT)
     return tl.where(mask, s, float("-inf")), mask
 
 

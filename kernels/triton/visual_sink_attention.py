@@ -109,7 +109,8 @@ def visual_sink_attention_triton(
     nk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(batch, nq, heads, dv, dtype=q.dtype, device=q.device)
     bd, bdv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dv))
-    bm = bn = 64 if max(bd, bdv) <= 128 else 32
+    # three [BM, BDV] fp32 accumulators: 32-row query tiles keep them in registers at head dim 128
+    bm, bn = (64, 64) if max(bd, bdv) < 128 else (32, 64) if max(bd, bdv) == 128 else (32, 32)
     sb = (
         (0, 0, 0, 0) if bias is None else tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))
     )

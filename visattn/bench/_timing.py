@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,26 @@ def measure(
     return Measurement(ms=times[len(times) // 2], peak_mib=peak)
 
 
+_COLLECTED: list[list[dict]] = []  # one list per active collect_tables() block
+
+
+@contextlib.contextmanager
+def collect_tables() -> Iterator[list[dict]]:
+    """Within the block every :func:`print_table` call is also recorded, as
+    ``{"title", "headers", "rows"}`` (cells as strings), in the list this yields."""
+    tables: list[dict] = []
+    _COLLECTED.append(tables)
+    try:
+        yield tables
+    finally:
+        _COLLECTED.remove(tables)
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
     """Print (and return) a left-aligned plain-text table."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    for tables in _COLLECTED:
+        tables.append({"title": title or "", "headers": cells[0], "rows": cells[1:]})
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = [title] if title else []
     for i, row in enumerate(cells):

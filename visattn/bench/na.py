@@ -51,6 +51,7 @@ def _cases(device: str, batch: int | None) -> list[Case]:
     if device == "cpu":
         b = batch or 2
         return [
+            Case("nat 56x56 h2", b, (56, 56), 2, 32, (7, 7), (1, 1)),
             Case("nat 14x14 h2", b, (14, 14), 2, 32, (7, 7), (1, 1)),
             Case("nat 7x7 h4", b, (7, 7), 4, 32, (7, 7), (1, 1)),
             Case("dinat 14x14 d2", b, (14, 14), 2, 32, (7, 7), (2, 2)),

@@ -1,0 +1,37 @@
+"""`visattn bench all --json` and `visattn bench report` on CPU: the dry run (small shapes, one
+iteration) of every benchmark, so that the one-command GPU run cannot rot unnoticed."""
+
+import json
+
+from visattn.bench.all import DRY_PLAN
+from visattn.cli import main
+
+
+def test_bench_all_dry_run_and_report(tmp_path, capsys):
+    results, report = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    assert main(["bench", "all", "--json", str(results), "--device", "cpu"]) == 0
+    data = json.loads(results.read_text())
+    assert data["dry_run"] and [r["bench"] for r in data["results"]] == [name for name, _ in DRY_PLAN]
+    for run in data["results"]:
+        assert run["error"] is None, run["error"]
+        assert run["tables"] and all(t["rows"] for t in run["tables"]), run["bench"]
+        assert all(len(row) == len(t["headers"]) for t in run["tables"] for row in t["rows"])
+    assert main(["bench", "report", str(results), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert text.startswith("## visattn bench all: CPU") and "dry run" in text
+    for name, argv in DRY_PLAN:
+        assert f"### `visattn bench {name} {' '.join(argv)}`" in text
+    first = data["results"][0]["tables"][0]
+    assert "| " + " | ".join(first["headers"]) + " |" in text
+    assert "| " + " | ".join(first["rows"][0]) + " |" in text
+
+
+def test_report_refuses_a_file_that_is_not_bench_all_output(tmp_path):
+    bad = tmp_path / "results.json"
+    bad.write_text('{"results": 3}')
+    try:
+        main(["bench", "report", str(bad)])
+    except SystemExit as exit_:
+        assert "cannot read" in str(exit_.code)
+    else:
+        raise AssertionError("report accepted a malformed file")
