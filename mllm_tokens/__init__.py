@@ -24,9 +24,10 @@ ADAPTERS: dict = {}
 
 
 def _register_builtin_adapters() -> None:
-    from visattn.mllm_tokens import llava
+    from visattn.mllm_tokens import llava, llava_next
 
     ADAPTERS["llava"] = (llava.is_supported, llava.LlavaAdapter)
+    ADAPTERS["llava_next"] = (llava_next.is_supported, llava_next.LlavaNextAdapter)
 
 
 _register_builtin_adapters()
