@@ -115,6 +115,11 @@ class Adapter:
             )
         self.layers = self.lm.layers
         self.reducer.check(self.info)
+        if self.reducer.vision_cls_layers(self.info) and self.vision_cls_attentions() is None:
+            raise ValueError(
+                f"attach: {type(self.reducer).__name__} ranks patches by the vision tower's [CLS] attention, "
+                f"and the {self.family} vision tower has no [CLS] token"
+            )
         self.stats: list[dict] = []
         self.state: Prefill | None = None
         self.in_prefill = False
