@@ -94,25 +94,37 @@ def assign_images(lengths: list[int], row_tokens: list[int]) -> list[list[int]]:
     return rows
 
 
-def place_layouts(
-    layouts: list[torch.Tensor], crops: list[int], visual: torch.Tensor, patches: int
+def place_units(
+    parts: list[tuple[torch.Tensor, list[torch.Tensor], list[int]]], shape: torch.Size, device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(image_id, patch_id, images_per_sample)`` with one *image* per crop.
+    """``(image_id, patch_id, images_per_sample)`` of the reducers' *units* (an anyres crop, a whole
+    image, a video frame), numbered sample after sample.
 
-    ``layouts[i]``: image ``i``'s tokens as ``local crop * patches + patch`` (-1 for a newline),
-    ``crops[i]`` its crops; ``visual [B, L]``: the image-token positions.
+    ``parts``: per modality ``(mask [B, L], layouts, units)``: the token positions of that modality,
+    then per item (image or video, in the order the model scatters them) a ``[n, 2]`` long tensor
+    ``(unit inside the item, patch)`` of its tokens (``(-1, -1)`` for a newline), and its unit count.
+    A sample's units are those of its first part's items, then of the next part's.
     """
-    rows = assign_images([len(t) for t in layouts], visual.sum(1).tolist())
-    order = [i for row in rows for i in row]
-    offsets = torch.tensor([0] + [crops[i] for i in order]).cumsum(0)[:-1] * patches
-    pieces = [torch.where(layouts[i] >= 0, layouts[i] + o, -1) for i, o in zip(order, offsets.tolist())]
-    flat = torch.cat(pieces).to(visual.device)
-    image_id = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+    rows = [assign_images([len(t) for t in layouts], mask.sum(1).tolist()) for mask, layouts, _ in parts]
+    counts = [
+        [sum(units[i] for i in row) for row in part_rows] for part_rows, (_, _, units) in zip(rows, parts)
+    ]
+    per_sample = torch.tensor([sum(c) for c in zip(*counts)], dtype=torch.long)
+    first = (per_sample.cumsum(0) - per_sample).tolist()
+    image_id = torch.full(shape, -1, dtype=torch.long)
     patch_id = image_id.clone()
-    image_id[visual] = torch.where(flat >= 0, flat // patches, -1)
-    patch_id[visual] = torch.where(flat >= 0, flat % patches, -1)
-    per_sample = torch.tensor([sum(crops[i] for i in row) for row in rows], device=visual.device)
-    return image_id, patch_id, per_sample
+    for p, (mask, layouts, units) in enumerate(parts):
+        for b, items in enumerate(rows[p]):
+            if not items:
+                continue
+            offset = first[b] + sum(counts[q][b] for q in range(p))
+            starts = torch.tensor([0] + [units[i] for i in items]).cumsum(0)[:-1].tolist()
+            pieces = [layouts[i] + torch.tensor([s, 0]) * (layouts[i] >= 0) for i, s in zip(items, starts)]
+            flat = torch.cat(pieces)
+            where = mask[b].cpu()
+            image_id[b, where] = torch.where(flat[:, 0] >= 0, flat[:, 0] + offset, -1)
+            patch_id[b, where] = flat[:, 1]
+    return image_id.to(device), patch_id.to(device), per_sample.to(device)
 
 
 class LlavaNextAdapter(Adapter):
@@ -159,15 +171,18 @@ class LlavaNextAdapter(Adapter):
         ]
 
     def layouts(self, image_sizes, crops: list[int]) -> list[torch.Tensor]:
-        """Per image the ``local crop * patches + patch`` index of each of its tokens, -1 for a newline:
-        ``pack_image_features`` run on indices (float64 holds them exactly) instead of features."""
+        """Per image ``(crop, patch)`` of each of its tokens, -1 for a newline: ``pack_image_features``
+        run on patch indices (float64 holds them exactly) instead of features."""
         p = self.patches
         indices = [torch.arange(n * p, dtype=torch.float64).view(n, p, 1) for n in crops]
         newline = torch.full((1,), -1.0, dtype=torch.float64)
         packed, _ = self.outer.pack_image_features(
             indices, image_sizes, vision_feature_select_strategy="default", image_newline=newline
         )
-        return [t[:, 0].long() for t in packed]
+        flat = [t[:, 0].long() for t in packed]
+        return [
+            torch.stack([torch.where(t >= 0, t // p, -1), torch.where(t >= 0, t % p, -1)], 1) for t in flat
+        ]
 
     def segment(self, ids, visual, kwargs):
         # the last encoding: generate(use_cache=False) re-runs the prefill on features encoded once
@@ -178,7 +193,7 @@ class LlavaNextAdapter(Adapter):
             raise ValueError("attach: only vision_feature_select_strategy='default' is supported")
         sizes = call["image_sizes"]
         crops = self.crop_counts(sizes)
-        return place_layouts(self.layouts(sizes, crops), crops, visual, self.patches)
+        return place_units([(visual, self.layouts(sizes, crops), crops)], visual.shape, visual.device)
 
     def vision_cls_attentions(self) -> list[nn.Module]:
         return clip_attentions(self.vision_tower)
