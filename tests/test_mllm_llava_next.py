@@ -2,6 +2,8 @@
 references that find the newline tokens and each token's crop and patch on their own (by comparing
 features), not through the adapter's layout."""
 
+import inspect
+
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
@@ -59,13 +61,18 @@ def tiny_inputs(model, seed=1):
             ids += [IMG] * lengths[image] + torch.randint(2, 100, (2,), generator=g).tolist()
             image += 1
         rows.append(ids + torch.randint(2, 100, (4 - 2 * b,), generator=g).tolist())
+    return dict(left_pad(rows), pixel_values=pix, image_sizes=sizes)
+
+
+def left_pad(rows: list[list[int]]) -> dict:
+    """``input_ids`` / ``attention_mask`` of token lists of different lengths, padded on the left."""
     length = max(len(r) for r in rows)
-    ids = torch.zeros(2, length, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, length - len(r) :] = torch.tensor(r)
         mask[b, length - len(r) :] = 1
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, image_sizes=sizes)
+    return dict(input_ids=ids, attention_mask=mask)
 
 
 def sample(inputs, b):
@@ -107,11 +114,16 @@ def fastv_keep(eager, ids, pix, sizes, layer, keep, b, scoring="last"):
     """Kept positions by FastV's rule over the non-newline image tokens (HF eager attention maps)."""
     _, visual, _, _ = reference_layout(eager, ids, pix, sizes)
     att = eager(input_ids=ids, pixel_values=pix, image_sizes=sizes, output_attentions=True).attentions
-    probs = att[layer - 1][0].mean(0)
+    return fastv_rule(att[layer - 1], visual, scoring, int(crop_budgets(keep, b).sum()))
+
+
+def fastv_rule(attention: torch.Tensor, visual: torch.Tensor, scoring: str, count: int) -> torch.Tensor:
+    """Positions FastV keeps: every non-visual token and the ``count`` visual ones that received the
+    most head-mean attention (``attention [1, H, L, L]`` of layer K-1) from the last / all queries."""
+    probs = attention[0].mean(0)
     score = {"last": probs[-1], "all": probs.mean(0)}[scoring]
-    top = score.masked_fill(~visual, float("-inf")).topk(int(crop_budgets(keep, b).sum())).indices
     kept = ~visual
-    kept[top] = True
+    kept[score.masked_fill(~visual, float("-inf")).topk(count).indices] = True
     return kept.nonzero()[:, 0]
 
 
@@ -210,14 +222,16 @@ def test_generate_with_cache_matches_cache_free_reference(attn):
         with attach(model, VTCCLS(keep=4, start_layer=1)) as handle:
             vtc = model.generate(**gen)[:, n:]
             assert [s["kept_per_layer"] for s in handle.stats] == [[12] * 4, [32] * 4]
-            # generate encodes the images once and repeats them per returned sequence (one image per
-            # sample: transformers 5.4 repeats image by image, which misplaces several images per sample)
+            # generate encodes the images once and repeats them per returned sequence. Releases before
+            # generate's mm_encoder_outputs (5.4) repeat image by image, which misplaces the images of a
+            # sample with several: there only the one-image sample
+            per_sample = "mm_encoder_outputs" in inspect.signature(model.forward).parameters
             ids, pix, sizes = sample(inputs, 0)
-            beams = dict(
-                input_ids=ids, pixel_values=pix, image_sizes=sizes, max_new_tokens=3, num_beams=2,
-                num_return_sequences=2,
-            )  # fmt: skip
+            one = dict(input_ids=ids, pixel_values=pix, image_sizes=sizes)
+            beams = dict(inputs if per_sample else one, max_new_tokens=3, num_beams=2, num_return_sequences=2)
             assert torch.equal(model.generate(**beams), model.generate(**beams, use_cache=False))
+            kept = [[12] * 4] * 2 + ([[32] * 4] * 2 if per_sample else [])
+            assert [s["kept_per_layer"] for s in handle.stats] == kept
         for reducer in (DyVTE(exit_layer=1), VAR(sink_dims=(3, 7), tau=1.0)):
             with attach(model, reducer):
                 cached = model.generate(**gen)

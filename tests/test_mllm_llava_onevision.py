@@ -11,6 +11,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from tests.test_mllm_llava_next import fastv_rule, left_pad
 from tests.test_mllm_tokens import ATTENTION, FLASH, manual_logits
 from visattn.mllm_tokens import VAR, VTCCLS, DyVTE, FastV, attach
 from visattn.mllm_tokens.fastv import keep_budgets
@@ -63,14 +64,8 @@ def tiny_inputs(model, seed=1):
         [1, *text(2), *[IMG] * n[0], *text(1), *[VID] * 9, *text(3)],
         [1, *text(2), *[IMG] * n[1], *text(1), *[IMG] * n[2], *text(2)],
     ]
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(2, length, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, length - len(r) :] = torch.tensor(r)
-        mask[b, length - len(r) :] = 1
     return dict(
-        input_ids=ids, attention_mask=mask, pixel_values=pix, image_sizes=sizes, batch_num_images=per_sample,
+        left_pad(rows), pixel_values=pix, image_sizes=sizes, batch_num_images=per_sample,
         pixel_values_videos=videos,
     )  # fmt: skip
 
@@ -114,12 +109,8 @@ def budget(keep, b):
 @torch.no_grad()
 def fastv_keep(eager, inputs, layer, keep, b, scoring="last"):
     _, visual = reference_layout(eager, inputs)
-    probs = eager(**inputs, output_attentions=True).attentions[layer - 1][0].mean(0)
-    score = {"last": probs[-1], "all": probs.mean(0)}[scoring]
-    top = score.masked_fill(~visual, float("-inf")).topk(budget(keep, b)).indices
-    kept = ~visual
-    kept[top] = True
-    return kept.nonzero()[:, 0]
+    attention = eager(**inputs, output_attentions=True).attentions[layer - 1]
+    return fastv_rule(attention, visual, scoring, budget(keep, b))
 
 
 @torch.no_grad()
