@@ -23,7 +23,7 @@ class ModelInfo:
     num_kv_heads: int
     intermediate_size: int
     vision_layers: int
-    patches_per_image: int
+    patches_per_image: int  # tokens of one full image (anyres: one view), the unit of an int keep
     attn_implementation: str
 
 
