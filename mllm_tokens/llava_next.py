@@ -155,7 +155,8 @@ class LlavaNextAdapter(Adapter):
         self._undo.append(record_calls(self.outer, "get_image_features", self._record_image_call))
 
     def _record_image_call(self, arguments: dict) -> None:
-        self._image_call = arguments
+        # only what the layout needs (not the pixels: they would stay alive until the next call)
+        self._image_call = {k: arguments.get(k) for k in ("image_sizes", "vision_feature_select_strategy")}
 
     def visual_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return ids == self.image_token_id

@@ -81,9 +81,15 @@ class LlavaOnevisionAdapter(Adapter):
     def install(self) -> None:
         super().install()
         for name in ("get_image_features", "get_video_features"):
-            self._undo.append(
-                record_calls(self.outer, name, functools.partial(self._calls.__setitem__, name))
-            )
+            self._undo.append(record_calls(self.outer, name, functools.partial(self._record, name)))
+
+    def _record(self, name: str, arguments: dict) -> None:
+        """Keep what the layouts need of a call (not the pixels: they would stay alive until the next)."""
+        if name == "get_video_features":  # pixel_values_videos [videos, frames, C, H, W], first argument
+            self._calls[name] = {"videos_frames": tuple(next(iter(arguments.values())).shape[:2])}
+        else:
+            keys = ("image_sizes", "batch_num_images", "vision_aspect_ratio")
+            self._calls[name] = {k: arguments.get(k) for k in keys}
 
     def visual_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids == self.image_token_id) | (ids == self.video_token_id)
@@ -120,8 +126,7 @@ class LlavaOnevisionAdapter(Adapter):
 
     def video_layouts(self, call: dict) -> tuple[list[torch.Tensor], list[int]]:
         """Per video its ``(frame, patch)`` layout (one unit per frame, then the newline)."""
-        pixels = next(iter(call.values()))  # pixel_values_videos [videos, frames, C, H, W]
-        videos, frames = pixels.shape[:2]
+        videos, frames = call["videos_frames"]
         index = torch.arange(frames * self.frame_tokens)
         layout = torch.stack([index // self.frame_tokens, index % self.frame_tokens], 1)
         layout = torch.cat([layout, layout.new_full((1, 2), -1)])
