@@ -216,6 +216,7 @@ def test_generate_with_cache_matches_cache_free_reference(attn):
     gen = dict(inputs, max_new_tokens=3, do_sample=False)
     n = inputs["input_ids"].shape[1]
     with torch.no_grad():
+        plain = model.generate(**gen)
         with attach(model, FastV(layer=2, keep=4)) as handle:
             fastv = model.generate(**gen)[:, n:]
             assert [s["kept_per_layer"] for s in handle.stats] == [[48, 48, 12, 12], [128, 128, 32, 32]]
@@ -236,6 +237,9 @@ def test_generate_with_cache_matches_cache_free_reference(attn):
             with attach(model, reducer):
                 cached = model.generate(**gen)
                 assert torch.equal(cached, model.generate(**gen, use_cache=False))
+        assert torch.equal(model.generate(**gen), plain)  # every reducer removed without a trace
+        configs = (model.config.text_config, model.config.vision_config)
+        assert [c._attn_implementation for c in configs] == [attn, attn]
     for b in range(2):
         ids, pix, sizes = sample(inputs, b)
         kept = fastv_keep(eager, ids, pix, sizes, 2, 4, b)

@@ -170,6 +170,7 @@ def test_generate_with_cache_matches_cache_free_reference(attn):
     gen = dict(inputs, max_new_tokens=3, do_sample=False)
     n = inputs["input_ids"].shape[1]
     with torch.no_grad():
+        plain = model.generate(**gen)
         with attach(model, FastV(layer=2, keep=5)) as handle:
             fastv = model.generate(**gen)[:, n:]
             assert [s["kept_per_layer"] for s in handle.stats] == [[34, 34, 10, 10], [32, 32, 10, 10]]
@@ -181,6 +182,9 @@ def test_generate_with_cache_matches_cache_free_reference(attn):
             with attach(model, reducer):
                 cached = model.generate(**gen)
                 assert torch.equal(cached, model.generate(**gen, use_cache=False))
+        assert torch.equal(model.generate(**gen), plain)  # every reducer removed without a trace
+        configs = (model.config.text_config, model.config.vision_config)
+        assert [c._attn_implementation for c in configs] == [attn, attn]
     for b in range(2):
         one = sample(inputs, b)
         kept = fastv_keep(eager, one, 2, 5, b)
