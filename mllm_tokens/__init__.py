@@ -24,9 +24,11 @@ ADAPTERS: dict = {}
 
 
 def _register_builtin_adapters() -> None:
-    from visattn.mllm_tokens import llava
+    from visattn.mllm_tokens import llava, llava_next, llava_onevision
 
     ADAPTERS["llava"] = (llava.is_supported, llava.LlavaAdapter)
+    ADAPTERS["llava_next"] = (llava_next.is_supported, llava_next.LlavaNextAdapter)
+    ADAPTERS["llava_onevision"] = (llava_onevision.is_supported, llava_onevision.LlavaOnevisionAdapter)
 
 
 _register_builtin_adapters()

@@ -80,7 +80,11 @@ class Adapter:
         raise NotImplementedError
 
     def segment(self, ids: torch.Tensor, visual: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, ...]:
-        """``(image_id [B, L], patch_id [B, L], images_per_sample [B])`` of the visual tokens."""
+        """``(image_id [B, L], patch_id [B, L], images_per_sample [B])`` of the visual tokens.
+
+        Images are numbered through the batch, sample after sample. A token of ``visual`` that gets
+        ``image_id`` -1 is left out of the visual tokens (LLaVA-NeXT's row-end newline tokens): reducers
+        keep it and never count it."""
         raise NotImplementedError
 
     def vision_cls_attentions(self) -> list[nn.Module] | None:
@@ -111,6 +115,11 @@ class Adapter:
             )
         self.layers = self.lm.layers
         self.reducer.check(self.info)
+        if self.reducer.vision_cls_layers(self.info) and self.vision_cls_attentions() is None:
+            raise ValueError(
+                f"attach: {type(self.reducer).__name__} ranks patches by the vision tower's [CLS] attention, "
+                f"and the {self.family} vision tower has no [CLS] token"
+            )
         self.stats: list[dict] = []
         self.state: Prefill | None = None
         self.in_prefill = False
@@ -239,12 +248,14 @@ class Adapter:
                 "attention_mask has padding after real tokens"
             )
         image_id, patch_id, images_per_sample = self.segment(ids, visual, outer_kwargs)
+        visual = visual & (image_id >= 0)
+        image_tokens = torch.bincount(image_id[visual], minlength=int(images_per_sample.sum()))
         arange = torch.arange(length, device=visual.device).expand(b, length)
         state = Prefill(
             visual=visual, real=real, image_id=image_id, patch_id=patch_id,
-            images_per_sample=images_per_sample, original_real=real.sum(1), original_visual=visual.sum(1),
-            index=arange, valid=torch.ones_like(visual),
-            cls_scores=self._expanded_cls(images_per_sample),
+            images_per_sample=images_per_sample, image_tokens=image_tokens,
+            original_real=real.sum(1), original_visual=visual.sum(1), index=arange,
+            valid=torch.ones_like(visual), cls_scores=self._expanded_cls(images_per_sample),
         )  # fmt: skip
         self.orig_len = length
         keep = self.reducer.pre_llm(state)

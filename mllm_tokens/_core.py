@@ -23,7 +23,7 @@ class ModelInfo:
     num_kv_heads: int
     intermediate_size: int
     vision_layers: int
-    patches_per_image: int
+    patches_per_image: int  # tokens of one full image (anyres: one view), the unit of an int keep
     attn_implementation: str
 
 
@@ -39,6 +39,7 @@ class Prefill:
     image_id: torch.Tensor  # [B, L] long: global image index of each visual token, -1 elsewhere
     patch_id: torch.Tensor  # [B, L] long: patch index of each visual token inside its image, -1 elsewhere
     images_per_sample: torch.Tensor  # [B] long
+    image_tokens: torch.Tensor  # [images] long: visual tokens of each image in the caller's prompt
     original_real: torch.Tensor  # [B] long: real tokens before any pre-LLM reduction
     original_visual: torch.Tensor  # [B] long: visual tokens before any pre-LLM reduction
     index: torch.Tensor  # [B, Lc] current layout
@@ -48,6 +49,12 @@ class Prefill:
     layer_visual: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] visual tokens seen
     layer_real: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] real tokens seen
     extra: dict = field(default_factory=dict)  # reducer-specific prefill findings (e.g. VAR's sinks)
+
+    def per_sample(self, per_image: torch.Tensor) -> torch.Tensor:
+        """Sum a per-image ``[images]`` tensor over each sample's images: ``[B]`` long."""
+        counts = self.images_per_sample
+        owner = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+        return torch.zeros_like(counts).index_add_(0, owner, per_image.to(counts.dtype))
 
     def current(self, per_token: torch.Tensor) -> torch.Tensor:
         """Gather a ``[B, L]`` per-input-token tensor into the current layout ``[B, Lc]``."""

@@ -34,6 +34,19 @@ def keep_count(keep: int | float, patches: int, name: str) -> int:
     return keep
 
 
+def keep_budgets(keep: int | float, tokens: torch.Tensor, patches: int) -> torch.Tensor:
+    """``[images]`` kept tokens of images with ``tokens [images]`` visual tokens each.
+
+    ``keep`` (checked by :func:`keep_count`) is per ``patches``-token image (``ModelInfo.patches_per_image``):
+    an int count scales with the image's tokens (``keep * n / patches``, e.g. LLaVA-NeXT's tiles that lost
+    rows to unpadding), a fraction is a fraction of ``n``; rounded, at least 1, 0 for an image without
+    tokens. An image of exactly ``patches`` tokens keeps ``keep`` (int) or ``round(patches * keep)``.
+    """
+    ratio = keep / patches if isinstance(keep, int) else keep
+    kept = (tokens.double() * ratio).round().clamp_min(1).long()
+    return torch.where(tokens > 0, kept, 0)
+
+
 def top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``[B, Lc]`` bool: per row the ``counts[b]`` highest-scoring visual slots."""
     masked = scores.float().masked_fill(~visual, float("-inf"))
@@ -50,7 +63,8 @@ class FastV(Reducer):
         layer: ``K``, the first layer that sees only the kept tokens (official default 2).
         keep: kept visual tokens per image, an int count or a fraction (official ``1 - R = 0.5``).
             With several images per sample, all of a sample's visual tokens are ranked together and
-            ``keep x images`` are kept (the official code ranks the whole image span at once).
+            the images' budgets (:func:`keep_budgets`) are added up (the official code ranks the
+            whole image span at once).
         scoring: ``"last"`` (official code), ``"all"`` (paper) or ``"text"`` queries.
     """
 
@@ -63,7 +77,7 @@ class FastV(Reducer):
             raise ValueError(f"FastV: scoring must be one of {SCORINGS}, got {scoring!r}")
         keep_count(keep, 1 << 30, "FastV")
         self.layer, self.keep, self.scoring = layer, keep, scoring
-        self._per_image = 0
+        self._patches = 0
 
     def __repr__(self) -> str:
         return f"FastV(layer={self.layer}, keep={self.keep}, scoring={self.scoring!r})"
@@ -73,7 +87,8 @@ class FastV(Reducer):
             raise ValueError(
                 f"FastV: layer={self.layer} is outside the {info.num_layers}-layer language model"
             )
-        self._per_image = keep_count(self.keep, info.patches_per_image, "FastV")
+        keep_count(self.keep, info.patches_per_image, "FastV")
+        self._patches = info.patches_per_image
 
     def key_mass_query(self, layer: int) -> str | None:
         return self.scoring if layer == self.layer - 1 else None
@@ -82,5 +97,5 @@ class FastV(Reducer):
         if layer != self.layer - 1:
             return None
         visual = state.current(state.visual)
-        counts = state.images_per_sample * self._per_image
+        counts = state.per_sample(keep_budgets(self.keep, state.image_tokens, self._patches))
         return ~visual | top_visual(state.key_mass[layer], visual, counts)

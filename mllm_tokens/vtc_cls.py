@@ -20,14 +20,15 @@ from __future__ import annotations
 import torch
 
 from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
-from visattn.mllm_tokens.fastv import keep_count
+from visattn.mllm_tokens.fastv import keep_budgets, keep_count, top_visual
 
 
 class VTCCLS(Reducer):
     """Keep the ``keep`` patches per image with the highest summed [CLS] attention.
 
     Args:
-        keep: kept visual tokens per image (int) or fraction in (0, 1].
+        keep: kept visual tokens per image (int) or fraction in (0, 1]; an image with more or fewer
+            tokens than ``ModelInfo.patches_per_image`` scales an int budget (:func:`keep_budgets`).
         start_layer: first ViT layer of the ensemble (official default 16); the ensemble ends at the
             penultimate layer. Negative values count from the end.
         reduce: how layers are combined: ``"sum"`` (official) or ``"max"`` / ``"min"`` (the official
@@ -41,7 +42,7 @@ class VTCCLS(Reducer):
             raise ValueError(f"VTCCLS: reduce must be 'sum', 'max' or 'min', got {reduce!r}")
         keep_count(keep, 1 << 30, "VTCCLS")
         self.keep, self.start_layer, self.reduce = keep, start_layer, reduce
-        self._per_image = 0
+        self._patches = 0
 
     def __repr__(self) -> str:
         return f"VTCCLS(keep={self.keep}, start_layer={self.start_layer}, reduce={self.reduce!r})"
@@ -57,7 +58,8 @@ class VTCCLS(Reducer):
 
     def check(self, info: ModelInfo) -> None:
         self._layers(info)
-        self._per_image = keep_count(self.keep, info.patches_per_image, "VTCCLS")
+        keep_count(self.keep, info.patches_per_image, "VTCCLS")
+        self._patches = info.patches_per_image
 
     def vision_cls_layers(self, info: ModelInfo) -> list[int]:
         return self._layers(info)
@@ -68,8 +70,10 @@ class VTCCLS(Reducer):
             score = stacked.sum(0)
         else:
             score = stacked.amax(0) if self.reduce == "max" else stacked.amin(0)
-        top = score.topk(self._per_image, dim=1).indices
-        chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
+        # rank only the patches that reached the prompt (anyres tiles lose padding rows to unpadding)
+        present = torch.zeros_like(score, dtype=torch.bool)
+        present[state.image_id[state.visual], state.patch_id[state.visual]] = True
+        chosen = top_visual(score, present, keep_budgets(self.keep, state.image_tokens, self._patches))
         image = state.image_id.clamp_min(0)
         picked = chosen[image, state.patch_id.clamp_min(0)]
         return ~state.visual | (state.visual & picked)
