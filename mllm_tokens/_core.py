@@ -23,7 +23,7 @@ class ModelInfo:
     num_kv_heads: int
     intermediate_size: int
     vision_layers: int
-    patches_per_image: int
+    patches_per_image: int  # visual tokens per image; 0 when it varies per image (dynamic resolution)
     attn_implementation: str
 
 

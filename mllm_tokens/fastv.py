@@ -34,6 +34,21 @@ def keep_count(keep: int | float, patches: int, name: str) -> int:
     return keep
 
 
+def image_budgets(keep: int | float, state: Prefill) -> torch.Tensor:
+    """``[B]`` visual tokens each sample keeps when its images differ in size (dynamic resolution):
+    per image an int ``keep`` capped at the image's tokens, or ``round(tokens * keep)`` (at least 1)."""
+    visual = state.visual
+    image = state.image_id[visual]
+    sizes = torch.bincount(image)
+    if isinstance(keep, float):
+        per_image = (sizes.double() * keep).round().long().clamp_min(1)
+    else:
+        per_image = sizes.clamp(max=keep)
+    rows = torch.arange(visual.shape[0], device=visual.device)[:, None].expand_as(visual)[visual]
+    owner = torch.zeros_like(sizes).scatter_(0, image, rows)
+    return torch.zeros_like(state.images_per_sample).index_add_(0, owner, per_image)
+
+
 def top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``[B, Lc]`` bool: per row the ``counts[b]`` highest-scoring visual slots."""
     masked = scores.float().masked_fill(~visual, float("-inf"))
@@ -51,6 +66,9 @@ class FastV(Reducer):
         keep: kept visual tokens per image, an int count or a fraction (official ``1 - R = 0.5``).
             With several images per sample, all of a sample's visual tokens are ranked together and
             ``keep x images`` are kept (the official code ranks the whole image span at once).
+            On models whose images differ in size (``ModelInfo.patches_per_image == 0``: Qwen2-VL's
+            dynamic resolution) the budget is per image: an int capped at the image's tokens, a
+            fraction of each image's tokens.
         scoring: ``"last"`` (official code), ``"all"`` (paper) or ``"text"`` queries.
     """
 
@@ -73,7 +91,9 @@ class FastV(Reducer):
             raise ValueError(
                 f"FastV: layer={self.layer} is outside the {info.num_layers}-layer language model"
             )
-        self._per_image = keep_count(self.keep, info.patches_per_image, "FastV")
+        self._per_image = (
+            keep_count(self.keep, info.patches_per_image, "FastV") if info.patches_per_image else 0
+        )
 
     def key_mass_query(self, layer: int) -> str | None:
         return self.scoring if layer == self.layer - 1 else None
@@ -82,5 +102,8 @@ class FastV(Reducer):
         if layer != self.layer - 1:
             return None
         visual = state.current(state.visual)
-        counts = state.images_per_sample * self._per_image
+        if self._per_image:
+            counts = state.images_per_sample * self._per_image
+        else:
+            counts = image_budgets(self.keep, state)
         return ~visual | top_visual(state.key_mass[layer], visual, counts)
