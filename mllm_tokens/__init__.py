@@ -24,9 +24,11 @@ ADAPTERS: dict = {}
 
 
 def _register_builtin_adapters() -> None:
-    from visattn.mllm_tokens import llava
+    from visattn.mllm_tokens import llava, qwen2_vl
 
     ADAPTERS["llava"] = (llava.is_supported, llava.LlavaAdapter)
+    ADAPTERS["qwen2_vl"] = (qwen2_vl.is_supported, qwen2_vl.Qwen2VLAdapter)
+    ADAPTERS["qwen2_5_vl"] = (qwen2_vl.is_supported_2_5, qwen2_vl.Qwen2_5_VLAdapter)
 
 
 _register_builtin_adapters()
