@@ -265,8 +265,14 @@ def test_generate_with_cache_matches_cache_free_reference(family, attn):
         with attach(model, DyVTE(exit_layer=1)) as handle:
             dyvte = model.generate(**gen)[:, start:]
             dyvte_nocache = model.generate(**gen, use_cache=False)[:, start:]
+            # beam search: generate repeats each sample's images / videos per beam
+            beams = dict(gen, num_beams=2, num_return_sequences=2)
+            beam, beam_nocache = model.generate(**beams), model.generate(**beams, use_cache=False)
+            beam_stats = handle.stats
     assert [s["kept_per_layer"] for s in stats] == [[14, 14, 4, 4], [4, 4, 2, 2]]  # generate's prefill
     assert torch.equal(dyvte, dyvte_nocache)
+    assert beam.shape[0] == 4 and torch.equal(beam, beam_nocache)
+    assert [s["visual_tokens_in"] for s in beam_stats] == [14, 14, 4, 4]
     for b, row in enumerate(rows):
         kept = fastv_keep(eager, row, 2, 2, "last", units_of(WITH_VIDEO[b]))
         assert torch.equal(fastv[b], _greedy_reference(eager, row, kept, 2, 4))
@@ -379,3 +385,105 @@ def test_refusals_and_bad_inputs():
     unit, patch = media_units(video, sizes, "video")
     assert unit.tolist() == [[-1, 0, 0, 0, 0, -1], [1, 1, -1, -1, -1, -1]]
     assert patch.tolist() == [[-1, 0, 1, 2, 3, -1], [0, 1, -1, -1, -1, -1]]
+
+
+# ---------------------------------------------------------------------------------------------- VAR
+DIMS, TAU, SINK_PATCHES = (3, 7), 4.0, (1, 3)  # tiny hidden size: phi <= sqrt(64) = 8
+
+
+def plant_sinks(model):
+    """Massive activations on DIMS: in BOS's embedding and in two visual tokens of every image."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[1, list(DIMS)] = 60.0
+    grids = []
+    visual = model.model.visual
+
+    def grid_hook(module, args, kwargs):
+        grids[:] = [kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]]
+
+    def merger_hook(module, args, output):
+        output = output.clone()
+        starts = (grids[0].prod(-1) // MERGE**2).cumsum(0) - grids[0].prod(-1) // MERGE**2
+        for start in starts.tolist():
+            for p in SINK_PATCHES:
+                output[start + p, DIMS[p % 2]] = 80.0
+        return output
+
+    visual.register_forward_pre_hook(grid_hook, with_kwargs=True)
+    visual.merger.register_forward_hook(merger_hook)
+
+
+@torch.no_grad()
+def var_reference(model, inputs, var):
+    """Unbatched reference: the stock model with every attention computed as explicit probabilities,
+    redistributed by the reference rule in VAR's layers from the sinks of the layer's input."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from visattn.kernels.reference.visual_sink_attention import redistribute
+    from visattn.mllm_tokens.var import sink_scores
+
+    ids = inputs["input_ids"]
+    visual = (ids == IMG) | (ids == VID)
+    inputs_of = {}
+
+    def attention(module, q, k, v, mask, scaling=None, **kwargs):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        n = q.shape[2]
+        s = (q @ k.transpose(-1, -2)) * scaling
+        probs = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        if module.layer_idx in range(2, len(lm.layers) - 1):
+            sink = sink_scores(inputs_of[module.layer_idx], DIMS) > var.tau
+            category = (
+                torch.where(visual, 3, 0)
+                - torch.where(sink & visual, 1, 0)
+                + torch.where(sink & ~visual, 1, 0)
+            )
+            queries = (visual.cumsum(1) > 0) & ~visual & bool((category == 2).any())
+            probs = redistribute(probs, category, queries, var.fraction, var.rho, var.min_image_attention)
+        return (probs @ v).transpose(1, 2), probs
+
+    lm = model.model.language_model
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: inputs_of.__setitem__(i, a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
+        for i, layer in enumerate(lm.layers)
+    ]
+    AttentionInterface.register("var_reference", attention)
+    AttentionMaskInterface.register("var_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    impl, lm.config._attn_implementation = lm.config._attn_implementation, "var_reference"
+    try:
+        return model(**inputs).logits
+    finally:
+        lm.config._attn_implementation = impl
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", FLASH], indirect=True)
+def test_var_matches_reference_with_several_images(attn):
+    model = tiny_qwen("qwen2_vl", attn)
+    plant_sinks(model)
+    inputs, rows = tiny_inputs(IMAGES_ONLY)
+    real = inputs["attention_mask"].bool()
+    var = VAR(sink_dims=DIMS, tau=TAU, min_image_attention=0.05)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with attach(model, var) as handle:
+            out = model(**inputs).logits
+            category = var.sinks(handle._adapter.state)[2]
+            cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert not torch.allclose(out[real], ref[real], atol=1e-3)
+    assert torch.equal(cached, uncached)
+    for b, row in enumerate(rows):
+        ids = inputs["input_ids"][b]
+        starts = [int(s) for s in ((ids == IMG) & (ids.roll(1) == VSTART)).nonzero()[:, 0]]
+        assert sorted((category[b] == 2).nonzero()[:, 0].tolist()) == [
+            s + p for s in starts for p in SINK_PATCHES
+        ]
+        assert int((ids[category[b] == 1] == 1).sum()) == 1  # BOS is a text sink
+        expected = var_reference(model, row, var)
+        torch.testing.assert_close(out[b, real[b]], expected[0], atol=1e-5, rtol=1e-4)
