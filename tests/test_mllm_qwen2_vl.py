@@ -11,7 +11,7 @@ from transformers import (
 )
 
 from tests.test_mllm_tokens import FLASH
-from visattn.mllm_tokens import VAR, VTCCLS, DyVTE, DyVTERouters, FastV, Reducer, attach
+from visattn.mllm_tokens import VAR, VTCCLS, DyVTE, DyVTERouters, FastV, Reducer, attach, calibrate_sink_dims
 from visattn.mllm_tokens._hf import cache_keyword
 from visattn.mllm_tokens.qwen2_vl import media_sizes, media_units
 
@@ -478,6 +478,7 @@ def test_var_matches_reference_with_several_images(attn):
             uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
     assert not torch.allclose(out[real], ref[real], atol=1e-3)
     assert torch.equal(cached, uncached)
+    assert calibrate_sink_dims(model, **rows[1]) == DIMS
     for b, row in enumerate(rows):
         ids = inputs["input_ids"][b]
         starts = [int(s) for s in ((ids == IMG) & (ids.roll(1) == VSTART)).nonzero()[:, 0]]
