@@ -89,7 +89,7 @@ class Handle:
 
 
 def attach(model: nn.Module, reducer: Reducer) -> Handle:
-    """Attach ``reducer`` to ``model`` (a transformers ``LlavaForConditionalGeneration``)."""
+    """Attach ``reducer`` to ``model`` (a transformers model of a family in :data:`ADAPTERS`)."""
     return Handle(model, reducer)
 
 

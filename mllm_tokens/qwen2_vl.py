@@ -50,7 +50,7 @@ def is_supported_2_5(model: nn.Module) -> bool:
 def media_sizes(kwargs: dict, kind: str, merge: int) -> torch.Tensor | None:
     """Visual tokens of each image (``kind="image"``) or video of a model call, in order: from
     ``<kind>_grid_thw`` (``t * h * w / merge^2``), or, where ``generate`` encoded the media beforehand
-    (transformers >= 5.2x passes ``mm_encoder_outputs`` instead of the grids), from the per-item
+    (transformers 5.24 passes ``mm_encoder_outputs`` instead of the pixels and grids), from the per-item
     ``pooler_output`` of that encoding. None when the call has no such media."""
     grid = kwargs.get(f"{kind}_grid_thw")
     if grid is not None:
@@ -58,7 +58,13 @@ def media_sizes(kwargs: dict, kind: str, merge: int) -> torch.Tensor | None:
     encoded = (kwargs.get("mm_encoder_outputs") or {}).get(kind)
     if encoded is None:
         return None
-    return torch.tensor([len(item) for item in encoded.pooler_output])
+    items = encoded.pooler_output
+    if not isinstance(items, (tuple, list)):
+        raise RuntimeError(
+            f"visattn: the pre-encoded {kind} features are no longer split per {kind}; this transformers "
+            "release changed get_image_features / get_video_features"
+        )
+    return torch.tensor([len(item) for item in items])
 
 
 def media_units(

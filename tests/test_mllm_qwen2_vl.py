@@ -368,6 +368,8 @@ def test_refusals_and_bad_inputs():
         attach(sliding, FastV())
     inputs, _ = tiny_inputs(IMAGES_ONLY)
     ids = inputs["input_ids"]
+    with attach(model, FastV(keep=2)), pytest.raises(ValueError, match="labels"):
+        model(**inputs, labels=ids)
     with attach(model, FastV(keep=2)) as handle:
         # the first image's grid now holds 4 tokens, the second 6 across two rows (the model's own M-RoPE
         # index fails on this first; explicit position_ids would reach the adapter)
