@@ -422,8 +422,7 @@ def var_reference(model, inputs, var):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from visattn.kernels.reference.visual_sink_attention import redistribute
-    from visattn.mllm_tokens.var import sink_scores
+    from tests.test_mllm_var import redistributed
 
     ids = inputs["input_ids"]
     visual = (ids == IMG) | (ids == VID)
@@ -436,14 +435,7 @@ def var_reference(model, inputs, var):
         s = (q @ k.transpose(-1, -2)) * scaling
         probs = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
         if module.layer_idx in range(2, len(lm.layers) - 1):
-            sink = sink_scores(inputs_of[module.layer_idx], DIMS) > var.tau
-            category = (
-                torch.where(visual, 3, 0)
-                - torch.where(sink & visual, 1, 0)
-                + torch.where(sink & ~visual, 1, 0)
-            )
-            queries = (visual.cumsum(1) > 0) & ~visual & bool((category == 2).any())
-            probs = redistribute(probs, category, queries, var.fraction, var.rho, var.min_image_attention)
+            probs = redistributed(probs, inputs_of[module.layer_idx], visual, var)
         return (probs @ v).transpose(1, 2), probs
 
     lm = model.model.language_model
