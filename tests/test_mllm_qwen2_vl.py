@@ -328,8 +328,9 @@ def test_pre_llm_reduction_keeps_mrope_ids_and_decode_continues_from_rope_deltas
     torch.testing.assert_close(step[0, -1], ref[0, -1], atol=1e-5, rtol=1e-4)
 
 
-def test_remove_restores_every_reducer_bit_identically():
-    model = tiny_qwen("qwen2_vl", "sdpa")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_restores_every_reducer_bit_identically(family):
+    model = tiny_qwen(family, "sdpa")
     inputs, _ = tiny_inputs(WITH_VIDEO)
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=2)
