@@ -328,6 +328,26 @@ def test_pre_llm_reduction_keeps_mrope_ids_and_decode_continues_from_rope_deltas
     torch.testing.assert_close(step[0, -1], ref[0, -1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", FLASH], indirect=True)
+def test_pre_llm_reduction_of_one_unpadded_prompt(attn):
+    # no padding and no cache (use_cache=False): transformers reads generate's text position row for packed
+    # sequences, so it must stay contiguous after the reduction
+    model, eager = tiny_qwen("qwen2_vl", attn), tiny_qwen("qwen2_vl", "eager")
+    _, rows = tiny_inputs(WITH_VIDEO)
+    row = rows[0]
+    ids = row["input_ids"][0]
+    visual = (ids == IMG) | (ids == VID)
+    keep = ~visual
+    keep[visual] = torch.cat([torch.arange(n) for n in units_of(WITH_VIDEO[0])]) % 2 == 0
+    with torch.no_grad(), attach(model, DropOddPatches()):
+        cached, uncached = (
+            model.generate(**row, max_new_tokens=4, do_sample=False, use_cache=c)[0, ids.shape[0] :]
+            for c in (True, False)
+        )
+    reference = _greedy_reference(eager, row, keep.nonzero()[:, 0], 0, 4)
+    assert torch.equal(cached, reference) and torch.equal(uncached, reference)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remove_restores_every_reducer_bit_identically(family):
     model = tiny_qwen(family, "sdpa")
