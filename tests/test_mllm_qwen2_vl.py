@@ -111,7 +111,8 @@ def with_tokens(inputs: dict, new: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def lm_inputs(model, inputs):
-    """``(inputs_embeds [1, L, D], position_ids [3, 1, L])`` that the stock model gives its language model."""
+    """``(inputs_embeds [1, L, D], position_ids [3, 1, L])`` that the stock model gives its language model
+    for ``model(**inputs)``."""
     seen = {}
 
     def hook(module, args, kwargs):
@@ -128,19 +129,11 @@ def lm_inputs(model, inputs):
 
 @torch.no_grad()
 def lm_decode_inputs(model, inputs, new):
-    """``(inputs_embeds, position_ids)`` the stock model gives its language model at a cached decode step
-    of token ``new [1, 1]`` after the prompt ``inputs`` (no attention_mask: numbered from the cache)."""
+    """The same at a cached decode step of token ``new [1, 1]`` after the prompt ``inputs`` (no
+    attention_mask: the model numbers the step from its cache)."""
     cache = model(**inputs, use_cache=True)
     cache = cache["cache"] if "cache" in cache else cache["past_key_values"]
-    seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.update(embeds=k["inputs_embeds"], pos=k["position_ids"]), with_kwargs=True
-    )
-    try:
-        model(input_ids=new, **{cache_keyword(model.forward): cache}, use_cache=True)
-    finally:
-        handle.remove()
-    return seen["embeds"], seen["pos"]
+    return lm_inputs(model, {"input_ids": new, cache_keyword(model.forward): cache, "use_cache": True})
 
 
 @torch.no_grad()
