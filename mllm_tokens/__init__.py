@@ -24,11 +24,13 @@ ADAPTERS: dict = {}
 
 
 def _register_builtin_adapters() -> None:
-    from visattn.mllm_tokens import llava, llava_next, llava_onevision
+    from visattn.mllm_tokens import llava, llava_next, llava_onevision, qwen2_vl
 
     ADAPTERS["llava"] = (llava.is_supported, llava.LlavaAdapter)
     ADAPTERS["llava_next"] = (llava_next.is_supported, llava_next.LlavaNextAdapter)
     ADAPTERS["llava_onevision"] = (llava_onevision.is_supported, llava_onevision.LlavaOnevisionAdapter)
+    ADAPTERS["qwen2_vl"] = (qwen2_vl.is_supported, qwen2_vl.Qwen2VLAdapter)
+    ADAPTERS["qwen2_5_vl"] = (qwen2_vl.is_supported_2_5, qwen2_vl.Qwen2_5_VLAdapter)
 
 
 _register_builtin_adapters()

@@ -23,7 +23,8 @@ class ModelInfo:
     num_kv_heads: int
     intermediate_size: int
     vision_layers: int
-    patches_per_image: int  # tokens of one full image (anyres: one view), the unit of an int keep
+    patches_per_image: int  # tokens of one full image (anyres: one view), the unit of an int keep; 0 when
+    # images have no common size (dynamic resolution): an int keep is then per image, capped at its tokens
     attn_implementation: str
 
 

@@ -41,7 +41,11 @@ def keep_budgets(keep: int | float, tokens: torch.Tensor, patches: int) -> torch
     an int count scales with the image's tokens (``keep * n / patches``, e.g. LLaVA-NeXT's tiles that lost
     rows to unpadding), a fraction is a fraction of ``n``; rounded, at least 1, 0 for an image without
     tokens. An image of exactly ``patches`` tokens keeps ``keep`` (int) or ``round(patches * keep)``.
+    With ``patches == 0`` (images of no common size: Qwen2-VL's dynamic resolution) an int ``keep`` is
+    per image, capped at the image's tokens.
     """
+    if isinstance(keep, int) and patches == 0:
+        return tokens.clamp(max=keep)
     ratio = keep / patches if isinstance(keep, int) else keep
     kept = (tokens.double() * ratio).round().clamp_min(1).long()
     return torch.where(tokens > 0, kept, 0)
@@ -65,6 +69,8 @@ class FastV(Reducer):
             With several images per sample, all of a sample's visual tokens are ranked together and
             the images' budgets (:func:`keep_budgets`) are added up (the official code ranks the
             whole image span at once).
+            On models whose images differ in size (``ModelInfo.patches_per_image == 0``: Qwen2-VL's
+            dynamic resolution) an int budget is per image, capped at the image's tokens.
         scoring: ``"last"`` (official code), ``"all"`` (paper) or ``"text"`` queries.
     """
 
@@ -87,7 +93,7 @@ class FastV(Reducer):
             raise ValueError(
                 f"FastV: layer={self.layer} is outside the {info.num_layers}-layer language model"
             )
-        keep_count(self.keep, info.patches_per_image, "FastV")
+        keep_count(self.keep, info.patches_per_image or 1 << 30, "FastV")
         self._patches = info.patches_per_image
 
     def key_mass_query(self, layer: int) -> str | None:

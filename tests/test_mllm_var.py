@@ -27,6 +27,17 @@ def plant_sinks(model):
     return model.model.multi_modal_projector.register_forward_hook(hook)
 
 
+def redistributed(probs, hidden, visual, var, dims=DIMS):
+    """VAR's reference rule on one layer's probabilities ``[1, H, N, N]``, with the sinks found on the
+    layer's input ``hidden [1, N, D]`` (``visual [1, N]``: the image tokens)."""
+    sink = sink_scores(hidden, dims) > var.tau
+    category = (
+        torch.where(visual, 3, 0) - torch.where(sink & visual, 1, 0) + torch.where(sink & ~visual, 1, 0)
+    )
+    queries = (visual.cumsum(1) > 0) & ~visual & bool((category == 2).any())
+    return redistribute(probs, category, queries, var.fraction, var.rho, var.min_image_attention)
+
+
 @torch.no_grad()
 def var_reference(model, ids, pix, var):
     """Unbatched reference: eager LLaMA layers, with layer-2 attention probabilities redistributed by
@@ -51,14 +62,7 @@ def var_reference(model, ids, pix, var):
         s = (q @ k.transpose(-1, -2)) * attn.scaling
         probs = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
         if i in range(2, len(lm.layers) - 1):
-            sink = sink_scores(hidden, DIMS) > var.tau
-            category = (
-                torch.where(visual, 3, 0)
-                - torch.where(sink & visual, 1, 0)
-                + torch.where(sink & ~visual, 1, 0)
-            )
-            queries = (visual.cumsum(1) > 0) & ~visual & bool((category == 2).any())
-            probs = redistribute(probs, category, queries, var.fraction, var.rho, var.min_image_attention)
+            probs = redistributed(probs, hidden, visual, var)
         out = (probs @ v).transpose(1, 2).reshape(1, n, -1)
         hidden = hidden + attn.o_proj(out)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
