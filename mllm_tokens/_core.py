@@ -48,6 +48,9 @@ class Prefill:
     layer_visual: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] visual tokens seen
     layer_real: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] real tokens seen
     extra: dict = field(default_factory=dict)  # reducer-specific prefill findings (e.g. VAR's sinks)
+    # [B, L0, D] the language model's input embeddings (word embeddings with the projected image features
+    # scattered in) as the prefill starts, before any pre-LLM reduction: what pre_llm may score (DivPrune)
+    embeds: torch.Tensor | None = None
 
     def current(self, per_token: torch.Tensor) -> torch.Tensor:
         """Gather a ``[B, L]`` per-input-token tensor into the current layout ``[B, Lc]``."""

@@ -250,7 +250,7 @@ class LlavaAdapter:
             visual=visual, real=real, image_id=image_id, patch_id=patch_id,
             images_per_sample=images_per_sample, original_real=real.sum(1), original_visual=counts,
             index=arange, valid=torch.ones_like(visual),
-            cls_scores=self._expanded_cls(images_per_sample),
+            cls_scores=self._expanded_cls(images_per_sample), embeds=embeds,
         )  # fmt: skip
         self.orig_len = length
         keep = self.reducer.pre_llm(state)
