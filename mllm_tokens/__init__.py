@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from visattn.mllm_tokens._core import ModelInfo, Reducer
+from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
@@ -85,6 +86,7 @@ def attach(model: nn.Module, reducer: Reducer) -> Handle:
 
 
 __all__ = [
+    "DivPrune",
     "DyVTE",
     "DyVTERouters",
     "KNOWN_SINK_DIMS",
