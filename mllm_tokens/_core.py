@@ -9,6 +9,7 @@ always each sample's last token). Reducers only ever shrink a layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -25,6 +26,20 @@ class ModelInfo:
     vision_layers: int
     patches_per_image: int
     attn_implementation: str
+
+
+class ModelOps(Protocol):
+    """Computations of the language model that an adapter lends to reducers during a prefill
+    (``Prefill.ops``), for methods that score with a layer's projections or the final norm."""
+
+    def layer_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q ``[B, Lc, H, Dh]`` and k ``[B, Lc, Hkv, Dh]`` (RoPE applied at the current positions, no
+        cache update) that decoder layer ``layer`` computes from its input ``hidden`` ``[B, Lc, D]``."""
+        ...
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm (before the LM head) applied to ``hidden`` ``[B, Lc, D]``."""
+        ...
 
 
 @dataclass
@@ -51,6 +66,7 @@ class Prefill:
     # [B, L0, D] the language model's input embeddings (word embeddings with the projected image features
     # scattered in) as the prefill starts, before any pre-LLM reduction: what pre_llm may score (DivPrune)
     embeds: torch.Tensor | None = None
+    ops: ModelOps | None = None  # the adapter's model computations (PyramidDrop, DART)
 
     def current(self, per_token: torch.Tensor) -> torch.Tensor:
         """Gather a ``[B, L]`` per-input-token tensor into the current layout ``[B, Lc]``."""

@@ -250,7 +250,7 @@ class LlavaAdapter:
             visual=visual, real=real, image_id=image_id, patch_id=patch_id,
             images_per_sample=images_per_sample, original_real=real.sum(1), original_visual=counts,
             index=arange, valid=torch.ones_like(visual),
-            cls_scores=self._expanded_cls(images_per_sample), embeds=embeds,
+            cls_scores=self._expanded_cls(images_per_sample), embeds=embeds, ops=self,
         )  # fmt: skip
         self.orig_len = length
         keep = self.reducer.pre_llm(state)
@@ -426,6 +426,16 @@ class LlavaAdapter:
             return module.o_proj(out), None
 
         return forward
+
+    # ------------------------------------------------------------------ ModelOps (Prefill.ops)
+    def layer_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self.layers[layer]
+        pe = self.override[layer][1] if layer in self.override else self._full_pe
+        q, k, _ = _llama_qkv(decoder.self_attn, decoder.input_layernorm(hidden), pe, None)
+        return q, k
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.norm(hidden)
 
     # ------------------------------------------------------------------ stats
     def _record_stats(self) -> None:
