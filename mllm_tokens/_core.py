@@ -87,9 +87,15 @@ class Reducer:
 
     ``removes_tokens`` is False for reducers that never shorten the sequence (VAR): only those accept
     ``labels``, because a shortened prefill returns fewer logits rows than the labels have.
+
+    ``renumber_positions`` True: after a drop inside the LLM (``after_layer``) each kept token's position
+    id moves down by the real tokens dropped before it, so later layers see contiguous positions, and
+    decode steps at those layers move down by all tokens dropped (PyramidDrop's official code). False
+    (default): tokens keep their original position ids (FastV, DART).
     """
 
     removes_tokens = True
+    renumber_positions = False
 
     def check(self, info: ModelInfo) -> None:
         return None

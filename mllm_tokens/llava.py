@@ -157,6 +157,7 @@ class LlavaAdapter:
         self.layer_key_ok: dict[int, torch.Tensor] = {}  # layer -> [B, Lc] keys of its prefill cache
         self.override: dict[int, tuple] = {}  # prefill: layer -> (mask, (cos, sin), position_ids)
         self.decode_new: torch.Tensor | None = None  # [B, T] mask of tokens appended after prefill
+        self.decode_shift: dict[int, torch.Tensor] = {}  # layer -> [B] position shift (renumber_positions)
 
     # ------------------------------------------------------------------ hooks
     def _model_pre(self, module, args, kwargs):
@@ -353,6 +354,9 @@ class LlavaAdapter:
             if self.active and idx in self.layer_key_ok:
                 key_ok = torch.cat([self.layer_key_ok[idx], self.decode_new], dim=1)
                 kwargs["attention_mask"] = self._layer_mask(key_ok, hidden.shape[1], hidden.dtype)
+                if idx in self.decode_shift:
+                    pos = kwargs["position_ids"] - self.decode_shift[idx][:, None]
+                    kwargs.update(position_ids=pos, position_embeddings=self.lm.rotary_emb(hidden, pos))
                 return args, kwargs
             return None
 
@@ -372,10 +376,18 @@ class LlavaAdapter:
             cos, sin = self._full_pe
             pe = (gather_tokens(cos, index), gather_tokens(sin, index))
             pos = gather_tokens(self._full_pos, index) if self._full_pos is not None else index
+            shift = None
+            if self.reducer.renumber_positions:
+                dropped_before = gather_tokens(state.real.long().cumsum(1), index) - key_ok.long().cumsum(1)
+                pos = (pos - dropped_before).clamp_min(0)
+                pe = self.lm.rotary_emb(output, pos)
+                shift = state.real.sum(1) - key_ok.sum(1)
             mask = self._layer_mask(key_ok, index.shape[1], output.dtype)
             for later in range(idx + 1, self.info.num_layers):
                 self.override[later] = (mask, pe, pos)
                 self.layer_key_ok[later] = key_ok
+                if shift is not None:
+                    self.decode_shift[later] = shift
             return gather_tokens(output, source)
 
         return hook
