@@ -15,6 +15,7 @@ from visattn.mllm_tokens._core import ModelInfo, Reducer
 from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
+from visattn.mllm_tokens.pyramiddrop import PyramidDrop
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.vtc_cls import VTCCLS
 
@@ -93,6 +94,7 @@ __all__ = [
     "VAR",
     "VTCCLS",
     "FastV",
+    "PyramidDrop",
     "Handle",
     "ModelInfo",
     "Reducer",
