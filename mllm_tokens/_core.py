@@ -41,6 +41,10 @@ class ModelOps(Protocol):
         """The language model's final norm (before the LM head) applied to ``hidden`` ``[B, Lc, D]``."""
         ...
 
+    def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The multimodal projector: vision features ``[images, n, Dv]`` -> embeddings ``[images, n, D]``."""
+        ...
+
 
 @dataclass
 class Prefill:
@@ -67,6 +71,11 @@ class Prefill:
     # scattered in) as the prefill starts, before any pre-LLM reduction: what pre_llm may score (DivPrune)
     embeds: torch.Tensor | None = None
     ops: ModelOps | None = None  # the adapter's model computations (PyramidDrop, DART)
+    # needs_vision_features only: [images, 1 + patches, Dv] the vision features the projector takes (the
+    # LLM's feature layer), [CLS] first; and per vision_cls_layers layer [images, 1 + patches, Dh] keys
+    # averaged over heads
+    vision_hidden: torch.Tensor | None = None
+    cls_keys: list[torch.Tensor] = field(default_factory=list)
 
     def current(self, per_token: torch.Tensor) -> torch.Tensor:
         """Gather a ``[B, L]`` per-input-token tensor into the current layout ``[B, Lc]``."""
@@ -88,6 +97,10 @@ class Reducer:
     ``removes_tokens`` is False for reducers that never shorten the sequence (VAR): only those accept
     ``labels``, because a shortened prefill returns fewer logits rows than the labels have.
 
+    ``pre_llm`` may also write new values into ``state.embeds`` (same shape) at the slots it keeps: the
+    language model then takes those (VisionZip puts merged tokens there). ``needs_vision_features`` True:
+    the adapter fills ``Prefill.vision_hidden`` and ``Prefill.cls_keys``.
+
     ``renumber_positions`` True: after a drop inside the LLM (``after_layer``) each kept token's position
     id moves down by the real tokens dropped before it, so later layers see contiguous positions, and
     decode steps at those layers move down by all tokens dropped (PyramidDrop's official code). False
@@ -96,6 +109,7 @@ class Reducer:
 
     removes_tokens = True
     renumber_positions = False
+    needs_vision_features = False
 
     def check(self, info: ModelInfo) -> None:
         return None

@@ -119,8 +119,15 @@ class LlavaAdapter:
         self._handles.append(self.llava.register_forward_pre_hook(self._llava_pre, with_kwargs=True))
         tower = self.llava.vision_tower
         vision_layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
-        self._cls_buffer: list[torch.Tensor] = []
+        self._cls_buffer, self._key_buffer, self._vision_hidden = [], [], []
         self._handles.append(tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+        if self.reducer.needs_vision_features:
+            if not isinstance(self.model.config.vision_feature_layer, int):
+                raise ValueError(
+                    f"attach: {type(self.reducer).__name__} needs one vision feature layer, got "
+                    f"vision_feature_layer={self.model.config.vision_feature_layer!r}"
+                )
+            self._handles.append(tower.register_forward_hook(self._vision_post))
         for layer in self.reducer.vision_cls_layers(self.info):
             attn = vision_layers[layer].self_attn
             self._handles.append(attn.register_forward_pre_hook(self._cls_pre, with_kwargs=True))
@@ -186,7 +193,11 @@ class LlavaAdapter:
 
     def _vision_pre(self, module, args, kwargs):
         # generate() runs the vision tower before the model forward (mm_encoder_outputs): collect here
-        self._cls_buffer = []
+        self._cls_buffer, self._key_buffer, self._vision_hidden = [], [], []
+        return None
+
+    def _vision_post(self, module, args, output):
+        self._vision_hidden = [output.hidden_states[self.model.config.vision_feature_layer]]
         return None
 
     def _cls_pre(self, module, args, kwargs):
@@ -196,6 +207,8 @@ class LlavaAdapter:
         k = module.k_proj(hidden).view(b, n, module.num_heads, module.head_dim)
         _, mass = attention_with_key_mass(q, k, k, scale=module.scale, query_set="all")
         self._cls_buffer.append(mass[:, 1:])
+        if self.reducer.needs_vision_features:
+            self._key_buffer.append(k.mean(2))
         return None
 
     def _lm_pre(self, module, args, kwargs):
@@ -251,10 +264,13 @@ class LlavaAdapter:
             visual=visual, real=real, image_id=image_id, patch_id=patch_id,
             images_per_sample=images_per_sample, original_real=real.sum(1), original_visual=counts,
             index=arange, valid=torch.ones_like(visual),
-            cls_scores=self._expanded_cls(images_per_sample), embeds=embeds, ops=self,
+            cls_scores=self._expanded(self._cls_buffer, images_per_sample), embeds=embeds, ops=self,
+            cls_keys=self._expanded(self._key_buffer, images_per_sample),
+            vision_hidden=next(iter(self._expanded(self._vision_hidden, images_per_sample)), None),
         )  # fmt: skip
         self.orig_len = length
         keep = self.reducer.pre_llm(state)
+        embeds = kwargs["inputs_embeds"] = state.embeds  # pre_llm may have written new tokens into it
         if keep is not None and not bool(keep.all()):
             index, valid, _ = shrink_layout(arange, torch.ones_like(visual), keep | ~real)
             embeds = gather_tokens(embeds, index)
@@ -281,13 +297,12 @@ class LlavaAdapter:
         self.in_mask = kwargs.get("attention_mask")
         return kwargs
 
-    def _expanded_cls(self, images_per_sample: torch.Tensor) -> list[torch.Tensor]:
-        """The [CLS] scores of the vision pass, one row per image of the batch.
+    def _expanded(self, scores: list[torch.Tensor], images_per_sample: torch.Tensor) -> list[torch.Tensor]:
+        """Per-image findings of the vision pass (``[images, ...]`` each), one row per image of the batch.
 
         ``generate(num_beams=n)`` / ``num_return_sequences=n`` encodes the images once and then repeats
         each sample's image group ``n`` times (``_expand_multimodal_outputs``): repeat the scores alike.
         """
-        scores = self._cls_buffer
         if not scores:
             return scores
         total, encoded = int(images_per_sample.sum()), scores[0].shape[0]
@@ -448,6 +463,9 @@ class LlavaAdapter:
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.norm(hidden)
+
+    def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.llava.multi_modal_projector(features)
 
     # ------------------------------------------------------------------ stats
     def _record_stats(self) -> None:
