@@ -18,6 +18,7 @@ from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
+from visattn.mllm_tokens.visionzip import VisionZip
 from visattn.mllm_tokens.vtc_cls import VTCCLS
 
 # Other model families: ADAPTERS[probe] = AdapterClass, where probe(model) -> bool and the class has
@@ -95,6 +96,7 @@ __all__ = [
     "KNOWN_SINK_DIMS",
     "VAR",
     "VTCCLS",
+    "VisionZip",
     "FastV",
     "PyramidDrop",
     "Handle",
