@@ -77,8 +77,6 @@ def test_visionzip_generate_with_cache_matches_cache_free_reference():
     with torch.no_grad(), attach(model, VisionZip(dominant=5, contextual=3)):
         out = model.generate(**gen, return_dict_in_generate=True, output_logits=True)
         uncached = model.generate(**gen, use_cache=False)
-        beams = dict(gen, num_beams=2, num_return_sequences=2)  # images encoded once, then repeated
-        assert torch.equal(model.generate(**beams), model.generate(**beams, use_cache=False))
     assert torch.equal(out.sequences, uncached)
     cached = out.sequences[:, ids.shape[1] :]
     embed_words = eager.get_input_embeddings()
