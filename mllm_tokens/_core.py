@@ -76,6 +76,9 @@ class Prefill:
     # averaged over heads
     vision_hidden: torch.Tensor | None = None
     cls_keys: list[torch.Tensor] = field(default_factory=list)
+    # [B, L] bool query sets over the LLM input that a reducer registers during the prefill (before the
+    # layer that needs them); key_mass_query may return one's name (SparseVLM's text raters)
+    query_sets: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def current(self, per_token: torch.Tensor) -> torch.Tensor:
         """Gather a ``[B, L]`` per-input-token tensor into the current layout ``[B, Lc]``."""
@@ -89,8 +92,11 @@ class Reducer:
     * ``check(info)`` raises ``ValueError`` when the reducer cannot act on this model.
     * ``vision_cls_layers(info)``: vision-encoder layers whose [CLS] attention row must be scored.
     * ``pre_llm(state)``: ``[B, L]`` bool keep mask applied before the language model, or None.
-    * ``key_mass_query(layer)``: query set for which ``layer`` must report per-key attention mass.
-    * ``after_layer(layer, hidden, state)``: ``[B, Lc]`` keep mask over the current layout, or None.
+    * ``key_mass_query(layer)``: query set for which ``layer`` must report per-key attention mass:
+      ``"all"``, ``"text"``, ``"last"`` or the name of one of ``Prefill.query_sets``.
+    * ``after_layer(layer, hidden, state)``: ``[B, Lc]`` keep mask over the current layout, or None; or
+      ``(keep, new_hidden)`` to also replace the layer's output ``[B, Lc, D]`` before the kept slots are
+      taken (SparseVLM puts its recycled tokens in slots it keeps).
     * ``attention_layers(info)`` / ``attention(...)``: replace the attention of some layers (VAR).
     * ``before_layer(layer, hidden, state)``: look at a layer's input during prefill.
 

@@ -382,9 +382,12 @@ class LlavaAdapter:
             if not self.in_prefill:
                 return None
             state = self.state
-            keep = self.reducer.after_layer(idx, output, state)
+            keep, replaced = self.reducer.after_layer(idx, output, state), None
+            if isinstance(keep, tuple):  # the reducer also rewrote some slots of the output
+                keep, replaced = keep
+                output = replaced
             if keep is None or bool((keep | ~state.valid).all()) or idx == self.info.num_layers - 1:
-                return None
+                return replaced
             index, valid, source = shrink_layout(state.index, state.valid, keep)
             state.index, state.valid = index, valid
             key_ok = state.current(state.real)
@@ -441,6 +444,8 @@ class LlavaAdapter:
                     query = state.current(state.real)
                 elif query == "text":
                     query = state.current(state.real) & ~state.current(state.visual)
+                elif query in state.query_sets:
+                    query = state.current(state.query_sets[query])
                 out, mass = attention_with_key_mass(
                     q, k, v, attn_mask=attention_mask, causal=causal, scale=module.scaling, query_set=query
                 )
