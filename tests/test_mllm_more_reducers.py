@@ -1,11 +1,11 @@
-"""DivPrune, DART, PyramidDrop and VisionZip leave no trace after ``remove()`` and run beam search
-(without the cache, DART and PyramidDrop re-decide at every step from the longer text, as the
+"""DivPrune, DART, PyramidDrop, VisionZip and SparseVLM leave no trace after ``remove()`` and run beam search
+(without the cache, DART, PyramidDrop and SparseVLM re-decide at every step from the longer text, as the
 official code would; the pre-LLM methods must give the same beams either way)."""
 
 import torch
 
 from tests.test_mllm_tokens import tiny_inputs, tiny_llava
-from visattn.mllm_tokens import DART, DivPrune, PyramidDrop, VisionZip, attach
+from visattn.mllm_tokens import DART, DivPrune, PyramidDrop, SparseVLM, VisionZip, attach
 
 
 def test_remove_restores_hooks_and_logits_and_beams_match_cache_free():
@@ -21,6 +21,7 @@ def test_remove_restores_hooks_and_logits_and_beams_match_cache_free():
         reducers = (
             DivPrune(keep=4), DART(keep=8, pivots_image=2, pivots_text=2),
             PyramidDrop(layers=(1, 3)), VisionZip(dominant=4, contextual=2),
+            SparseVLM(counts=(6, 3), layers=(0, 2)),
         )  # fmt: skip
         for reducer in reducers:
             with attach(model, reducer):

@@ -4,7 +4,7 @@ Builds a LlavaForConditionalGeneration with random weights (no download): on CUD
 decoder (hidden 4096, 32 layers, 32 heads, MLP 11008) behind a CLIP ViT-L/14-336-shaped tower, in
 bfloat16; on CPU a scaled-down stack (``--hidden``/``--layers``) that still has 576 visual tokens.
 Inputs: 576 visual + 64 text tokens, batch 1 and 8. For the unreduced model and each reducer
-(FastV K=2, VTC-CLS, DivPrune, DART and VisionZip at 64/128/192 kept tokens, PyramidDrop at its
+(FastV K=2, VTC-CLS, DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens, PyramidDrop at its
 official stages, DyVTE with a fixed exit after layer 2 standing in for trained routers, VAR with
 LLaMA-2-7B's sink dims) it reports prefill latency, peak memory (CUDA),
 decode tokens/s (greedy, KV cache) and the estimated prefill FLOPs saved, with speed-ups against the
@@ -114,8 +114,19 @@ def decode_tokens_per_s(model, inputs: dict, tokens: int, device: torch.device, 
 
 
 def _reducers(keeps: list[int], layers: int, hidden: int):
-    from visattn.mllm_tokens import DART, VAR, VTCCLS, DivPrune, DyVTE, FastV, PyramidDrop, VisionZip
-    from visattn.mllm_tokens.visionzip import PRESETS
+    from visattn.mllm_tokens import (
+        DART,
+        VAR,
+        VTCCLS,
+        DivPrune,
+        DyVTE,
+        FastV,
+        PyramidDrop,
+        SparseVLM,
+        VisionZip,
+    )
+    from visattn.mllm_tokens.sparsevlm import PRESETS as SPARSEVLM_PRESETS
+    from visattn.mllm_tokens.visionzip import PRESETS as VISIONZIP_PRESETS
 
     rows = [("unreduced", None)]
     for k in keeps:
@@ -123,10 +134,15 @@ def _reducers(keeps: list[int], layers: int, hidden: int):
         rows.append((f"VTC-CLS keep={k}", VTCCLS(keep=k, start_layer=16 if hidden == 4096 else 1)))
         rows.append((f"DivPrune keep={k}", DivPrune(keep=k)))
         rows.append((f"DART K=2 keep={k}", DART(layer=min(2, layers - 1), keep=k)))
-        dominant, contextual = PRESETS.get(k, (k - k // 6, k // 6))
+        dominant, contextual = VISIONZIP_PRESETS.get(k, (k - k // 6, k // 6))
         rows.append(
             (f"VisionZip {dominant}+{contextual}", VisionZip(dominant=dominant, contextual=contextual))
         )
+        if k in SPARSEVLM_PRESETS:  # official per-layer counts; on a shallow CPU stack its first layers
+            counts = SPARSEVLM_PRESETS[k]
+            shallow = SparseVLM(counts=counts[: layers - 1], layers=range(layers - 1))
+            reducer = SparseVLM(k) if layers >= 4 else shallow
+            rows.append((f"SparseVLM {k} ({'/'.join(map(str, counts))})", reducer))
     if layers >= 4:  # the official stage layers 8/16/24 of 32 as depth fractions
         rows.append(("PyramidDrop 1/4,1/2,3/4 lambda=0.5", PyramidDrop()))
     else:
