@@ -9,9 +9,9 @@ from tests.test_mllm_tokens import ATTENTION, IMG, embed, sample, tiny_inputs, t
 from visattn.mllm_tokens import PyramidDrop, attach
 
 
-def last_token_scores(lm, layer, hidden, pos):
-    """Softmax attention row of the last token in ``layer`` on its input ``hidden [1, n, d]``, mean
-    over heads, computed the official way (input norm, q/k projections, RoPE, full softmax)."""
+def head_mean_attention(lm, layer, hidden, pos):
+    """``[n, n]``: causal softmax attention of ``layer`` on its input ``hidden [1, n, d]``, mean over
+    heads, computed the official way (input norm, q/k projections, RoPE, full softmax in float32)."""
     attn = lm.layers[layer].self_attn
     h = lm.layers[layer].input_layernorm(hidden)
     n, dim = h.shape[1], attn.head_dim
@@ -19,8 +19,10 @@ def last_token_scores(lm, layer, hidden, pos):
     k = attn.k_proj(h).view(1, n, -1, dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, *lm.rotary_emb(h, pos))
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    probs = torch.softmax(q[:, :, -1:] @ k.transpose(-1, -2) / dim**0.5, dim=-1, dtype=torch.float32)
-    return probs.mean(1)[0, 0]  # [n]
+    logits = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(
+        torch.ones(n, n, dtype=torch.bool).triu(1), -torch.inf
+    )
+    return torch.softmax(logits, dim=-1, dtype=torch.float32).mean(1)[0]
 
 
 @torch.no_grad()
@@ -37,7 +39,7 @@ def pdrop_reference(model, ids, pix, stages, kept=None):
         pos = torch.arange(hidden.shape[1])[None]  # contiguous after every drop (official)
         if i in stages:
             if kept is None:
-                score = last_token_scores(lm, i, hidden, pos)
+                score = head_mean_attention(lm, i, hidden, pos)[-1]  # the last prompt token's row
                 vis = visual[index]
                 count = int(int(visual.sum()) * stages[i])
                 top = score.masked_fill(~vis, float("-inf")).topk(count).indices

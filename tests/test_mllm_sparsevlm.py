@@ -3,8 +3,8 @@ v1.5 code (raters, ``attn_postprocess_topk``, recycling with ``cluster_and_merge
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from tests.test_mllm_pyramiddrop import head_mean_attention
 from tests.test_mllm_tokens import ATTENTION, IMG, PATCHES, embed, sample, tiny_inputs, tiny_llava
 from visattn.mllm_tokens import SparseVLM, attach
 from visattn.mllm_tokens.sparsevlm import dpc_knn_merge
@@ -24,21 +24,6 @@ def official_cluster_and_merge(x, cluster_num):
     idx_cluster[index_down[0]] = torch.arange(cluster_num)
     weight = torch.zeros(cluster_num, 1).index_add_(0, idx_cluster, torch.ones(x.shape[1], 1)) + 1e-6
     return torch.zeros(cluster_num, c).index_add_(0, idx_cluster, x[0] / weight[idx_cluster])
-
-
-def rater_attention(lm, layer, hidden, pos, raters):
-    """``[n]``: layer ``layer``'s softmax attention on its input, mean over heads, rater rows averaged."""
-    attn = lm.layers[layer].self_attn
-    h = lm.layers[layer].input_layernorm(hidden)
-    n, dim = h.shape[1], attn.head_dim
-    q = attn.q_proj(h).view(1, n, -1, dim).transpose(1, 2)
-    k = attn.k_proj(h).view(1, n, -1, dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *lm.rotary_emb(h, pos))
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(
-        torch.ones(n, n, dtype=torch.bool).triu(1), -torch.inf
-    )
-    return logits.softmax(-1).mean(1)[0, raters].mean(0)
 
 
 @torch.no_grad()
@@ -62,7 +47,7 @@ def sparsevlm_reference(model, ids, pix, sparse, recycle=True, prompt_len=None):
             hidden, attention_mask=mask, position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos
         )
         if i in sparse:
-            score = rater_attention(lm, i, hidden, pos, raters)[vis]
+            score = head_mean_attention(lm, i, hidden, pos)[raters].mean(0)[vis]
             top = score.topk(min(sparse[i], int(vis.sum()) - 1)).indices.sort().values
             slots = vis.nonzero()[:, 0]
             deleted = torch.ones(slots.numel(), dtype=torch.bool)
