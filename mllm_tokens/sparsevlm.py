@@ -27,8 +27,10 @@ here batches are left padded and each image is ranked, recycled and compacted on
 recycled tokens follow its kept tokens), with the per-layer counts per image. The official density
 adds a random jitter of up to 1e-6 (results vary from run to run); here there is none, so equal
 densities are not "denser" than each other. Scores are float32 means over heads and raters (the
-official code averages the softmax in the model dtype). Not implemented: v1.0's adaptive keep count
-from the rank of the rater-visual attention matrix.
+official code averages the softmax in the model dtype). v1.0's adaptive keep count
+(``rank_rule``; README settings 64 -> (0.8, 0), 128 -> (9, 6), 192 -> (13.5, 0) at layers 2, 6, 15, 19)
+needs the raters' attention rows, not only their mean: they come from one extra q/k projection of the
+sparse layer's input (:meth:`ModelOps.layer_qk`), ``raters x tokens`` per sample, never ``N x N``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ import torch
 from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
 
 OFFICIAL_LAYERS = (2 / 32, 6 / 32, 15 / 32)  # v1.5: layers 2, 6, 15 of LLaVA-1.5-7B's 32
+V1_0_LAYERS = (2 / 32, 6 / 32, 15 / 32, 19 / 32)  # v1.0: layers 2, 6, 15, 19
 PRESETS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}  # tokens -> per-layer counts
+RANK_PRESETS = {64: (0.8, 0.0), 128: (9.0, 6.0), 192: (13.5, 0.0)}  # v1.0 README: tokens -> (scale, bias)
 RATERS = "sparsevlm_raters"
 
 
@@ -82,8 +86,12 @@ class SparseVLM(Reducer):
         tokens: a preset (64, 128, 192) giving the official v1.5 per-layer counts.
         counts: explicit kept visual tokens per image at each sparse layer (instead of ``tokens``).
         layers: sparse layers: ints or floats in [0, 1) (fractions of the depth); default the official
-            2, 6, 15 of 32.
+            2, 6, 15 of 32 (v1.0: 2, 6, 15, 19).
         recycle: aggregate the best deleted tokens into recycled tokens (official default True).
+        rank_rule: ``(scale, bias)``, or True for the ``tokens`` preset: v1.0's adaptive count
+            ``min(int(rank(R) x scale + bias), n - 1)`` instead of ``counts``, where ``R`` is the
+            rater x visual attention matrix of the sparse layer (mean over heads); an image whose
+            ``R`` has rank ``n`` is left unpruned.
     """
 
     renumber_positions = True
@@ -92,10 +100,25 @@ class SparseVLM(Reducer):
         self,
         tokens: int | None = 192,
         counts: Sequence[int] | None = None,
-        layers: Sequence[int | float] = OFFICIAL_LAYERS,
+        layers: Sequence[int | float] | None = None,
         recycle: bool = True,
+        rank_rule: tuple[float, float] | bool = False,
     ):
-        layers = tuple(layers)
+        if rank_rule is True:
+            if tokens not in RANK_PRESETS:
+                raise ValueError(
+                    f"SparseVLM: rank_rule=True needs tokens in {sorted(RANK_PRESETS)}, got {tokens!r}"
+                )
+            rank_rule = RANK_PRESETS[tokens]
+        if rank_rule is not False and not (
+            isinstance(rank_rule, tuple)
+            and len(rank_rule) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in rank_rule)
+        ):
+            raise ValueError(
+                f"SparseVLM: rank_rule must be False, True or (scale, bias) >= 0, got {rank_rule!r}"
+            )
+        layers = tuple((V1_0_LAYERS if rank_rule else OFFICIAL_LAYERS) if layers is None else layers)
         if not layers or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in layers):
             raise ValueError(
                 f"SparseVLM: layers must be a non-empty sequence of ints or floats, got {layers!r}"
@@ -104,7 +127,9 @@ class SparseVLM(Reducer):
             (isinstance(x, float) and not 0.0 <= x < 1.0) or (isinstance(x, int) and x < 0) for x in layers
         ):
             raise ValueError(f"SparseVLM: layers must be ints >= 0 or fractions in [0, 1), got {layers}")
-        if counts is None:
+        if rank_rule:
+            counts = (1,) * len(layers)  # unused: the rank rule decides
+        elif counts is None:
             if tokens not in PRESETS:
                 raise ValueError(
                     f"SparseVLM: tokens must be one of the presets {sorted(PRESETS)}, got {tokens!r} "
@@ -121,10 +146,12 @@ class SparseVLM(Reducer):
         if not isinstance(recycle, bool):
             raise ValueError(f"SparseVLM: recycle must be a bool, got {recycle!r}")
         self.tokens, self.counts, self.layers, self.recycle = tokens, counts, layers, recycle
+        self.rank_rule = rank_rule
         self._count: dict[int, int] = {}  # sparse layer -> kept visual tokens per image
 
     def __repr__(self) -> str:
-        return f"SparseVLM(counts={self.counts}, layers={self.layers}, recycle={self.recycle})"
+        budget = f"rank_rule={self.rank_rule}" if self.rank_rule else f"counts={self.counts}"
+        return f"SparseVLM({budget}, layers={self.layers}, recycle={self.recycle})"
 
     def check(self, info: ModelInfo) -> None:
         depth = info.num_layers
@@ -140,14 +167,32 @@ class SparseVLM(Reducer):
         return RATERS if layer in self._count else None
 
     def before_layer(self, layer: int, hidden: torch.Tensor, state: Prefill) -> None:
-        if layer != 0:
-            return
-        visual = state.current(state.visual)
-        after_image = visual.long().flip(1).cumsum(1).flip(1) == 0
-        raters = text_raters(hidden, visual, after_image & state.current(state.real))
-        # a prompt without text after the image: its last token rates (the official code needs text)
-        raters[:, -1] |= ~raters.any(1)
-        state.query_sets[RATERS] = torch.zeros_like(state.visual).scatter(1, state.index, raters)
+        if layer == 0:
+            visual = state.current(state.visual)
+            after_image = visual.long().flip(1).cumsum(1).flip(1) == 0
+            raters = text_raters(hidden, visual, after_image & state.current(state.real))
+            # a prompt without text after the image: its last token rates (the official code needs text)
+            raters[:, -1] |= ~raters.any(1)
+            state.query_sets[RATERS] = torch.zeros_like(state.visual).scatter(1, state.index, raters)
+        if self.rank_rule and layer in self._count:
+            state.extra["sparsevlm_relation"] = self._rater_rows(layer, hidden, state)
+
+    @staticmethod
+    def _rater_rows(layer: int, hidden: torch.Tensor, state: Prefill) -> list[torch.Tensor]:
+        """Per sample ``[raters, Lc]``: layer ``layer``'s causal softmax attention rows of the raters on
+        its input ``hidden``, mean over heads (v1.0's relation matrix; only the rater rows)."""
+        q, k = state.ops.layer_qk(layer, hidden)
+        raters = state.current(state.query_sets[RATERS])
+        key_ok = state.current(state.real)
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        slots = torch.arange(hidden.shape[1], device=hidden.device)
+        rows = []
+        for b in range(hidden.shape[0]):
+            at = raters[b].nonzero()[:, 0]
+            logits = torch.einsum("rhd,khd->hrk", q[b, at].float(), k[b].float()) * q.shape[-1] ** -0.5
+            allowed = key_ok[b][None] & (slots[None] <= at[:, None])
+            rows.append(logits.masked_fill(~allowed, float("-inf")).softmax(-1).mean(0))
+        return rows
 
     def after_layer(self, layer: int, hidden: torch.Tensor, state: Prefill):
         count = self._count.get(layer)
@@ -161,6 +206,12 @@ class SparseVLM(Reducer):
         for b, i in torch.unique(torch.stack([visual.nonzero()[:, 0], image[visual]], 1), dim=0).tolist():
             slots = (visual[b] & (image[b] == i)).nonzero()[:, 0]
             n = slots.numel()
+            if self.rank_rule:
+                rank = int(torch.linalg.matrix_rank(state.extra["sparsevlm_relation"][b][:, slots]))
+                if rank == n:  # official: no sparsification (nor recycling) for this image
+                    keep[b, slots] = True
+                    continue
+                count = int(rank * self.rank_rule[0] + self.rank_rule[1])
             top = score[b, slots].topk(min(count, n - 1)).indices.sort().values
             if not self.recycle:
                 keep[b, slots[top]] = True

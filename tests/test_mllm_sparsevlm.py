@@ -27,9 +27,10 @@ def official_cluster_and_merge(x, cluster_num):
 
 
 @torch.no_grad()
-def sparsevlm_reference(model, ids, pix, sparse, recycle=True, prompt_len=None):
+def sparsevlm_reference(model, ids, pix, sparse, recycle=True, prompt_len=None, rank_rule=None):
     """Logits of one unpadded one-image sample. ``sparse`` maps a sparse layer to its count. The raters
-    come from the first ``prompt_len`` tokens (a cache-free decode step keeps the prompt's raters)."""
+    come from the first ``prompt_len`` tokens (a cache-free decode step keeps the prompt's raters).
+    ``rank_rule=(scale, bias)``: v1.0's ``attn_postprocess_rank`` count instead of ``sparse``'s."""
     lm = model.model.language_model
     hidden = embed(model, ids, pix)
     vis = ids[0] == IMG
@@ -47,8 +48,15 @@ def sparsevlm_reference(model, ids, pix, sparse, recycle=True, prompt_len=None):
             hidden, attention_mask=mask, position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos
         )
         if i in sparse:
-            score = head_mean_attention(lm, i, hidden, pos)[raters].mean(0)[vis]
-            top = score.topk(min(sparse[i], int(vis.sum()) - 1)).indices.sort().values
+            relation = head_mean_attention(lm, i, hidden, pos)[raters][:, vis]
+            score, count = relation.mean(0), sparse[i]
+            if rank_rule is not None:
+                rank = int(torch.linalg.matrix_rank(relation.float()))
+                if rank == int(vis.sum()):
+                    hidden = out
+                    continue
+                count = int(rank * rank_rule[0] + rank_rule[1])
+            top = score.topk(min(count, int(vis.sum()) - 1)).indices.sort().values
             slots = vis.nonzero()[:, 0]
             deleted = torch.ones(slots.numel(), dtype=torch.bool)
             deleted[top] = False
@@ -94,6 +102,24 @@ def test_sparsevlm_matches_official_loop(attn, recycle):
         torch.testing.assert_close(out[b, -ref.shape[1] :], ref[0], atol=1e-5, rtol=1e-4)
     # 16 -> 9 kept + recycled from 7 deleted (int(2.1) + 1 = 3 chosen, 1 cluster) -> 10 -> 5 + 1 -> 6 -> 2 + 1
     assert stats[0]["kept_per_layer"] == ([16, 10, 6, 6, 3] if recycle else [16, 9, 5, 5, 2])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"], indirect=True)
+def test_sparsevlm_v1_rank_rule_matches_official_loop(attn):
+    model, eager = tiny_llava(attn, layers=5), tiny_llava("eager", layers=5)
+    ids, mask, pix = tiny_inputs(text_after=(6, 3))
+    reducer = SparseVLM(layers=(0, 1, 3), rank_rule=(1.5, 1.0))
+    with torch.no_grad(), attach(model, reducer) as handle:
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        kept = [s["kept_per_layer"] for s in handle.stats]
+    for b in range(2):
+        sid, spix = sample(ids, mask, pix, b)
+        sparse = {0: None, 1: None, 3: None}
+        ref = sparsevlm_reference(eager, sid, spix, sparse, rank_rule=(1.5, 1.0))
+        torch.testing.assert_close(out[b, -ref.shape[1] :], ref[0], atol=1e-5, rtol=1e-4)
+    assert kept[0] != kept[1] and all(k[-1] < 16 for k in kept), kept  # adaptive: per-sample counts
+    assert SparseVLM(128, rank_rule=True).rank_rule == (9.0, 6.0)
+    assert handle.reducer.layers == (0, 1, 3) and SparseVLM(rank_rule=True).layers[-1] == 19 / 32
 
 
 def test_sparsevlm_batch_of_two_images_equals_each_sample_alone():
@@ -148,6 +174,8 @@ def test_sparsevlm_keep_all_is_identity_remove_restores_and_invalid_arguments():
         (dict(layers=(1.5,), counts=(2,)), "fractions"),
         (dict(layers=()), "non-empty"),
         (dict(recycle=1), "bool"),
+        (dict(rank_rule=(1.0,)), "rank_rule"),
+        (dict(tokens=96, rank_rule=True), "rank_rule=True"),
     ):
         with pytest.raises(ValueError, match=match):
             SparseVLM(**kwargs)
