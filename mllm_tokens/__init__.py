@@ -12,9 +12,14 @@ import torch
 from torch import nn
 
 from visattn.mllm_tokens._core import ModelInfo, Reducer
+from visattn.mllm_tokens.dart import DART
+from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
+from visattn.mllm_tokens.pyramiddrop import PyramidDrop
+from visattn.mllm_tokens.sparsevlm import SparseVLM
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
+from visattn.mllm_tokens.visionzip import VisionZip
 from visattn.mllm_tokens.vtc_cls import VTCCLS
 
 # Model families: ADAPTERS[name] = (probe, adapter class); probe(model) -> bool, the class subclasses
@@ -111,15 +116,20 @@ def attach(model: nn.Module, reducer: Reducer) -> Handle:
 
 
 __all__ = [
+    "DART",
+    "DivPrune",
     "DyVTE",
     "DyVTERouters",
     "KNOWN_SINK_DIMS",
     "VAR",
     "VTCCLS",
+    "VisionZip",
     "FastV",
+    "PyramidDrop",
     "Handle",
     "ModelInfo",
     "Reducer",
+    "SparseVLM",
     "attach",
     "calibrate_sink_dims",
 ]

@@ -69,6 +69,7 @@ class Adapter:
     """
 
     family = "?"
+    multi_axis_positions = False  # M-RoPE: (t, h, w) position ids
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         check_version()
@@ -106,6 +107,12 @@ class Adapter:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         """Checks shared by every family, once the subclass has set ``lm``, ``text_config``, ``info``."""
+        if self.reducer.renumber_positions and self.multi_axis_positions:
+            raise ValueError(
+                f"attach: {type(self.reducer).__name__} renumbers the kept tokens' positions after a drop "
+                f"(its official LLaVA code), which has no defined meaning for {self.family}'s (t, h, w) "
+                "M-RoPE positions"
+            )
         impl = self.text_config._attn_implementation
         self.padding_masks = padding_mask_convention(impl)
         if self.padding_masks is None:
@@ -126,7 +133,8 @@ class Adapter:
         self._handles: list = []
         self._undo: list = []
         self._call_ids: torch.Tensor | None = None
-        self._cls_buffer: list[torch.Tensor] = []
+        self._capture: dict | None = None  # layer_qk: where the routed attention leaves q and k
+        self._clear_vision_findings()
         self._reset_decode()
 
     def install(self) -> None:
@@ -134,9 +142,12 @@ class Adapter:
         hook(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         hook(self.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
         cls_layers = self.reducer.vision_cls_layers(self.info)
+        if cls_layers or self.reducer.needs_vision_features:
+            hook(self.vision_tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+        if self.reducer.needs_vision_features:
+            hook(self.vision_tower.register_forward_hook(self._vision_post))
         if cls_layers:
             attentions = self.vision_cls_attentions()
-            hook(self.vision_tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
             handlers = {attentions[i]: self._cls_attention for i in cls_layers}
             self._undo.append(route_attention(attentions[0].config, handlers))
         hook(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
@@ -144,11 +155,10 @@ class Adapter:
         for idx, layer in enumerate(self.layers):
             hook(layer.register_forward_pre_hook(self._make_layer_pre(idx), with_kwargs=True))
             hook(layer.register_forward_hook(self._make_layer_post(idx)))
-        custom = {i for i in range(self.info.num_layers) if self.reducer.key_mass_query(i) is not None}
-        custom |= self.reducer.attention_layers(self.info)
-        if custom:
-            handlers = {self.layers[i].self_attn: self._lm_attention for i in sorted(custom)}
-            self._undo.append(route_attention(self.text_config, handlers))
+        # every decoder layer's attention is routed: the handler defers to transformers' own function
+        # except where a reducer observes or changes a layer, or layer_qk asks for its q and k
+        handlers = {layer.self_attn: self._lm_attention for layer in self.layers}
+        self._undo.append(route_attention(self.text_config, handlers))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -171,6 +181,12 @@ class Adapter:
         self.layer_key_ok: dict[int, torch.Tensor] = {}  # layer -> [B, Lc] keys of its prefill cache
         self.override: dict[int, tuple] = {}  # prefill: layer -> (mask, (cos, sin), position_ids)
         self.decode_new: torch.Tensor | None = None  # [B, T] mask of tokens appended after prefill
+        self.decode_shift: dict[int, torch.Tensor] = {}  # layer -> [B] position shift (renumber_positions)
+
+    def _clear_vision_findings(self) -> None:
+        self._cls_buffer: list[torch.Tensor] = []  # per scored vision layer: [images, patches] [CLS] mass
+        self._key_buffer: list[torch.Tensor] = []  # needs_vision_features: [images, 1 + patches, Dh] keys
+        self._vision_hidden: list[torch.Tensor] = []  # needs_vision_features: the projector's input
 
     # ------------------------------------------------------------------ model-level hooks
     def _model_pre(self, module, args, kwargs):
@@ -195,14 +211,25 @@ class Adapter:
 
     def _vision_pre(self, module, args, kwargs):
         # generate() runs the vision tower before the model forward (mm_encoder_outputs): collect here
-        self._cls_buffer = []
+        self._clear_vision_findings()
         return None
+
+    def _vision_post(self, module, args, output):
+        self._vision_hidden = [self.vision_features(output)]
+        return None
+
+    def vision_features(self, tower_output) -> torch.Tensor:
+        """``[images, 1 + patches, Dv]``: the vision features the projector takes, [CLS] first (for
+        reducers with ``needs_vision_features``)."""
+        raise ValueError(f"attach: the {self.family} adapter does not expose the vision features")
 
     def _cls_attention(self, module, query, key, value, attention_mask, scaling, **kwargs):
         """Records the [CLS] query's attention over the patches, then lets the layer run unchanged."""
         q, k = to_token_major(query[:, :, :1], key)
         _, mass = attention_with_key_mass(q, k, k, scale=scaling, query_set="all")
         self._cls_buffer.append(mass[:, 1:])
+        if self.reducer.needs_vision_features:
+            self._key_buffer.append(key.mean(1))
         return None
 
     # ------------------------------------------------------------------ language model
@@ -255,10 +282,13 @@ class Adapter:
             visual=visual, real=real, image_id=image_id, patch_id=patch_id,
             images_per_sample=images_per_sample, image_tokens=image_tokens,
             original_real=real.sum(1), original_visual=visual.sum(1), index=arange,
-            valid=torch.ones_like(visual), cls_scores=self._expanded_cls(images_per_sample),
+            valid=torch.ones_like(visual), cls_scores=self._expanded(self._cls_buffer, images_per_sample),
+            embeds=embeds, ops=self, cls_keys=self._expanded(self._key_buffer, images_per_sample),
+            vision_hidden=next(iter(self._expanded(self._vision_hidden, images_per_sample)), None),
         )  # fmt: skip
         self.orig_len = length
         keep = self.reducer.pre_llm(state)
+        embeds = kwargs["inputs_embeds"] = state.embeds  # pre_llm may have written new tokens into it
         if keep is not None and not bool(keep.all()):
             index, valid, _ = shrink_layout(arange, torch.ones_like(visual), keep | ~real)
             new_real = real.gather(1, index) & valid
@@ -282,13 +312,12 @@ class Adapter:
         self.in_mask = kwargs.get("attention_mask")
         return kwargs
 
-    def _expanded_cls(self, images_per_sample: torch.Tensor) -> list[torch.Tensor]:
-        """The [CLS] scores of the vision pass, one row per image of the batch.
+    def _expanded(self, scores: list[torch.Tensor], images_per_sample: torch.Tensor) -> list[torch.Tensor]:
+        """Per-image findings of the vision pass (``[images, ...]`` each), one row per image of the batch.
 
         ``generate(num_beams=n)`` / ``num_return_sequences=n`` encodes the images once and then repeats
-        each sample's image group ``n`` times (``_expand_multimodal_outputs``): repeat the scores alike.
+        each sample's image group ``n`` times (``_expand_multimodal_outputs``): repeat the findings alike.
         """
-        scores = self._cls_buffer
         if not scores:
             return scores
         total, encoded = int(images_per_sample.sum()), scores[0].shape[0]
@@ -356,6 +385,9 @@ class Adapter:
             if self.active and idx in self.layer_key_ok:
                 key_ok = torch.cat([self.layer_key_ok[idx], self.decode_new], dim=1)
                 kwargs["attention_mask"] = self._layer_mask(key_ok, hidden.shape[1], hidden.dtype)
+                if idx in self.decode_shift:
+                    pos = kwargs["position_ids"] - self.decode_shift[idx][:, None]
+                    kwargs.update(position_ids=pos, position_embeddings=self.lm.rotary_emb(hidden, pos))
                 return args, kwargs
             return None
 
@@ -367,19 +399,30 @@ class Adapter:
                 return None
             state = self.state
             hidden = output[0] if isinstance(output, tuple) else output
-            keep = self.reducer.after_layer(idx, hidden, state)
+            keep, replaced = self.reducer.after_layer(idx, hidden, state), None
+            if isinstance(keep, tuple):  # the reducer also rewrote some slots of the output
+                keep, hidden = keep
+                replaced = (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             if keep is None or bool((keep | ~state.valid).all()) or idx == self.info.num_layers - 1:
-                return None
+                return replaced
             index, valid, source = shrink_layout(state.index, state.valid, keep)
             state.index, state.valid = index, valid
             key_ok = state.current(state.real)
             cos, sin = self._full_pe
             pe = (gather_rotary(cos, index), gather_rotary(sin, index))
             pos = gather_positions(self._full_pos, index) if self._full_pos is not None else index
+            shift = None
+            if self.reducer.renumber_positions:
+                dropped_before = gather_tokens(state.real.long().cumsum(1), index) - key_ok.long().cumsum(1)
+                pos = (pos - dropped_before).clamp_min(0)
+                pe = self.lm.rotary_emb(hidden, pos)
+                shift = state.real.sum(1) - key_ok.sum(1)
             mask = self._layer_mask(key_ok, index.shape[1], hidden.dtype)
             for later in range(idx + 1, self.info.num_layers):
                 self.override[later] = (mask, pe, pos)
                 self.layer_key_ok[later] = key_ok
+                if shift is not None:
+                    self.decode_shift[later] = shift
             hidden = gather_tokens(hidden, source)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -394,6 +437,9 @@ class Adapter:
     def _lm_attention(self, module, query, key, value, attention_mask, scaling, **kwargs):
         """Attention of a decoder layer a reducer observes (key mass) or changes (VAR); None defers to
         the model's own implementation. ``query [B, H, Nq, D]``, ``key``/``value`` ``[B, Hkv, Nk, D]``."""
+        if self._capture is not None:  # layer_qk: keep q and k, skip the attention itself
+            self._capture.update(zip("qk", to_token_major(query, key)))
+            return query.new_zeros(query.transpose(1, 2).shape), None
         idx, state = module.layer_idx, self.state
         query_set = self.reducer.key_mass_query(idx) if self.in_prefill else None
         var = idx in self.reducer.attention_layers(self.info) and self.active
@@ -408,6 +454,8 @@ class Adapter:
                 query_set = state.current(state.real)
             elif query_set == "text":
                 query_set = state.current(state.real) & ~state.current(state.visual)
+            elif query_set in state.query_sets:
+                query_set = state.current(state.query_sets[query_set])
             out, mass = attention_with_key_mass(
                 q, k, v, attn_mask=mask, causal=causal, scale=scaling, query_set=query_set
             )
@@ -415,6 +463,28 @@ class Adapter:
         else:
             out = self.reducer.attention(idx, q, k, v, mask, causal, scaling, self, self.in_prefill)
         return out, None
+
+    # ------------------------------------------------------------------ ModelOps (Prefill.ops)
+    def layer_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q ``[B, Lc, H, Dh]`` and k ``[B, Lc, Hkv, Dh]`` of decoder layer ``layer`` on its input ``hidden``
+        at the current positions: the layer's own attention module runs (its projections and RoPE, no
+        cache) and the routed attention function hands back q and k instead of attending."""
+        decoder = self.layers[layer]
+        pe = self.override[layer][1] if layer in self.override else self._full_pe
+        self._capture = {}
+        try:
+            decoder.self_attn(
+                hidden_states=decoder.input_layernorm(hidden), position_embeddings=pe, attention_mask=None
+            )
+            return self._capture["q"], self._capture["k"]
+        finally:
+            self._capture = None
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.norm(hidden)
+
+    def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.outer.multi_modal_projector(features)
 
     # ------------------------------------------------------------------ stats
     def _record_stats(self) -> None:

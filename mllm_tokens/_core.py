@@ -9,6 +9,7 @@ always each sample's last token). Reducers only ever shrink a layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -26,6 +27,24 @@ class ModelInfo:
     patches_per_image: int  # tokens of one full image (anyres: one view), the unit of an int keep; 0 when
     # images have no common size (dynamic resolution): an int keep is then per image, capped at its tokens
     attn_implementation: str
+
+
+class ModelOps(Protocol):
+    """Computations of the language model that an adapter lends to reducers during a prefill
+    (``Prefill.ops``), for methods that score with a layer's projections or the final norm."""
+
+    def layer_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q ``[B, Lc, H, Dh]`` and k ``[B, Lc, Hkv, Dh]`` (RoPE applied at the current positions, no
+        cache update) that decoder layer ``layer`` computes from its input ``hidden`` ``[B, Lc, D]``."""
+        ...
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm (before the LM head) applied to ``hidden`` ``[B, Lc, D]``."""
+        ...
+
+    def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The multimodal projector: vision features ``[images, n, Dv]`` -> embeddings ``[images, n, D]``."""
+        ...
 
 
 @dataclass
@@ -50,6 +69,18 @@ class Prefill:
     layer_visual: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] visual tokens seen
     layer_real: list[torch.Tensor] = field(default_factory=list)  # per LLM layer: [B] real tokens seen
     extra: dict = field(default_factory=dict)  # reducer-specific prefill findings (e.g. VAR's sinks)
+    # [B, L0, D] the language model's input embeddings (word embeddings with the projected image features
+    # scattered in) as the prefill starts, before any pre-LLM reduction: what pre_llm may score (DivPrune)
+    embeds: torch.Tensor | None = None
+    ops: ModelOps | None = None  # the adapter's model computations (PyramidDrop, DART)
+    # needs_vision_features only: [images, 1 + patches, Dv] the vision features the projector takes (the
+    # LLM's feature layer), [CLS] first; and per vision_cls_layers layer [images, 1 + patches, Dh] keys
+    # averaged over heads
+    vision_hidden: torch.Tensor | None = None
+    cls_keys: list[torch.Tensor] = field(default_factory=list)
+    # [B, L] bool query sets over the LLM input that a reducer registers during the prefill (before the
+    # layer that needs them); key_mass_query may return one's name (SparseVLM's text raters)
+    query_sets: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def per_sample(self, per_image: torch.Tensor) -> torch.Tensor:
         """Sum a per-image ``[images]`` tensor over each sample's images: ``[B]`` long."""
@@ -69,16 +100,30 @@ class Reducer:
     * ``check(info)`` raises ``ValueError`` when the reducer cannot act on this model.
     * ``vision_cls_layers(info)``: vision-encoder layers whose [CLS] attention row must be scored.
     * ``pre_llm(state)``: ``[B, L]`` bool keep mask applied before the language model, or None.
-    * ``key_mass_query(layer)``: query set for which ``layer`` must report per-key attention mass.
-    * ``after_layer(layer, hidden, state)``: ``[B, Lc]`` keep mask over the current layout, or None.
+    * ``key_mass_query(layer)``: query set for which ``layer`` must report per-key attention mass:
+      ``"all"``, ``"text"``, ``"last"`` or the name of one of ``Prefill.query_sets``.
+    * ``after_layer(layer, hidden, state)``: ``[B, Lc]`` keep mask over the current layout, or None; or
+      ``(keep, new_hidden)`` to also replace the layer's output ``[B, Lc, D]`` before the kept slots are
+      taken (SparseVLM puts its recycled tokens in slots it keeps).
     * ``attention_layers(info)`` / ``attention(...)``: replace the attention of some layers (VAR).
     * ``before_layer(layer, hidden, state)``: look at a layer's input during prefill.
 
     ``removes_tokens`` is False for reducers that never shorten the sequence (VAR): only those accept
     ``labels``, because a shortened prefill returns fewer logits rows than the labels have.
+
+    ``pre_llm`` may also write new values into ``state.embeds`` (same shape) at the slots it keeps: the
+    language model then takes those (VisionZip puts merged tokens there). ``needs_vision_features`` True:
+    the adapter fills ``Prefill.vision_hidden`` and ``Prefill.cls_keys``.
+
+    ``renumber_positions`` True: after a drop inside the LLM (``after_layer``) each kept token's position
+    id moves down by the real tokens dropped before it, so later layers see contiguous positions, and
+    decode steps at those layers move down by all tokens dropped (PyramidDrop's official code). False
+    (default): tokens keep their original position ids (FastV, DART).
     """
 
     removes_tokens = True
+    renumber_positions = False
+    needs_vision_features = False
 
     def check(self, info: ModelInfo) -> None:
         return None

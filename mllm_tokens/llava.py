@@ -74,6 +74,11 @@ class LlavaAdapter(Adapter):
                 "attach: only vision_feature_select_strategy='default' (CLS dropped, one token per patch) "
                 f"is supported, got {cfg.vision_feature_select_strategy!r}"
             )
+        if reducer.needs_vision_features and not isinstance(cfg.vision_feature_layer, int):
+            raise ValueError(
+                f"attach: {type(reducer).__name__} needs one vision feature layer, got "
+                f"vision_feature_layer={cfg.vision_feature_layer!r}"
+            )
         self.outer = model.model
         self.lm = model.model.language_model
         self.vision_tower = model.model.vision_tower
@@ -91,3 +96,6 @@ class LlavaAdapter(Adapter):
 
     def vision_cls_attentions(self) -> list[nn.Module]:
         return clip_attentions(self.vision_tower)
+
+    def vision_features(self, tower_output) -> torch.Tensor:
+        return tower_output.hidden_states[self.model.config.vision_feature_layer]

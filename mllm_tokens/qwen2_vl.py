@@ -95,6 +95,7 @@ class Qwen2VLAdapter(Adapter):
     """Qwen2-VL: dynamic resolution images (``image_grid_thw``) and videos (``video_grid_thw``)."""
 
     family = "Qwen2-VL"
+    multi_axis_positions = True
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         super().__init__(model, reducer)

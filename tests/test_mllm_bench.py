@@ -32,5 +32,13 @@ def test_bench_mllm_runs_on_cpu(capsys):
     )
     assert mllm.run(args) == 0
     out = capsys.readouterr().out
-    for method in ("unreduced", "FastV K=2 keep=64", "VTC-CLS keep=64", "DyVTE", "VAR", "key-mass last"):
+    methods = ("unreduced", "FastV K=2 keep=64", "VTC-CLS keep=64", "DyVTE", "VAR", "key-mass last")
+    for method in (
+        *methods,
+        "DivPrune keep=64",
+        "DART K=2 keep=64",
+        "VisionZip 54+10",
+        "PyramidDrop",
+        "SparseVLM 64",
+    ):
         assert method in out

@@ -4,8 +4,9 @@ Builds a LlavaForConditionalGeneration with random weights (no download): on CUD
 decoder (hidden 4096, 32 layers, 32 heads, MLP 11008) behind a CLIP ViT-L/14-336-shaped tower, in
 bfloat16; on CPU a scaled-down stack (``--hidden``/``--layers``) that still has 576 visual tokens.
 Inputs: 576 visual + 64 text tokens, batch 1 and 8. For the unreduced model and each reducer
-(FastV K=2 and VTC-CLS at 64/128/192 kept tokens, DyVTE with a fixed exit after layer 2 standing in
-for trained routers, VAR with LLaMA-2-7B's sink dims) it reports prefill latency, peak memory (CUDA),
+(FastV K=2, VTC-CLS, DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens, PyramidDrop at its
+official stages, DyVTE with a fixed exit after layer 2 standing in for trained routers, VAR with
+LLaMA-2-7B's sink dims) it reports prefill latency, peak memory (CUDA),
 decode tokens/s (greedy, KV cache) and the estimated prefill FLOPs saved, with speed-ups against the
 unreduced model of the same run. A second table times FastV's scoring attention at ``--score-tokens``
 tokens: eager attention that returns the probabilities (what ``output_attentions`` costs), plain SDPA,
@@ -113,12 +114,39 @@ def decode_tokens_per_s(model, inputs: dict, tokens: int, device: torch.device, 
 
 
 def _reducers(keeps: list[int], layers: int, hidden: int):
-    from visattn.mllm_tokens import VAR, VTCCLS, DyVTE, FastV
+    from visattn.mllm_tokens import (
+        DART,
+        VAR,
+        VTCCLS,
+        DivPrune,
+        DyVTE,
+        FastV,
+        PyramidDrop,
+        SparseVLM,
+        VisionZip,
+    )
+    from visattn.mllm_tokens.sparsevlm import PRESETS as SPARSEVLM_PRESETS
+    from visattn.mllm_tokens.visionzip import PRESETS as VISIONZIP_PRESETS
 
     rows = [("unreduced", None)]
     for k in keeps:
         rows.append((f"FastV K=2 keep={k}", FastV(layer=2, keep=k)))
         rows.append((f"VTC-CLS keep={k}", VTCCLS(keep=k, start_layer=16 if hidden == 4096 else 1)))
+        rows.append((f"DivPrune keep={k}", DivPrune(keep=k)))
+        rows.append((f"DART K=2 keep={k}", DART(layer=min(2, layers - 1), keep=k)))
+        dominant, contextual = VISIONZIP_PRESETS.get(k, (k - k // 6, k // 6))
+        rows.append(
+            (f"VisionZip {dominant}+{contextual}", VisionZip(dominant=dominant, contextual=contextual))
+        )
+        if k in SPARSEVLM_PRESETS:  # official per-layer counts; on a shallow CPU stack its first layers
+            counts = SPARSEVLM_PRESETS[k]
+            shallow = SparseVLM(counts=counts[: layers - 1], layers=range(layers - 1))
+            reducer = SparseVLM(k) if layers >= 4 else shallow
+            rows.append((f"SparseVLM {k} ({'/'.join(map(str, counts))})", reducer))
+    if layers >= 4:  # the official stage layers 8/16/24 of 32 as depth fractions
+        rows.append(("PyramidDrop 1/4,1/2,3/4 lambda=0.5", PyramidDrop()))
+    else:
+        rows.append((f"PyramidDrop 1..{layers - 1} lambda=0.5", PyramidDrop(layers=range(1, layers))))
     rows.append(("DyVTE exit after layer 2", DyVTE(exit_layer=min(2, layers - 1))))
     rows.append(("VAR (no pruning)", VAR(sink_dims="llama-2-7b" if hidden == 4096 else (0, 1))))
     return rows
