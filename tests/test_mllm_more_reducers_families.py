@@ -28,8 +28,18 @@ def qwen_case():
 
 CASES = {"llava_next": next_case, "llava_onevision": onevision_case, "qwen2_vl": qwen_case}
 RUNS = {
-    "llava_next": (DivPrune(keep=0.5), PyramidDrop(), SparseVLM(counts=(20, 10, 6))),
-    "llava_onevision": (DivPrune(keep=0.5), PyramidDrop(), SparseVLM(counts=(20, 10, 6))),
+    "llava_next": (
+        DivPrune(keep=0.5),
+        DART(keep=6, pivots_image=1, pivots_text=1),
+        PyramidDrop(),
+        SparseVLM(counts=(20, 10, 6)),
+    ),
+    "llava_onevision": (
+        DivPrune(keep=0.5),
+        DART(keep=6, pivots_image=1, pivots_text=1),
+        PyramidDrop(),
+        SparseVLM(counts=(20, 10, 6)),
+    ),
     "qwen2_vl": (DivPrune(keep=0.5), DivPrune(keep=2)),
 }
 
