@@ -38,7 +38,7 @@ def test_bench_mllm_llava_cpu_size(capsys):
     ):
         assert method in rows and not rows[method][0].startswith("refused"), method
     assert any(m.startswith("SparseVLM 64") for m in rows) and any(m.startswith("PyramidDrop") for m in rows)
-    assert rows["FastV K=2 keep=64"][6] == "576"  # visual tokens in, from handle.stats
+    assert rows["FastV K=2 keep=64"][5] == "576"  # visual tokens in, from handle.stats
     assert "key-mass last" in rows["__out__"]
 
 
