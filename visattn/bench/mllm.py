@@ -124,7 +124,7 @@ def _siglip(size: str):
     full = size == "full"
     return SiglipVisionConfig(
         hidden_size=1152 if full else 64, intermediate_size=4304 if full else 128,
-        num_hidden_layers=26 if full else 2, num_attention_heads=16 if full else 4,
+        num_hidden_layers=26 if full else 4, num_attention_heads=16 if full else 4,
         image_size=56 if size == "tiny" else 384, patch_size=14,
     )  # fmt: skip
 
