@@ -158,8 +158,8 @@ def _anyres(model, pixels: torch.Tensor, hw: tuple[int, int], image_id: int, voc
     return Bench(model, inputs, visual, f"{hw[0]}x{hw[1]} anyres ({len(pixels)} crops)")
 
 
-def build(family: str, size: str, device, dtype, hidden=None, layers=None, attn: str = "sdpa") -> Bench:
-    """The ``family``'s model at ``size`` (see the module docstring) with its inputs."""
+def model_config(family: str, size: str, hidden: int | None = None, layers: int | None = None):
+    """``(model class, config)`` of the ``family`` at ``size`` (see the module docstring)."""
     import transformers as tf
 
     if family not in FAMILIES or size not in SIZES:
@@ -204,17 +204,25 @@ def build(family: str, size: str, device, dtype, hidden=None, layers=None, attn:
             cls, config_cls = tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig
         cfg = config_cls(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
                          vision_start_token_id=151652, vision_end_token_id=151653)  # fmt: skip
+    return cls, cfg
+
+
+def build(family: str, size: str, device, dtype, hidden=None, layers=None, attn: str = "sdpa") -> Bench:
+    """The ``family``'s random-weight model at ``size`` with its inputs."""
+    import transformers as tf
+
+    cls, cfg = model_config(family, size, hidden, layers)
     with torch.device(device):
         # transformers checks that the implementation is usable here (flash-attn installed, CUDA, dtype)
         model = cls._from_config(cfg, dtype=dtype, attn_implementation=attn).eval()
-    device = torch.device(device)
+    device, vocab, tiny = torch.device(device), cfg.text_config.vocab_size, size == "tiny"
     if family == "llava":
         side = cfg.vision_config.image_size
         pixels = _pixels((1, 3, side, side), device, dtype)
         visual = (side // 14) ** 2
 
         def inputs(batch):
-            ids = _prompt(batch, visual, 32000, t["vocab"]).to(device)
+            ids = _prompt(batch, visual, 32000, vocab).to(device)
             return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
                         pixel_values=pixels.expand(batch, -1, -1, -1))  # fmt: skip
 
@@ -226,16 +234,14 @@ def build(family: str, size: str, device, dtype, hidden=None, layers=None, attn:
         crops = mod.image_size_to_num_patches(hw, cfg.image_grid_pinpoints, side)
         pixels = _pixels((crops, 3, side, side), device, dtype)
         if family == "llava_next":
-            return _anyres(model, pixels, hw, 32000, t["vocab"])
-        return _anyres(
-            model, pixels, hw, 151646, t["vocab"], batch_num_images=torch.tensor([1], device=device)
-        )
+            return _anyres(model, pixels, hw, 32000, vocab)
+        return _anyres(model, pixels, hw, 151646, vocab, batch_num_images=torch.tensor([1], device=device))
     grid = (1, 8, 8) if tiny else (1, 56, 56)  # 112x112 / 784x784 pixels in 14x14 patches
     visual = grid[0] * grid[1] * grid[2] // 4
     pixels = _pixels((grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14), device, dtype)
 
     def inputs(batch):
-        ids = _prompt(batch, visual, 151655, t["vocab"])
+        ids = _prompt(batch, visual, 151655, vocab)
         ids = torch.cat([ids[:, :BEFORE], torch.full((batch, 1), 151652), ids[:, BEFORE:BEFORE + visual],
                          torch.full((batch, 1), 151653), ids[:, BEFORE + visual:]], 1).to(device)  # fmt: skip
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
