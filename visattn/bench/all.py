@@ -31,7 +31,10 @@ GPU_PLAN: list[tuple[str, list[str]]] = [
     ("bra", []),
     ("agent", []),
     ("lka", []),
-    ("mllm", []),
+    *[
+        ("mllm", ["--family", family])
+        for family in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+    ],
     ("sd", []),
     ("train", ["--model", *MODELS, "--batch-size", "64", "--iters", "5"]),
 ]

@@ -1,17 +1,28 @@
-"""Visual-token reducers on a LLaVA-1.5-7B-shaped model: prefill, memory, decode, and FastV scoring.
+"""Visual-token reducers on 7B-shaped MLLMs of every supported family: prefill, memory, decode, FLOPs.
 
-Builds a LlavaForConditionalGeneration with random weights (no download): on CUDA a LLaMA-7B-shaped
-decoder (hidden 4096, 32 layers, 32 heads, MLP 11008) behind a CLIP ViT-L/14-336-shaped tower, in
-bfloat16; on CPU a scaled-down stack (``--hidden``/``--layers``) that still has 576 visual tokens.
-Inputs: 576 visual + 64 text tokens, batch 1 and 8. For the unreduced model and each reducer
-(FastV K=2, VTC-CLS, DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens, PyramidDrop at its
-official stages, DyVTE with a fixed exit after layer 2 standing in for trained routers, VAR with
-LLaMA-2-7B's sink dims) it reports prefill latency, peak memory (CUDA),
-decode tokens/s (greedy, KV cache) and the estimated prefill FLOPs saved, with speed-ups against the
-unreduced model of the same run. A second table times FastV's scoring attention at ``--score-tokens``
-tokens: eager attention that returns the probabilities (what ``output_attentions`` costs), plain SDPA,
-and visattn's ``attention_with_key_mass``: last-query scoring (``auto``: SDPA output + the scored row;
-on CUDA also the fused Triton kernels) and all-query scoring (Triton on CUDA, reference on CPU).
+``visattn bench mllm --family {llava,llava_next,llava_onevision,qwen2_vl,qwen2_5_vl}`` builds the
+family's model with random weights (no download). ``--size full`` (the CUDA default, bfloat16) has the
+real 7B shapes: LLaVA-1.5-7B / LLaVA-NeXT-7B are a CLIP ViT-L/14-336 tower and a LLaMA-7B decoder
+(hidden 4096, 32 layers, 32 heads, MLP 11008); LLaVA-OneVision-7B a SigLIP-so400m/14-384 tower and
+Qwen2-VL-7B / Qwen2.5-VL-7B their 32-block ViTs (width 1280), all three on a Qwen2-7B decoder (hidden
+3584, 28 layers, 28 heads, 4 KV heads, MLP 18944). ``--size cpu`` (the CPU default, float32) keeps the
+towers' image and patch sizes, hence the visual-token counts, with narrow towers and a small decoder
+(``--hidden``/``--layers``); ``--size tiny`` shrinks the images too (a dry run for tests).
+
+One prompt per sample: 5 text tokens, one image, 59 text tokens. The images: LLaVA 336x336 (576
+tokens); LLaVA-NeXT an anyres 672x672 image (full; 336x672 on CPU) in 336 tiles with row-end newline
+tokens; OneVision an anyres 768x768 (full; 384x768 on CPU) image in 384 tiles; Qwen2-VL / 2.5-VL a
+784x784 image at dynamic resolution (784 tokens). For the unreduced model and each reducer (FastV K=2,
+VTC-CLS, DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens per image, PyramidDrop at its
+official stages, DyVTE with a fixed exit after layer 2 standing in for trained routers, VAR with the
+decoder's known sink dims) it reports prefill latency, peak memory (CUDA), decode tokens/s (greedy, KV
+cache), and from ``handle.stats`` the visual tokens per sample, the mean kept per decoder layer and the
+estimated prefill FLOPs saved; speed-ups are against the unreduced model of the same run. A reducer the
+family refuses (``attach`` raises ValueError) is a row "refused [n]", its reason printed below the
+table. A second table times FastV's scoring attention at ``--score-tokens`` tokens: eager attention
+that returns the probabilities (what ``output_attentions`` costs), plain SDPA, and visattn's
+``attention_with_key_mass``: last-query scoring (``auto``: SDPA output + the scored row; on CUDA also
+the fused Triton kernels) and all-query scoring (Triton on CUDA, reference on CPU).
 """
 
 from __future__ import annotations
@@ -19,24 +30,33 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from dataclasses import dataclass
 
 import torch
 
 from visattn.bench._timing import measure, print_table, ratio
 
-VISUAL, TEXT = 576, 64
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+SIZES = ("full", "cpu", "tiny")
+BEFORE, AFTER = 5, 59  # text tokens before / after the image
+LLAMA_7B = dict(hidden=4096, layers=32, heads=32, kv=32, mlp=11008, vocab=32064)
+QWEN2_7B = dict(hidden=3584, layers=28, heads=28, kv=4, mlp=18944, vocab=152064)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", choices=FAMILIES, default="llava")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=SIZES, default=None,
+                        help="full: 7B shapes (CUDA default); cpu: small towers and decoder, "
+                             "real visual-token counts (CPU default); tiny: small images")  # fmt: skip
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa",
                         help="the model's attention (flash_attention_2 needs flash-attn)")  # fmt: skip
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--keep", default="64,128,192", help="kept visual tokens per image")
-    parser.add_argument("--hidden", type=int, default=None, help="LLM hidden size; default 4096 / 256 (CPU)")
-    parser.add_argument("--layers", type=int, default=None, help="LLM layers; default 32 / 4 (CPU)")
+    parser.add_argument("--hidden", type=int, default=None, help="LLM hidden size; default 7B / 256 / 64")
+    parser.add_argument("--layers", type=int, default=None, help="LLM layers; default 7B / 4 / 3")
     parser.add_argument("--decode-tokens", type=int, default=None, help="default 32 (CUDA) / 6 (CPU)")
     parser.add_argument(
         "--score-tokens", default=None, help="scoring sequence lengths; default 640,4096 / 640"
@@ -45,46 +65,190 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None, help="default: 5 (CUDA) / 2 (CPU)")
 
 
-def build_model(device: torch.device, dtype: torch.dtype, hidden: int, layers: int, attn: str = "sdpa"):
-    """Random-weight LLaVA: CLIP ViT-L/14-336 + LLaMA-7B shapes on CUDA, a small stack on CPU."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+@dataclass
+class Bench:
+    """A family's random-weight model and a function ``inputs(batch) -> model kwargs``."""
 
-    full = hidden == 4096
-    vision = CLIPVisionConfig(
+    model: torch.nn.Module
+    inputs: object
+    visual: int  # visual tokens per sample
+    image: str  # what the image is, for the table title
+
+
+def _text(shape: dict, size: str, hidden: int | None, layers: int | None) -> dict:
+    """Decoder dimensions: the 7B ``shape``, or a small stack with its vocabulary and GQA ratio."""
+    if size == "full" and hidden in (None, shape["hidden"]):
+        return dict(shape, layers=layers or shape["layers"])
+    hidden = hidden or (256 if size == "cpu" else 64)
+    heads = max(1, hidden // 64) if size == "cpu" else 4
+    kv = heads if shape["kv"] == shape["heads"] else max(1, heads // 2)
+    mlp = hidden * shape["mlp"] // shape["hidden"]
+    return dict(hidden=hidden, layers=layers or (4 if size == "cpu" else 3), heads=heads, kv=kv, mlp=mlp,
+                vocab=shape["vocab"])  # fmt: skip
+
+
+def _llama(t: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=t["hidden"], intermediate_size=t["mlp"], num_hidden_layers=t["layers"],
+        num_attention_heads=t["heads"], num_key_value_heads=t["kv"], vocab_size=t["vocab"],
+        max_position_embeddings=8192,
+    )  # fmt: skip
+
+
+def _qwen2(t: dict):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=t["hidden"], intermediate_size=t["mlp"], num_hidden_layers=t["layers"],
+        num_attention_heads=t["heads"], num_key_value_heads=t["kv"], vocab_size=t["vocab"],
+        max_position_embeddings=32768, rope_theta=1e6,
+    )  # fmt: skip
+
+
+def _clip(size: str):
+    from transformers import CLIPVisionConfig
+
+    full = size == "full"
+    return CLIPVisionConfig(
         hidden_size=1024 if full else 64, intermediate_size=4096 if full else 128,
         num_hidden_layers=24 if full else 4, num_attention_heads=16 if full else 4,
-        image_size=336, patch_size=14, projection_dim=768 if full else 64,
+        image_size=56 if size == "tiny" else 336, patch_size=14, projection_dim=768 if full else 64,
     )  # fmt: skip
-    heads = 32 if full else max(1, hidden // 64)
-    text = LlamaConfig(
-        hidden_size=hidden, intermediate_size=11008 if full else hidden * 11 // 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32064, max_position_embeddings=4096,
+
+
+def _siglip(size: str):
+    from transformers import SiglipVisionConfig
+
+    full = size == "full"
+    return SiglipVisionConfig(
+        hidden_size=1152 if full else 64, intermediate_size=4304 if full else 128,
+        num_hidden_layers=26 if full else 4, num_attention_heads=16 if full else 4,
+        image_size=56 if size == "tiny" else 384, patch_size=14,
     )  # fmt: skip
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000)
+
+
+def _prompt(batch: int, visual: int, image_id: int, vocab: int, start: int = 1) -> torch.Tensor:
+    """``[batch, BEFORE + visual + AFTER]`` random text around ``visual`` image tokens."""
+    g = torch.Generator().manual_seed(0)
+    high = min(vocab, 32000)
+    return torch.cat([
+        torch.full((batch, 1), start), torch.randint(2, high, (batch, BEFORE - 1), generator=g),
+        torch.full((batch, visual), image_id), torch.randint(2, high, (batch, AFTER), generator=g),
+    ], dim=1)  # fmt: skip
+
+
+def _pixels(shape, device, dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+
+def _anyres(model, pixels: torch.Tensor, hw: tuple[int, int], image_id: int, vocab: int, **extra) -> Bench:
+    """LLaVA-NeXT / OneVision: one anyres image of ``hw`` pixels per sample, ``pixels`` its crops."""
+    sizes = torch.tensor([hw], device=pixels.device)
+    with torch.no_grad():
+        visual = len(model.model.get_image_features(pixels[None], sizes, **extra).pooler_output[0])
+
+    def inputs(batch):
+        ids = _prompt(batch, visual, image_id, vocab).to(pixels.device)
+        more = {k: v.expand(batch) for k, v in extra.items()}
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_sizes=sizes.expand(batch, 2),
+                    pixel_values=pixels.expand(batch, *pixels.shape), **more)  # fmt: skip
+
+    return Bench(model, inputs, visual, f"{hw[0]}x{hw[1]} anyres ({len(pixels)} crops)")
+
+
+def model_config(family: str, size: str, hidden: int | None = None, layers: int | None = None):
+    """``(model class, config)`` of the ``family`` at ``size`` (see the module docstring)."""
+    import transformers as tf
+
+    if family not in FAMILIES or size not in SIZES:
+        raise ValueError(f"bench mllm: unknown family {family!r} or size {size!r}")
+    llama = family in ("llava", "llava_next")
+    t = _text(LLAMA_7B if llama else QWEN2_7B, size, hidden, layers)
+    tiny = size == "tiny"
+    if family == "llava":
+        cfg = tf.LlavaConfig(vision_config=_clip(size), text_config=_llama(t), image_token_id=32000)
+        cls = tf.LlavaForConditionalGeneration
+    elif family == "llava_next":
+        cfg = tf.LlavaNextConfig(
+            vision_config=_clip(size), text_config=_llama(t), image_token_id=32000,
+            image_grid_pinpoints=[[112, 112]] if tiny else None,
+        )  # fmt: skip
+        cls = tf.LlavaNextForConditionalGeneration
+    elif family == "llava_onevision":
+        cfg = tf.LlavaOnevisionConfig(
+            vision_config=_siglip(size), text_config=_qwen2(t), image_token_id=151646, video_token_id=151647,
+            image_grid_pinpoints=[[56, 56], [56, 112]] if tiny else None,
+        )  # fmt: skip
+        cls = tf.LlavaOnevisionForConditionalGeneration
+    else:
+        half = t["hidden"] // t["heads"] // 2  # M-RoPE sections as in Qwen2-VL-7B (16/24/24 of 64)
+        t_sec, h_sec = half // 4, (half - half // 4) // 2
+        rope = {
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": [t_sec, h_sec, half - t_sec - h_sec],
+        }
+        text = _qwen2(t).to_dict() | {"rope_parameters": rope}
+        full = size == "full"
+        common = dict(depth=32 if full else 2, num_heads=16 if full else 4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+        if family == "qwen2_vl":
+            vision = dict(common, embed_dim=1280 if full else 64, hidden_size=t["hidden"], mlp_ratio=4)
+            cls, config_cls = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig
+        else:
+            vision = dict(common, hidden_size=1280 if full else 64, intermediate_size=3420 if full else 128,
+                          out_hidden_size=t["hidden"], window_size=112,
+                          fullatt_block_indexes=[7, 15, 23, 31] if full else [1])  # fmt: skip
+            cls, config_cls = tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig
+        cfg = config_cls(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
+                         vision_start_token_id=151652, vision_end_token_id=151653)  # fmt: skip
+    return cls, cfg
+
+
+def build(family: str, size: str, device, dtype, hidden=None, layers=None, attn: str = "sdpa") -> Bench:
+    """The ``family``'s random-weight model at ``size`` with its inputs."""
+    import transformers as tf
+
+    cls, cfg = model_config(family, size, hidden, layers)
     with torch.device(device):
         # transformers checks that the implementation is usable here (flash-attn installed, CUDA, dtype)
-        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
-    return model.eval()
+        model = cls._from_config(cfg, dtype=dtype, attn_implementation=attn).eval()
+    device, vocab, tiny = torch.device(device), cfg.text_config.vocab_size, size == "tiny"
+    if family == "llava":
+        side = cfg.vision_config.image_size
+        pixels = _pixels((1, 3, side, side), device, dtype)
+        visual = (side // 14) ** 2
 
+        def inputs(batch):
+            ids = _prompt(batch, visual, 32000, vocab).to(device)
+            return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        pixel_values=pixels.expand(batch, -1, -1, -1))  # fmt: skip
 
-def make_inputs(batch: int, device: torch.device, dtype: torch.dtype):
-    g = torch.Generator().manual_seed(0)
-    before, after = 5, TEXT - 5
-    ids = torch.cat(
-        [
-            torch.ones(batch, 1, dtype=torch.long),
-            torch.randint(2, 32000, (batch, before - 1), generator=g),
-            torch.full((batch, VISUAL), 32000),
-            torch.randint(2, 32000, (batch, after), generator=g),
-        ],
-        dim=1,
-    )
-    pixels = torch.randn(batch, 3, 336, 336, generator=g)
-    return dict(
-        input_ids=ids.to(device),
-        attention_mask=torch.ones_like(ids).to(device),
-        pixel_values=pixels.to(device, dtype),
-    )
+        return Bench(model, inputs, visual, f"{side}x{side}")
+    if family in ("llava_next", "llava_onevision"):
+        side = cfg.vision_config.image_size
+        hw = (side, 2 * side) if size != "full" else (2 * side, 2 * side)
+        mod = tf.models.llava_next.modeling_llava_next
+        crops = mod.image_size_to_num_patches(hw, cfg.image_grid_pinpoints, side)
+        pixels = _pixels((crops, 3, side, side), device, dtype)
+        if family == "llava_next":
+            return _anyres(model, pixels, hw, 32000, vocab)
+        return _anyres(model, pixels, hw, 151646, vocab, batch_num_images=torch.tensor([1], device=device))
+    grid = (1, 8, 8) if tiny else (1, 56, 56)  # 112x112 / 784x784 pixels in 14x14 patches
+    visual = grid[0] * grid[1] * grid[2] // 4
+    pixels = _pixels((grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14), device, dtype)
+
+    def inputs(batch):
+        ids = _prompt(batch, visual, 151655, vocab)
+        ids = torch.cat([ids[:, :BEFORE], torch.full((batch, 1), 151652), ids[:, BEFORE:BEFORE + visual],
+                         torch.full((batch, 1), 151653), ids[:, BEFORE + visual:]], 1).to(device)  # fmt: skip
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    mm_token_type_ids=(ids == 151655).int(), pixel_values=pixels.repeat(batch, 1),
+                    image_grid_thw=torch.tensor([grid] * batch, device=device))  # fmt: skip
+
+    return Bench(model, inputs, visual, f"{14 * grid[1]}x{14 * grid[2]} dynamic resolution")
 
 
 class _StepClock:
@@ -113,7 +277,7 @@ def decode_tokens_per_s(model, inputs: dict, tokens: int, device: torch.device, 
     return sorted(rates)[len(rates) // 2]
 
 
-def _reducers(keeps: list[int], layers: int, hidden: int):
+def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str):
     from visattn.mllm_tokens import (
         DART,
         VAR,
@@ -131,7 +295,7 @@ def _reducers(keeps: list[int], layers: int, hidden: int):
     rows = [("unreduced", None)]
     for k in keeps:
         rows.append((f"FastV K=2 keep={k}", FastV(layer=2, keep=k)))
-        rows.append((f"VTC-CLS keep={k}", VTCCLS(keep=k, start_layer=16 if hidden == 4096 else 1)))
+        rows.append((f"VTC-CLS keep={k}", VTCCLS(keep=k, start_layer=16 if full else 1)))
         rows.append((f"DivPrune keep={k}", DivPrune(keep=k)))
         rows.append((f"DART K=2 keep={k}", DART(layer=min(2, layers - 1), keep=k)))
         dominant, contextual = VISIONZIP_PRESETS.get(k, (k - k // 6, k // 6))
@@ -148,7 +312,7 @@ def _reducers(keeps: list[int], layers: int, hidden: int):
     else:
         rows.append((f"PyramidDrop 1..{layers - 1} lambda=0.5", PyramidDrop(layers=range(1, layers))))
     rows.append(("DyVTE exit after layer 2", DyVTE(exit_layer=min(2, layers - 1))))
-    rows.append(("VAR (no pruning)", VAR(sink_dims="llama-2-7b" if hidden == 4096 else (0, 1))))
+    rows.append(("VAR (no pruning)", VAR(sink_dims=sink_dims if full else (0, 1))))
     return rows
 
 
@@ -205,57 +369,70 @@ def _scoring_table(device, dtype, lengths, heads, head_dim, warmup, iters) -> No
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def _row(model, reducer, inputs, device, decode, warmup, iters):
+    """``(prefill Measurement, decode tok/s, handle.stats[0] or None)``; ValueError if refused."""
     from visattn.mllm_tokens import attach
 
+    handle = attach(model, reducer) if reducer is not None else None
+    try:
+        with torch.no_grad():
+            prefill = measure(functools.partial(model, **inputs, logits_to_keep=1), device, warmup, iters)
+            stats = handle.stats[0] if handle is not None else None
+            tok_s = decode_tokens_per_s(model, inputs, decode, device, max(1, iters // 2))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return prefill, tok_s, stats
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    size = args.size or ("full" if cuda else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    hidden = args.hidden or (4096 if cuda else 256)
-    layers = args.layers or (32 if cuda else 4)
     decode = max(2, args.decode_tokens or (32 if cuda else 6))
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     iters = args.iters if args.iters is not None else (5 if cuda else 2)
     keeps = [int(x) for x in args.keep.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     lengths = [int(x) for x in (args.score_tokens or ("640,4096" if cuda else "640")).split(",")]
-    model = build_model(device, dtype, hidden, layers, args.attn)
-    rows = []
+    bench = build(args.family, size, device, dtype, args.hidden, args.layers, args.attn)
+    text = bench.model.config.text_config
+    layers, full = text.num_hidden_layers, size == "full"
+    sink = "llama-2-7b" if args.family in ("llava", "llava_next") else "qwen2-7b"
+    rows, refusals = [], {}
     for batch in batches:
-        inputs = make_inputs(batch, device, dtype)
+        inputs = bench.inputs(batch)
         base_prefill = base_decode = None
-        for name, reducer in _reducers(keeps, layers, hidden):
-            handle = attach(model, reducer) if reducer is not None else None
-            with torch.no_grad():
-                prefill = measure(functools.partial(model, **inputs, logits_to_keep=1), device, warmup, iters)
-                saved = handle.stats[0]["prefill_flops_saved_ratio"] if handle is not None else 0.0
-                tok_s = decode_tokens_per_s(model, inputs, decode, device, max(1, iters // 2))
-            if handle is not None:
-                handle.remove()
+        for name, reducer in _reducers(keeps, layers, full, sink):
+            try:
+                prefill, tok_s, stats = _row(bench.model, reducer, inputs, device, decode, warmup, iters)
+            except ValueError as e:
+                note = refusals.setdefault(str(e), len(refusals) + 1)
+                rows.append((batch, name, f"refused [{note}]", *["-"] * 7))
+                continue
             if reducer is None:
                 base_prefill, base_decode = prefill, tok_s
+            kept = "-" if stats is None else f"{sum(stats['kept_per_layer']) / layers:.0f}"
+            saved = 0.0 if stats is None else stats["prefill_flops_saved_ratio"]
             rows.append((
                 batch, name, f"{prefill.ms:.2f}", ratio(base_prefill, prefill),
                 "-" if prefill.peak_mib is None else f"{prefill.peak_mib:.0f}",
-                f"{tok_s:.1f}", f"{tok_s / base_decode:.2f}x", f"{100 * saved:.1f}%",
+                f"{tok_s:.1f}", f"{tok_s / base_decode:.2f}x",
+                "-" if stats is None else stats["visual_tokens_in"], kept, f"{100 * saved:.1f}%",
             ))  # fmt: skip
     print_table(
-        (
-            "batch",
-            "method",
-            "prefill ms",
-            "speed-up",
-            "peak MiB",
-            "decode tok/s",
-            "vs unreduced",
-            "FLOPs saved",
-        ),
+        ("batch", "method", "prefill ms", "speed-up", "peak MiB", "decode tok/s", "vs unreduced",
+         "visual in", "kept/layer", "FLOPs saved"),
         rows,
         title=(
-            f"LLaVA-shaped model: LLM hidden {hidden} x {layers} layers, {VISUAL} visual + {TEXT} text "
-            f"tokens, {dtype}, {args.attn} attention, {device.type}, decode {decode} tokens"
+            f"{args.family} ({size}): LLM hidden {text.hidden_size} x {layers} layers, {bench.image} image = "
+            f"{bench.visual} visual + {BEFORE + AFTER} text tokens, {dtype}, {args.attn} attention, "
+            f"{device.type}, decode {decode} tokens"
         ),
-    )
-    heads = model.config.text_config.num_attention_heads
-    _scoring_table(device, dtype, lengths, heads, hidden // heads, warmup, iters)
+    )  # fmt: skip
+    for reason, note in refusals.items():
+        print(f"refused [{note}]: {reason}")
+    heads = text.num_attention_heads
+    _scoring_table(device, dtype, lengths, heads, text.hidden_size // heads, warmup, iters)
     return 0
