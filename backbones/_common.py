@@ -1,7 +1,5 @@
 """What every visattn backbone shares: device/dtype construction, weight init, the pooled linear head."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import math
@@ -59,11 +57,6 @@ class PooledLinearHead:
     location (``[B, classes, h, w]`` for NCHW features, ``[B, h, w, classes]`` for NHWC).
     """
 
-    num_classes: int
-    num_features: int
-    head_hidden_size: int
-    output_fmt: str
-
     def init_head(self, num_classes: int, global_pool: str, drop_rate: float, output_fmt: str) -> None:
         self.output_fmt = output_fmt
         self.head_drop = nn.Dropout(drop_rate)
@@ -94,7 +87,7 @@ class PooledLinearHead:
         x = self.head_drop(self.global_pool(x))
         if pre_logits:
             return x
-        if x.ndim == 4 and self.output_fmt == "NCHW":  # global_pool='': per-location logits
+        if self.global_pool.is_identity() and self.output_fmt == "NCHW":  # per-location logits
             return self.head(x.movedim(1, -1)).movedim(-1, 1)
         return self.head(x)
 
