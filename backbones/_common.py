@@ -71,9 +71,12 @@ class PooledLinearHead:
         keeps the pooling."""
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(
-                pool_type=global_pool, flatten=bool(global_pool), input_fmt=self.output_fmt
-            ).train(self.training)
+            try:
+                fmt = self.output_fmt
+                pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool), input_fmt=fmt)
+            except AssertionError as e:  # timm asserts on unknown pool types
+                raise ValueError(f"global_pool: {e}") from None
+            self.global_pool = pool.train(self.training)
         pooled = self.num_features * self.global_pool.feat_mult()
         self.head_hidden_size = pooled
         like = next(self.parameters(), None)
