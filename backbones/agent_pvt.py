@@ -192,8 +192,10 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
             )
             setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
             setattr(self, f"block{i + 1}", blocks)
+            # tokens -> NCHW map as a (parameter-free) module, so the stage output is a module output (FX)
+            setattr(self, f"to_map{i + 1}", nn.Unflatten(2, grid))
             self.feature_info.append(
-                dict(num_chs=embed_dims[i], reduction=patch_size * 2**i, module=f"block{i + 1}")
+                dict(num_chs=embed_dims[i], reduction=patch_size * 2**i, module=f"to_map{i + 1}")
             )
         self.init_head(num_classes, global_pool, drop_rate, output_fmt="NCHW")
         for i in range(num_stages):
@@ -231,7 +233,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
                 tokens = checkpoint(blk, tokens, size)
             else:
                 tokens = blk(tokens, size)
-        return tokens.transpose(1, 2).unflatten(2, size)
+        return getattr(self, f"to_map{i + 1}")(tokens.transpose(1, 2))
 
     def forward_intermediates(
         self,
@@ -260,7 +262,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
     ) -> list[int]:
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         for i in range(max_index + 1, self.num_stages):
-            for name in ("patch_embed", "pos_embed", "pos_drop", "block"):
+            for name in ("patch_embed", "pos_embed", "pos_drop", "block", "to_map"):
                 delattr(self, f"{name}{i + 1}")
         self.num_stages = max_index + 1
         if prune_head:
@@ -287,13 +289,14 @@ class _PVTStage(nn.Module):
         self.pos_embed = getattr(model, f"pos_embed{i}")
         self.pos_drop = getattr(model, f"pos_drop{i}")
         self.blocks = getattr(model, f"block{i}")
+        self.to_map = getattr(model, f"to_map{i}")
         self.grid_size: tuple[int, int] = (self.patch_embed.grid_size[0], self.patch_embed.grid_size[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.pos_drop(self.patch_embed(x) + self.pos_embed)
         for blk in self.blocks:
             tokens = blk(tokens, self.grid_size)
-        return tokens.transpose(1, 2).unflatten(2, self.grid_size)
+        return self.to_map(tokens.transpose(1, 2))
 
 
 class _ScriptableAgentPVT(PooledLinearHead, nn.Module):

@@ -263,7 +263,10 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
                     act_layer=act_layer,
                 )
             )
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2**i, module=f"layers.{i}"))
+            # the stage's blocks, before the PatchMerging ending the stage (as in forward_intermediates)
+            self.feature_info.append(
+                dict(num_chs=dim, reduction=patch_size * 2**i, module=f"layers.{i}.blocks")
+            )
         self.norm = norm_layer(self.num_features)
         self.init_head(num_classes, global_pool, drop_rate, output_fmt="NHWC")
         self.apply(init_weights)

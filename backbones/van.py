@@ -30,7 +30,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, get_act_layer, get_norm_layer, register_notrace_module
+from timm.layers import DropPath, LayerNorm2d, get_act_layer, get_norm_layer, register_notrace_module
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -39,7 +39,9 @@ from visattn.kernels import large_kernel_attention
 
 __all__ = ["VAN"]
 
-_LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)  # stage norm of every official variant
+# stage norm of every official variant: LayerNorm (eps 1e-6) over channels, the official token LayerNorm
+# computed in place on the NCHW map (same parameters, so stage outputs are modules' outputs, e.g. for FX)
+_LayerNormEps6 = partial(LayerNorm2d, eps=1e-6)
 
 
 class DWConv(nn.Module):
@@ -167,7 +169,7 @@ class OverlapPatchEmbed(nn.Module):
 
 
 class VAN(PooledLinearHead, nn.Module):
-    """Visual Attention Network (channels-first throughout; stage norms act on tokens)."""
+    """Visual Attention Network (channels-first throughout)."""
 
     @factory_kwargs
     def __init__(
@@ -191,7 +193,7 @@ class VAN(PooledLinearHead, nn.Module):
             drop_rate: dropout inside the Mlps (as the official ``drop_rate``; the head has none).
             drop_path_rate: stochastic depth, increased linearly over all blocks.
             layer_scale_init_value: initial layer scale (hard-coded 1e-2 in the official code).
-            norm_layer: stage norm over tokens (official: LayerNorm eps 1e-6).
+            norm_layer: channels-first stage norm (official: LayerNorm eps 1e-6 over each location).
             attn_backend: ``backend`` of :func:`visattn.kernels.large_kernel_attention`.
         """
         super().__init__()
@@ -259,14 +261,14 @@ class VAN(PooledLinearHead, nn.Module):
         self.grad_checkpointing = enable
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Stage ``i`` (0-based): patch embed, blocks, token LayerNorm; ``[B, C, H, W]`` in and out."""
+        """Stage ``i`` (0-based): patch embed, blocks, stage norm; ``[B, C, H, W]`` in and out."""
         x = getattr(self, f"patch_embed{i + 1}")(x)
         for blk in getattr(self, f"block{i + 1}"):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x)
             else:
                 x = blk(x)
-        return getattr(self, f"norm{i + 1}")(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+        return getattr(self, f"norm{i + 1}")(x)
 
     def forward_intermediates(
         self,
@@ -343,7 +345,7 @@ class _ScriptableVAN(PooledLinearHead, nn.Module):
             x = patch_embed(x)
             for blk in blocks:
                 x = blk(x)
-            x = norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+            x = norm(x)
         return x
 
 
