@@ -5,10 +5,22 @@ import functools
 import math
 
 import torch
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
 from torch import nn
 
-__all__ = ["PooledLinearHead", "factory_kwargs", "init_weights"]
+__all__ = ["PooledLinearHead", "check_image", "factory_kwargs", "init_weights"]
+
+
+@register_notrace_function  # FX records the call (the check runs with the graph) instead of tracing into it
+def check_image(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """``x`` unchanged if it is a non-empty image batch ``[B, in_chans, H, W]``, else a ValueError."""
+    if x.dim() != 4:
+        raise ValueError(f"expected an image batch [B, {in_chans}, H, W], got a {x.dim()}-D tensor")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels [B, {in_chans}, H, W], got {x.shape[1]}")
+    if x.shape[0] == 0:
+        raise ValueError("the image batch is empty (batch size 0)")
+    return x
 
 
 def factory_kwargs(init):

@@ -28,10 +28,11 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from visattn.backbones._common import factory_kwargs, init_weights
+from visattn.backbones._common import check_image, factory_kwargs, init_weights
 from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentVisionTransformer"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 _STAGE_OF_BLOCK_PAIR = (0, 1, 2, 2, 2, 3)
 
@@ -207,7 +208,7 @@ class AgentVisionTransformer(nn.Module):
         ).train(self.training)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+        x = self.patch_embed(check_image(x, self.in_chans))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 

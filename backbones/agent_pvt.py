@@ -31,10 +31,11 @@ from timm.models._features import feature_take_indices
 from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 
-from visattn.backbones._common import PooledLinearHead, factory_kwargs, init_weights
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentPyramidVisionTransformer"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 
 @register_notrace_module  # an FX leaf, like every agent-attention layer
@@ -249,6 +250,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
+        x = check_image(x, self.in_chans)
         for i in range(max_index + 1 if stop_early else self.num_stages):
             x = self._stage(i, x)
             if i in take_indices:
@@ -271,6 +273,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> last-stage features ``[B, C, H/32, W/32]`` (no final norm in PVT-v1)."""
+        x = check_image(x, self.in_chans)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
@@ -306,10 +309,11 @@ class _ScriptableAgentPVT(PooledLinearHead, nn.Module):
         super().__init__()
         self.stages = nn.ModuleList([_PVTStage(model, i + 1) for i in range(model.num_stages)])
         self.global_pool, self.head_drop, self.head = model.global_pool, model.head_drop, model.head
-        self.output_fmt = model.output_fmt
+        self.output_fmt, self.in_chans = model.output_fmt, model.in_chans
         self.train(model.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_image(x, self.in_chans)
         for stage in self.stages:
             x = stage(x)
         return x

@@ -34,10 +34,11 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
-from visattn.backbones._common import PooledLinearHead, factory_kwargs, init_weights
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentSwinTransformer"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 
 def parse_attn_type(attn_type: str, depths: tuple[int, ...]) -> list[list[str]]:
@@ -310,7 +311,7 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
         last = len(self.layers) - 1
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         for i, stage in enumerate(stages):
             x = stage.forward_blocks(x)
             if i in take_indices:
@@ -338,7 +339,7 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised last-stage tokens ``[B, H/32, W/32, C]``."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         x = self.layers(x)
         return self.norm(x)
 

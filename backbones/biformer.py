@@ -51,10 +51,11 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from visattn.backbones._common import PooledLinearHead, factory_kwargs, init_weights
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.kernels import bilevel_routing_attention
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 _LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)  # the official block norm
 
@@ -352,7 +353,7 @@ class BiFormer(PooledLinearHead, nn.Module):
         last_idx = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
         intermediates = []
-        x = self.stem(x)
+        x = self.stem(check_image(x, self.in_chans))
         feat_idx = -1
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
@@ -378,7 +379,7 @@ class BiFormer(PooledLinearHead, nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(check_image(x, self.in_chans))
         x = self.stages(x)
         return self.norm(x)
 

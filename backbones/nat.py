@@ -57,10 +57,11 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from visattn.backbones._common import PooledLinearHead, factory_kwargs, init_weights
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.kernels import neighborhood_attention
 
 __all__ = ["NAT", "NATIsotropic", "NeighborhoodAttention2D", "checkpoint_filter_fn"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-5)
 
@@ -374,7 +375,7 @@ class NAT(_NATClassifier):
         last = len(self.levels) - 1
         stop = max_index if stop_early and not torch.jit.is_scripting() else last
         intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         i = 0
         for i, level in enumerate(self.levels[: stop + 1]):
             x = level.forward_blocks(x)
@@ -405,7 +406,7 @@ class NAT(_NATClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised last-level map (B, H/32, W/32, num_features)."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         for level in self.levels:
             x = level(x)
         return self.norm(x)
@@ -516,7 +517,7 @@ class NATIsotropic(_NATClassifier):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         blocks = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
         intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         for i, block in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x)
@@ -547,7 +548,7 @@ class NATIsotropic(_NATClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised map (B, H/16, W/16, embed_dim)."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.layers, x)
         else:

@@ -34,10 +34,11 @@ from timm.layers import DropPath, LayerNorm2d, get_act_layer, get_norm_layer, re
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from visattn.backbones._common import PooledLinearHead, factory_kwargs, init_weights
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.kernels import large_kernel_attention
 
 __all__ = ["VAN"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 # stage norm of every official variant: LayerNorm (eps 1e-6) over channels, the official token LayerNorm
 # computed in place on the NCHW map (same parameters, so stage outputs are modules' outputs, e.g. for FX)
@@ -290,6 +291,7 @@ class VAN(PooledLinearHead, nn.Module):
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
         last = max_index if stop_early or intermediates_only else self.num_stages - 1
+        x = check_image(x, self.in_chans)
         for i in range(last + 1):
             x = self._stage(i, x)
             if i in take_indices:
@@ -318,6 +320,7 @@ class VAN(PooledLinearHead, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normed last-stage map ``[B, C, H/32, W/32]``."""
+        x = check_image(x, self.in_chans)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
@@ -337,10 +340,11 @@ class _ScriptableVAN(PooledLinearHead, nn.Module):
         self.blocks = nn.ModuleList([getattr(model, f"block{i}") for i in stages])
         self.norms = nn.ModuleList([getattr(model, f"norm{i}") for i in stages])
         self.global_pool, self.head_drop, self.head = model.global_pool, model.head_drop, model.head
-        self.output_fmt = model.output_fmt
+        self.output_fmt, self.in_chans = model.output_fmt, model.in_chans
         self.train(model.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_image(x, self.in_chans)
         for patch_embed, blocks, norm in zip(self.patch_embeds, self.blocks, self.norms):
             x = patch_embed(x)
             for blk in blocks:

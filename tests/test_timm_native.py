@@ -151,3 +151,21 @@ def test_scriptable_op_keeps_the_argument_checks():
     q = torch.randn(1, 4, 4, 1, 8)
     with pytest.raises(ValueError, match="kernel_size"):
         torch.ops.visattn.neighborhood_attention(q, q, q, [5, 5], [1, 1], [False, False], None, None, "auto")
+
+
+@pytest.mark.parametrize("name,kwargs,size", CASES, ids=IDS)
+def test_bad_images_raise_the_same_clear_error_in_every_family(name, kwargs, size):
+    """Wrong rank, wrong channel count and an empty batch: one ValueError, eager and in the FX graph."""
+    model = _model(name, kwargs)
+    traced = _fx(model)
+    bad = {
+        "3-D tensor": torch.randn(3, size, size),
+        "input channels": torch.randn(1, 4, size, size),
+        "batch size 0": torch.randn(0, 3, size, size),
+    }
+    for message, x in bad.items():
+        for fn in (model, traced, model.forward_intermediates):
+            with pytest.raises(ValueError, match=message):
+                fn(x)
+    with pytest.raises(Exception, match="input channels"):
+        torch.jit.script(model)(bad["input channels"])
