@@ -49,8 +49,6 @@ class AgentAttentionBase(nn.Module):
     :func:`visattn.kernels.agent_attention` (``"auto"``: Triton on CUDA); set it on a layer to force one.
     """
 
-    backend: str = "auto"
-
     def __init__(
         self,
         dim: int,
@@ -66,6 +64,7 @@ class AgentAttentionBase(nn.Module):
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         if attn_drop:
             raise ValueError("agent attention has no attention dropout (the fused op never forms the maps)")
+        self.backend = "auto"
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -112,20 +111,17 @@ class AgentAttentionBase(nn.Module):
         query_bias: torch.Tensor,
     ) -> torch.Tensor:
         """q ``[B, Nq, C]``, k/v ``[B, Nk, C]``, agents ``[B, A, heads, head_dim]`` -> ``[B, Nq, C]``."""
-        b, nq, c = q.shape
-        nk = k.shape[1]
-        heads, hd = self.num_heads, self.head_dim
-        out = agent_attention(
-            q.reshape(b, nq, heads, hd),
-            k.reshape(b, nk, heads, hd),
-            v.reshape(b, nk, heads, hd),
-            agents,
-            scale=self.scale,
-            agent_bias=agent_bias.to(q.dtype),  # fp32 parameters under autocast: follow the activations
-            query_bias=query_bias.to(q.dtype),
-            backend=self.backend,
-        )
-        return out.reshape(b, nq, c)
+        heads = (self.num_heads, self.head_dim)
+        q4, k4, v4 = q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads)
+        # fp32 parameters under autocast: the biases follow the activations
+        agent_bias, query_bias = agent_bias.to(q.dtype), query_bias.to(q.dtype)
+        if torch.jit.is_scripting():
+            out = torch.ops.visattn.agent_attention(
+                q4, k4, v4, agents, self.scale, agent_bias, query_bias, self.backend
+            )
+        else:
+            out = agent_attention(q4, k4, v4, agents, self.scale, agent_bias, query_bias, self.backend)
+        return out.flatten(-2)
 
     def dwc_tokens(
         self, v: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int] | None = None
@@ -136,7 +132,7 @@ class AgentAttentionBase(nn.Module):
         """
         b, n, c = v.shape
         grid = v.transpose(1, 2).reshape(b, c, size[0], size[1])
-        if out_size is not None and tuple(out_size) != tuple(size):
+        if out_size is not None and (out_size[0] != size[0] or out_size[1] != size[1]):
             grid = F.interpolate(grid, size=out_size, mode="bilinear")
         return self.dwc(grid).flatten(2).transpose(1, 2)
 

@@ -11,25 +11,33 @@ class key) and ``ca_bias`` (class query -> agent), and the DWC branch touches th
 The remaining blocks are plain DeiT blocks. LayerNorm eps 1e-6, head on the class token.
 """
 
-from __future__ import annotations
-
 from functools import partial
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import (
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    get_act_layer,
+    get_norm_layer,
+    register_notrace_module,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from visattn.backbones._common import check_image, factory_kwargs, init_weights
 from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentVisionTransformer"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 _STAGE_OF_BLOCK_PAIR = (0, 1, 2, 2, 2, 3)
 
 
+@register_notrace_module  # an FX leaf, like every agent-attention layer
 class AgentDeiTAttention(AgentAttentionBase):
     """Agent attention over ``[cls, patches]`` tokens ``[B, 1 + window**2, C]``."""
 
@@ -75,13 +83,14 @@ class AgentDeiTBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = AgentDeiTAttention(dim, num_heads, window, agent_num, qkv_bias, attn_drop, proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -91,6 +100,7 @@ class AgentDeiTBlock(nn.Module):
 class AgentVisionTransformer(nn.Module):
     """Agent-DeiT classifier (class token, learned position embedding, ``depth`` blocks)."""
 
+    @factory_kwargs
     def __init__(
         self,
         img_size: int = 224,
@@ -109,12 +119,15 @@ class AgentVisionTransformer(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        norm_layer: type[nn.Module] | None = None,
+        norm_layer: str | type[nn.Module] | None = None,
+        act_layer: str | type[nn.Module] = nn.GELU,
     ):
         super().__init__()
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = get_norm_layer(norm_layer) or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = get_act_layer(act_layer)
         if global_pool not in ("", "token", "avg"):
             raise ValueError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -136,6 +149,7 @@ class AgentVisionTransformer(nn.Module):
             proj_drop=proj_drop_rate,
             attn_drop=attn_drop_rate,
             norm_layer=norm_layer,
+            act_layer=act_layer,
         )
         self.blocks = nn.Sequential(
             *[
@@ -160,14 +174,7 @@ class AgentVisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -193,10 +200,15 @@ class AgentVisionTransformer(nn.Module):
             if global_pool not in ("", "token", "avg"):
                 raise ValueError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        like = self.cls_token  # the new head follows the model's device and dtype
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=like.device, dtype=like.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        ).train(self.training)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+        x = self.patch_embed(check_image(x, self.in_chans))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 

@@ -16,19 +16,29 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import (
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    get_act_layer,
+    get_norm_layer,
+    register_notrace_module,
+    to_2tuple,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from visattn.backbones._head import apply_head
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentPyramidVisionTransformer"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 
+@register_notrace_module  # an FX leaf, like every agent-attention layer
 class AgentPVTAttention(AgentAttentionBase):
     """Agent attention over a stage grid; keys/values optionally spatially reduced by ``sr_ratio``."""
 
@@ -48,16 +58,14 @@ class AgentPVTAttention(AgentAttentionBase):
         self.sr_ratio = sr_ratio
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio) if sr_ratio > 1 else None
+        self.norm = nn.LayerNorm(dim) if sr_ratio > 1 else None
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         b, n, c = x.shape
         q = self.q(x)
-        if self.sr_ratio > 1:
-            reduced = self.sr(x.transpose(1, 2).reshape(b, c, size[0], size[1])).flatten(2).transpose(1, 2)
-            x = self.norm(reduced)
+        if self.sr is not None and self.norm is not None:
+            x = self.norm(self.sr(x.transpose(1, 2).unflatten(2, size)).flatten(2).transpose(1, 2))
         k, v = self.kv(x).reshape(b, -1, 2, c).unbind(2)
         agents = self.agent_tokens(q, size)
         agent_bias, query_bias = self.position_biases()
@@ -83,6 +91,7 @@ class AgentPVTBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -98,17 +107,18 @@ class AgentPVTBlock(nn.Module):
             raise ValueError(f"attn_type must be 'A' or 'B', got {attn_type!r}")
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class AgentPyramidVisionTransformer(nn.Module):
+class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
     """Agent-PVT classifier. Attribute names (``patch_embed1``, ``pos_embed1``, ``block1``, ...) are the
     official ones so that official checkpoints load unchanged."""
 
+    @factory_kwargs
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -129,17 +139,16 @@ class AgentPyramidVisionTransformer(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        norm_layer: type[nn.Module] | None = None,
+        norm_layer: str | type[nn.Module] | None = None,
+        act_layer: str | type[nn.Module] = nn.GELU,
     ):
         super().__init__()
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        if global_pool not in ("", "avg"):
-            raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
+        norm_layer = get_norm_layer(norm_layer) or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = get_act_layer(act_layer)
         num_stages = len(depths)
         if len(attn_type) != num_stages or any(t not in "AB" for t in attn_type):
             raise ValueError(f"attn_type needs one 'A' or 'B' per stage ({num_stages}), got {attn_type!r}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.in_chans = in_chans
         self.num_stages = num_stages
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
@@ -171,6 +180,7 @@ class AgentPyramidVisionTransformer(nn.Module):
                     attn_drop_rate,
                     dpr[cur + j],
                     norm_layer,
+                    act_layer,
                 )
                 for j in range(depths[i])
             )
@@ -183,21 +193,15 @@ class AgentPyramidVisionTransformer(nn.Module):
             )
             setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
             setattr(self, f"block{i + 1}", blocks)
+            # tokens -> NCHW map as a (parameter-free) module, so the stage output is a module output (FX)
+            setattr(self, f"to_map{i + 1}", nn.Unflatten(2, grid))
             self.feature_info.append(
-                dict(num_chs=embed_dims[i], reduction=patch_size * 2**i, module=f"block{i + 1}")
+                dict(num_chs=embed_dims[i], reduction=patch_size * 2**i, module=f"to_map{i + 1}")
             )
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_head(num_classes, global_pool, drop_rate, output_fmt="NCHW")
         for i in range(num_stages):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -219,18 +223,6 @@ class AgentPyramidVisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("", "avg"):
-                raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``i`` (0-based): NCHW (or the image) in, NCHW out."""
         patch_embed = getattr(self, f"patch_embed{i + 1}")
@@ -239,10 +231,10 @@ class AgentPyramidVisionTransformer(nn.Module):
         tokens = getattr(self, f"pos_drop{i + 1}")(tokens + getattr(self, f"pos_embed{i + 1}"))
         for blk in getattr(self, f"block{i + 1}"):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                tokens = checkpoint(blk, tokens, size, use_reentrant=False)
+                tokens = checkpoint(blk, tokens, size)
             else:
                 tokens = blk(tokens, size)
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, size[0], size[1])
+        return getattr(self, f"to_map{i + 1}")(tokens.transpose(1, 2))
 
     def forward_intermediates(
         self,
@@ -258,6 +250,7 @@ class AgentPyramidVisionTransformer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
+        x = check_image(x, self.in_chans)
         for i in range(max_index + 1 if stop_early else self.num_stages):
             x = self._stage(i, x)
             if i in take_indices:
@@ -271,7 +264,7 @@ class AgentPyramidVisionTransformer(nn.Module):
     ) -> list[int]:
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         for i in range(max_index + 1, self.num_stages):
-            for name in ("patch_embed", "pos_embed", "pos_drop", "block"):
+            for name in ("patch_embed", "pos_embed", "pos_drop", "block", "to_map"):
                 delattr(self, f"{name}{i + 1}")
         self.num_stages = max_index + 1
         if prune_head:
@@ -280,20 +273,50 @@ class AgentPyramidVisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> last-stage features ``[B, C, H/32, W/32]`` (no final norm in PVT-v1)."""
+        x = check_image(x, self.in_chans)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``[B, C, h, w]`` -> logits ``[B, num_classes]`` (pooled features if ``pre_logits``); with
-        ``global_pool=''`` per-location logits ``[B, num_classes, h, w]``."""
-        if self.global_pool == "avg":
-            x = x.flatten(2).mean(dim=2)
-        x = self.head_drop(x)
-        return x if pre_logits else apply_head(self.head, x)
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles instead of this model (it cannot look up ``f"block{i}"``)."""
+        return _ScriptableAgentPVT(self)
+
+
+class _PVTStage(nn.Module):
+    """One stage of an :class:`AgentPyramidVisionTransformer` (its modules and position embedding, shared)."""
+
+    def __init__(self, model: AgentPyramidVisionTransformer, i: int):
+        super().__init__()
+        self.patch_embed = getattr(model, f"patch_embed{i}")
+        self.pos_embed = getattr(model, f"pos_embed{i}")
+        self.pos_drop = getattr(model, f"pos_drop{i}")
+        self.blocks = getattr(model, f"block{i}")
+        self.to_map = getattr(model, f"to_map{i}")
+        self.grid_size: tuple[int, int] = (self.patch_embed.grid_size[0], self.patch_embed.grid_size[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        tokens = self.pos_drop(self.patch_embed(x) + self.pos_embed)
+        for blk in self.blocks:
+            tokens = blk(tokens, self.grid_size)
+        return self.to_map(tokens.transpose(1, 2))
+
+
+class _ScriptableAgentPVT(PooledLinearHead, nn.Module):
+    """An :class:`AgentPyramidVisionTransformer`'s modules grouped per stage, for TorchScript."""
+
+    def __init__(self, model: AgentPyramidVisionTransformer):
+        super().__init__()
+        self.stages = nn.ModuleList([_PVTStage(model, i + 1) for i in range(model.num_stages)])
+        self.global_pool, self.head_drop, self.head = model.global_pool, model.head_drop, model.head
+        self.output_fmt, self.in_chans = model.output_fmt, model.in_chans
+        self.train(model.training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_image(x, self.in_chans)
+        for stage in self.stages:
+            x = stage(x)
+        return x
 
 
 def checkpoint_filter_fn(state_dict: dict, model: AgentPyramidVisionTransformer) -> dict:

@@ -20,16 +20,25 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import (
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    get_act_layer,
+    get_norm_layer,
+    register_notrace_module,
+    to_2tuple,
+)
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
 
 __all__ = ["AgentSwinTransformer"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 
 def parse_attn_type(attn_type: str, depths: tuple[int, ...]) -> list[list[str]]:
@@ -51,6 +60,7 @@ def parse_attn_type(attn_type: str, depths: tuple[int, ...]) -> list[list[str]]:
     return stages
 
 
+@register_notrace_module  # an FX leaf, like every agent-attention layer
 class AgentWindowAttention(AgentAttentionBase):
     """Agent attention inside one (square) window; input and output ``[B * windows, N, C]``."""
 
@@ -93,6 +103,7 @@ class AgentSwinBlock(nn.Module):
         drop_path: float = 0.0,
         agent_num: int = 49,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
     ):
         super().__init__()
         self.input_resolution = input_resolution
@@ -106,18 +117,18 @@ class AgentSwinBlock(nn.Module):
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, c = x.shape
+        h, w = x.shape[1], x.shape[2]
         ws, shift = self.window_size, self.shift_size
-        if shift:
+        if shift > 0:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        windows = window_partition(x, (ws, ws)).reshape(-1, ws * ws, c)
-        windows = self.attn(windows).reshape(-1, ws, ws, c)
+        windows = window_partition(x, (ws, ws)).flatten(1, 2)
+        windows = self.attn(windows).unflatten(1, (ws, ws))
         x = window_reverse(windows, (ws, ws), h, w)
-        if shift:
+        if shift > 0:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         return x
 
@@ -144,6 +155,7 @@ class AgentSwinStage(nn.Module):
         attn_drop: float = 0.0,
         drop_path: list[float] | None = None,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -160,6 +172,7 @@ class AgentSwinStage(nn.Module):
                 attn_drop=attn_drop,
                 drop_path=drop_path[i],
                 norm_layer=norm_layer,
+                act_layer=act_layer,
             )
             if kind == "A":
                 blocks.append(
@@ -188,9 +201,10 @@ class AgentSwinStage(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class AgentSwinTransformer(nn.Module):
+class AgentSwinTransformer(PooledLinearHead, nn.Module):
     """Agent-Swin classifier; tokens are kept NHWC (``[B, H, W, C]``) between blocks."""
 
+    @factory_kwargs
     def __init__(
         self,
         img_size: int = 224,
@@ -210,14 +224,13 @@ class AgentSwinTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         agent_num: tuple[int, ...] = (9, 16, 49, 49),
         attn_type: str = "AAAB",
-        norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_layer: str | type[nn.Module] = nn.LayerNorm,
+        act_layer: str | type[nn.Module] = nn.GELU,
     ):
         super().__init__()
-        if global_pool not in ("", "avg"):
-            raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
+        norm_layer, act_layer = get_norm_layer(norm_layer), get_act_layer(act_layer)
         num_stages = len(depths)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.in_chans = in_chans
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
         self.grad_checkpointing = False
 
@@ -248,20 +261,16 @@ class AgentSwinTransformer(nn.Module):
                     attn_drop=attn_drop_rate,
                     drop_path=dpr[i],
                     norm_layer=norm_layer,
+                    act_layer=act_layer,
                 )
             )
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2**i, module=f"layers.{i}"))
+            # the stage's blocks, before the PatchMerging ending the stage (as in forward_intermediates)
+            self.feature_info.append(
+                dict(num_chs=dim, reduction=patch_size * 2**i, module=f"layers.{i}.blocks")
+            )
         self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.init_head(num_classes, global_pool, drop_rate, output_fmt="NHWC")
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -286,18 +295,6 @@ class AgentSwinTransformer(nn.Module):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("", "avg"):
-                raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -314,7 +311,7 @@ class AgentSwinTransformer(nn.Module):
         last = len(self.layers) - 1
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         for i, stage in enumerate(stages):
             x = stage.forward_blocks(x)
             if i in take_indices:
@@ -342,18 +339,9 @@ class AgentSwinTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised last-stage tokens ``[B, H/32, W/32, C]``."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         x = self.layers(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict, model: AgentSwinTransformer) -> dict:

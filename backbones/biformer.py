@@ -27,30 +27,40 @@ crop the output; use it for output parity with official models at such sizes.
 Differences to the official module tree (names only; :func:`checkpoint_filter_fn` maps
 them): ``downsample_layers.0`` -> ``stem``; ``downsample_layers.i`` ->
 ``stages.i.downsample``; ``stages.i.j`` -> ``stages.i.blocks.j``; ``attn.qkv.qkv`` ->
-``attn.qkv``; ``attn.wo`` -> ``attn.proj``; ``mlp.0/mlp.3`` -> ``mlp.fc1/mlp.fc2``;
-``head`` -> ``head.fc``. The released models use no KV downsampling
-(``kv_downsample_mode='identity'``), no layer scale and no routing parameters; only
-that configuration is built here.
+``attn.qkv``; ``attn.wo`` -> ``attn.proj``; ``mlp.0/mlp.3`` -> ``mlp.fc1/mlp.fc2``. The
+released models use no KV downsampling (``kv_downsample_mode='identity'``), no layer scale and no
+routing parameters; only that configuration is built here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, get_act_layer, get_norm_layer, register_notrace_module
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    register_model_deprecations,
+)
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import register_model_deprecations
 
-from visattn.backbones._head import apply_head
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.kernels import bilevel_routing_attention
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
+
+_LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)  # the official block norm
 
 
+@register_notrace_module  # an FX leaf: the kernel call and the auto_pad branch stay out of the graph
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention with LePE on V and an output projection. NHWC in and out."""
 
@@ -74,7 +84,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.num_heads = num_heads
         self.n_win = n_win
         self.topk = topk
-        self.scale = qk_scale or self.qk_dim**-0.5  # official: whole qk width
+        self.scale = float(qk_scale or self.qk_dim**-0.5)  # official: whole qk width
         self.auto_pad = auto_pad
         self.backend = backend  # kernel backend of visattn.kernels.bilevel_routing_attention
         self.qkv = nn.Linear(dim, 2 * self.qk_dim + dim)
@@ -90,17 +100,30 @@ class BiLevelRoutingAttention(nn.Module):
         _, h, w, _ = x.shape
         if self.auto_pad:
             pad_b, pad_r = (-h) % self.n_win, (-w) % self.n_win
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+            x = F.pad(x, [0, 0, 0, pad_r, 0, pad_b])
         q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
-        out = bilevel_routing_attention(
-            q.unflatten(-1, (self.num_heads, -1)),
-            k.unflatten(-1, (self.num_heads, -1)),
-            v.unflatten(-1, (self.num_heads, -1)),
-            num_regions=self.n_win,
-            topk=self.topk,
-            scale=self.scale,
-            backend=self.backend,
-        ).flatten(-2)
+        heads = (self.num_heads, -1)
+        if torch.jit.is_scripting():
+            out = torch.ops.visattn.bilevel_routing_attention(
+                q.unflatten(-1, heads),
+                k.unflatten(-1, heads),
+                v.unflatten(-1, heads),
+                self.n_win,
+                self.topk,
+                self.scale,
+                self.backend,
+            )
+        else:
+            out = bilevel_routing_attention(
+                q.unflatten(-1, heads),
+                k.unflatten(-1, heads),
+                v.unflatten(-1, heads),
+                num_regions=self.n_win,
+                topk=self.topk,
+                scale=self.scale,
+                backend=self.backend,
+            )
+        out = out.flatten(-2)
         if self.lepe is not None:
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj(out)
@@ -124,11 +147,10 @@ class AttentionLePE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[B, H, W, C]`` -> ``[B, H, W, C]``."""
-        b, h, w, c = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x.flatten(1, 2)).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = out.transpose(1, 2).reshape(b, h, w, c)
+        out = out.transpose(1, 2).reshape(x.shape)
         if self.lepe is not None:
             out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out)
@@ -153,6 +175,8 @@ class BiFormerBlock(nn.Module):
         side_dwconv: int = 5,
         before_attn_dwconv: int = 3,
         auto_pad: bool = False,
+        norm_layer: Callable[[int], nn.Module] = _LayerNormEps6,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
     ):
         super().__init__()
         self.pos_embed = (
@@ -160,7 +184,7 @@ class BiFormerBlock(nn.Module):
             if before_attn_dwconv > 0
             else None
         )
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = norm_layer(dim)
         if topk > 0:
             self.attn = BiLevelRoutingAttention(
                 dim,
@@ -175,8 +199,8 @@ class BiFormerBlock(nn.Module):
             self.attn = AttentionLePE(dim, side_dwconv=side_dwconv if topk == -2 else 0)
         else:
             raise ValueError(f"topk must be > 0 (routing), -1 or -2 (global attention), got {topk}")
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=act_layer)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,9 +236,10 @@ class BiFormerStage(nn.Module):
         return self.blocks(x)
 
 
-class BiFormer(nn.Module):
+class BiFormer(PooledLinearHead, nn.Module):
     """BiFormer image classifier (four stages, strides 4/8/16/32)."""
 
+    @factory_kwargs
     def __init__(
         self,
         depths: tuple[int, ...] = (2, 2, 8, 2),
@@ -232,13 +257,18 @@ class BiFormer(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        norm_layer: str | Callable[[int], nn.Module] = _LayerNormEps6,
+        act_layer: str | Callable[[], nn.Module] = nn.GELU,
     ):
         """``topks``: per stage, > 0 = routing attention with that top-k, -2 = global attention +
         LePE, -1 = global attention (official codes). ``head_dim`` sets the heads of routing stages
-        (``qk_dim // head_dim``); global-attention stages use 8 heads, as the official models do."""
+        (``qk_dim // head_dim``); global-attention stages use 8 heads, as the official models do.
+        ``norm_layer`` / ``act_layer``: the blocks' token norm (official: LayerNorm eps 1e-6) and activation
+        (stem and MLPs; official: GELU)."""
         super().__init__()
+        norm_layer, act_layer = get_norm_layer(norm_layer), get_act_layer(act_layer)
         qk_dims = tuple(qk_dims or embed_dims)
-        self.num_classes = num_classes
+        self.in_chans = in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -246,7 +276,7 @@ class BiFormer(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
             nn.BatchNorm2d(embed_dims[0] // 2),
-            nn.GELU(),
+            act_layer(),
             nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
             nn.BatchNorm2d(embed_dims[0]),
         )
@@ -272,23 +302,15 @@ class BiFormer(nn.Module):
                     side_dwconv=side_dwconv,
                     before_attn_dwconv=before_attn_dwconv,
                     auto_pad=auto_pad,
+                    norm_layer=norm_layer,
+                    act_layer=act_layer,
                 )
             )
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.norm = nn.BatchNorm2d(embed_dims[-1])
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.init_head(num_classes, global_pool, drop_rate, output_fmt="NCHW")
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -315,14 +337,6 @@ class BiFormer(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -339,7 +353,7 @@ class BiFormer(nn.Module):
         last_idx = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
         intermediates = []
-        x = self.stem(x)
+        x = self.stem(check_image(x, self.in_chans))
         feat_idx = -1
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
@@ -365,19 +379,9 @@ class BiFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(check_image(x, self.in_chans))
         x = self.stages(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``[B, C, h, w]`` -> logits ``[B, num_classes]`` (pooled features if ``pre_logits``); with
-        ``global_pool=''`` per-location logits ``[B, num_classes, h, w]``."""
-        if pre_logits or not self.head.global_pool.is_identity():
-            return self.head(x, pre_logits=pre_logits)
-        return apply_head(self.head.fc, self.head.drop(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
@@ -386,12 +390,12 @@ class BiFormer(nn.Module):
             torch.load(checkpoint_path, map_location="cpu", weights_only=True), self
         )
         own = self.state_dict()
-        head_keys = [k for k in ("head.fc.weight", "head.fc.bias") if k in state_dict]
+        head_keys = [k for k in ("head.weight", "head.bias") if k in state_dict]
         if any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
             for k in head_keys:
                 del state_dict[k]
             missing, unexpected = self.load_state_dict(state_dict, strict=False)
-            if unexpected or set(missing) - {"head.fc.weight", "head.fc.bias"}:
+            if unexpected or set(missing) - {"head.weight", "head.bias"}:
                 raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
         else:
             self.load_state_dict(state_dict, strict=True)
@@ -405,30 +409,37 @@ _OFFICIAL_RENAMES = (
 )
 
 
+def _official_to_ours(key: str) -> str | None:
+    """One official key -> this model's key (None: drop it); keys already in this layout pass unchanged."""
+    parts = key.split(".")
+    if parts[0] == "downsample_layers":
+        rest = ".".join(parts[2:])
+        return f"stem.{rest}" if parts[1] == "0" else f"stages.{parts[1]}.downsample.{rest}"
+    if parts[0] == "stages" and len(parts) > 2 and parts[2].isdigit():  # official stages.i.j -> blocks.j
+        key = ".".join(["stages", parts[1], "blocks", *parts[2:]])
+        for old, new in _OFFICIAL_RENAMES:
+            key = key.replace(old, new)
+        return key
+    if parts[0] == "pre_logits":
+        return None  # Identity in every released model
+    return key
+
+
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """Map an official BiFormer state_dict (plain, or wrapped under 'model'/'state_dict') to this model."""
+    """Map an official BiFormer state_dict (plain, or wrapped under 'model'/'state_dict') to this model.
+
+    Each key is mapped on its own (a file mixing both layouts, or missing some keys, maps what it has),
+    so ``load_state_dict`` then names exactly the keys that are missing or unexpected.
+    """
     for wrapper in ("model", "state_dict"):
         if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
             break
-    if "stem.0.weight" in state_dict:  # already in this model's layout
-        return state_dict
     out = {}
     for key, value in state_dict.items():
-        parts = key.split(".")
-        if parts[0] == "downsample_layers":
-            idx = int(parts[1])
-            rest = ".".join(parts[2:])
-            key = f"stem.{rest}" if idx == 0 else f"stages.{idx}.downsample.{rest}"
-        elif parts[0] == "stages":
-            key = ".".join(["stages", parts[1], "blocks", *parts[2:]])
-            for old, new in _OFFICIAL_RENAMES:
-                key = key.replace(old, new)
-        elif parts[0] == "head":
-            key = "head.fc." + ".".join(parts[1:])
-        elif parts[0] == "pre_logits":
-            continue  # Identity in every released model
-        out[key] = value
+        new = _official_to_ours(key)
+        if new is not None:
+            out[new] = value
     return out
 
 
@@ -455,7 +466,7 @@ def _cfg(url=(), **kwargs) -> dict:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.0",
-        "classifier": "head.fc",
+        "classifier": "head",
         "license": "mit",
         "paper_ids": "arXiv:2303.08810",
         "paper_name": "BiFormer: Vision Transformer with Bi-Level Routing Attention",

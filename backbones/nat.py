@@ -36,16 +36,32 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, SelectAdaptivePool2d, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import (
+    DropPath,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    get_act_layer,
+    get_norm_layer,
+    register_notrace_module,
+    trunc_normal_,
+)
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+)
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.kernels import neighborhood_attention
 
 __all__ = ["NAT", "NATIsotropic", "NeighborhoodAttention2D", "checkpoint_filter_fn"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-5)
 
@@ -77,6 +93,7 @@ class ConvDownsampler(nn.Module):
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+@register_notrace_module  # an FX leaf: the kernel call and the small-map padding stay out of the graph
 class NeighborhoodAttention2D(nn.Module):
     """2-D (dilated) neighborhood attention with relative position bias on (B, H, W, C) maps.
 
@@ -104,7 +121,7 @@ class NeighborhoodAttention2D(nn.Module):
             raise ValueError(f"dilation must be >= 1, got {dilation}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
+        self.scale = float(qk_scale or self.head_dim**-0.5)
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -112,19 +129,24 @@ class NeighborhoodAttention2D(nn.Module):
         trunc_normal_(self.rpb, std=0.02)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = "auto"  # backend of visattn.kernels.neighborhood_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         window = self.kernel_size * self.dilation
         pad_h, pad_w = max(0, window - H), max(0, window - W)
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [0, 0, 0, pad_w, 0, pad_h])
         Hp, Wp = H + pad_h, W + pad_w
         q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
-        x = neighborhood_attention(
-            q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale
-        )
+        ks, dil = self.kernel_size, self.dilation
+        if torch.jit.is_scripting():
+            x = torch.ops.visattn.neighborhood_attention(
+                q, k, v, [ks, ks], [dil, dil], [False, False], self.rpb, self.scale, self.backend
+            )
+        else:
+            x = neighborhood_attention(q, k, v, ks, dil, rpb=self.rpb, scale=self.scale, backend=self.backend)
         x = x.reshape(B, Hp, Wp, C)[:, :H, :W]
         return self.proj_drop(self.proj(x))
 
@@ -136,7 +158,8 @@ class NeighborhoodAttention2D(nn.Module):
 
 
 class NATLayer(nn.Module):
-    """Pre-norm transformer layer: x + NA(LN(x)), then x + MLP(LN(x)); optional layer scale gamma1/2."""
+    """Pre-norm transformer layer: x + NA(LN(x)), then x + MLP(LN(x)); optional layer scale ``ls1``/``ls2``
+    (timm's LayerScale; the official ``gamma1``/``gamma2``)."""
 
     def __init__(
         self,
@@ -161,18 +184,13 @@ class NATLayer(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.layer_scale = layer_scale is not None
-        if self.layer_scale:
-            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
-            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        self.ls1 = LayerScale(dim, float(layer_scale)) if layer_scale is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, float(layer_scale)) if layer_scale is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        if self.layer_scale:
-            x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-            return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 class NATLevel(nn.Module):
@@ -209,66 +227,24 @@ class NATLevel(nn.Module):
         return self.downsample(self.forward_blocks(x))
 
 
-def _init_weights(m: nn.Module) -> None:
-    """The official init: trunc-normal(0.02) Linear weights, zero biases, LayerNorm 1/0."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-class _ChannelsLastClassifier(nn.Module):
-    """Head and optimizer plumbing shared by :class:`NAT` and :class:`NATIsotropic`.
-
-    Subclasses set ``num_classes``, ``num_features`` and call :meth:`_init_head`; their
-    ``forward_features`` returns a normalised (B, h, w, num_features) map.
-    """
-
-    num_classes: int
-    num_features: int
-
-    def _init_head(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
-        self.head_drop = nn.Dropout(drop_rate)
-        self.reset_classifier(num_classes, global_pool)
+class _NATClassifier(PooledLinearHead, nn.Module):
+    """What :class:`NAT` and :class:`NATIsotropic` share: the pooled linear head over their NHWC features
+    and the parameters exempt from weight decay."""
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """The relative position bias tables (the official ``no_weight_decay_keywords = {"rpb"}``)."""
         return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            # no pooling ('') keeps the map, and the head then classifies every location
-            self.global_pool = SelectAdaptivePool2d(
-                pool_type=global_pool, flatten=bool(global_pool), input_fmt="NHWC"
-            )
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, h, w, num_features) -> pooled (B, num_features) if ``pre_logits`` else logits
-        (B, num_classes); with ``global_pool=''`` per-location logits (B, h, w, num_classes)."""
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class NAT(_ChannelsLastClassifier):
+class NAT(_NATClassifier):
     """NAT / DiNAT / DiNAT_s classifier. Input (B, in_chans, H, W), logits (B, num_classes).
 
     ``dilations`` (one list per level, one int per layer) turns NAT into DiNAT; ``layout="swin"`` gives
     DiNAT_s (4x4 patch embedding and patch merging instead of the conv tokenizer / downsampler).
     """
 
+    @factory_kwargs
     def __init__(
         self,
         embed_dim: int = 64,
@@ -286,8 +262,8 @@ class NAT(_ChannelsLastClassifier):
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
-        act_layer: Callable[..., nn.Module] = nn.GELU,
-        norm_layer: Callable[[int], nn.Module] = LayerNorm,
+        act_layer: str | Callable[..., nn.Module] = nn.GELU,
+        norm_layer: str | Callable[[int], nn.Module] = LayerNorm,
         layout: str = "nat",
     ) -> None:
         """``drop_rate`` is the dropout before the classifier; ``proj_drop_rate`` is the official
@@ -304,7 +280,9 @@ class NAT(_ChannelsLastClassifier):
             raise ValueError(f"dilations {dilations} needs one int per layer of depths {tuple(depths)}")
         if layout not in ("nat", "swin"):
             raise ValueError(f"layout must be 'nat' or 'swin', got {layout!r}")
+        act_layer, norm_layer = get_act_layer(act_layer), get_norm_layer(norm_layer)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_levels - 1))
         self.grad_checkpointing = False
 
@@ -355,8 +333,8 @@ class NAT(_ChannelsLastClassifier):
             )
 
         self.norm = norm_layer(self.num_features)
-        self._init_head(num_classes, global_pool, drop_rate)
-        self.apply(_init_weights)
+        self.init_head(num_classes, global_pool, drop_rate, output_fmt="NHWC")
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -397,7 +375,7 @@ class NAT(_ChannelsLastClassifier):
         last = len(self.levels) - 1
         stop = max_index if stop_early and not torch.jit.is_scripting() else last
         intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         i = 0
         for i, level in enumerate(self.levels[: stop + 1]):
             x = level.forward_blocks(x)
@@ -428,13 +406,13 @@ class NAT(_ChannelsLastClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised last-level map (B, H/32, W/32, num_features)."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         for level in self.levels:
             x = level(x)
         return self.norm(x)
 
 
-class NATIsotropic(_ChannelsLastClassifier):
+class NATIsotropic(_NATClassifier):
     """Isotropic NAT / DiNAT classifier (the official ``NATIsotropic``). Input (B, in_chans, H, W).
 
     16x16 patch embedding + LayerNorm, then ``depth`` NAT layers at one resolution (H/16, W/16); layer i
@@ -442,6 +420,7 @@ class NATIsotropic(_ChannelsLastClassifier):
     average pool, linear head. Inputs not divisible by the patch size are zero-padded at the bottom/right.
     """
 
+    @factory_kwargs
     def __init__(
         self,
         embed_dim: int = 384,
@@ -459,15 +438,17 @@ class NATIsotropic(_ChannelsLastClassifier):
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
-        act_layer: Callable[..., nn.Module] = nn.GELU,
-        norm_layer: Callable[[int], nn.Module] = LayerNorm,
+        act_layer: str | Callable[..., nn.Module] = nn.GELU,
+        norm_layer: str | Callable[[int], nn.Module] = LayerNorm,
     ) -> None:
         """``drop_rate`` is the dropout before the classifier; ``proj_drop_rate`` is the official
         ``drop_rate`` (after the patch embedding, in the MLPs and after the attention projection)."""
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        act_layer, norm_layer = get_act_layer(act_layer), get_norm_layer(norm_layer)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(
@@ -504,8 +485,8 @@ class NATIsotropic(_ChannelsLastClassifier):
             dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}") for i in range(depth)
         ]
         self.norm = norm_layer(embed_dim)
-        self._init_head(num_classes, global_pool, drop_rate)
-        self.apply(_init_weights)
+        self.init_head(num_classes, global_pool, drop_rate, output_fmt="NHWC")
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -536,7 +517,7 @@ class NATIsotropic(_ChannelsLastClassifier):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         blocks = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
         intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         for i, block in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x)
@@ -567,7 +548,7 @@ class NATIsotropic(_ChannelsLastClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised map (B, H/16, W/16, embed_dim)."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.layers, x)
         else:
@@ -601,7 +582,7 @@ def _from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     """transformers ``Nat*`` / ``Dinat*`` names -> :class:`NAT` names.
 
     ``(di)nat.`` prefixes go; separate ``query``/``key``/``value`` projections are concatenated (in that
-    order) into ``qkv``; ``layer_scale_parameters`` (2, C) splits into ``gamma1`` / ``gamma2``.
+    order) into ``qkv``; ``layer_scale_parameters`` (2, C) splits into ``ls1.gamma`` / ``ls2.gamma``.
     """
     out = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
@@ -615,7 +596,7 @@ def _from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
                 qkv.setdefault(f"{prefix}attn.qkv.{proj[2]}", {})[proj[1]] = value
                 continue
             if rest == "layer_scale_parameters":
-                out[prefix + "gamma1"], out[prefix + "gamma2"] = value[0], value[1]
+                out[prefix + "ls1.gamma"], out[prefix + "ls2.gamma"] = value[0], value[1]
                 continue
             key = prefix + _rename_prefix(rest, _HF_LAYER_NAMES)
         else:
@@ -642,10 +623,11 @@ def checkpoint_filter_fn(
 
     Accepts the released files unchanged (a plain state_dict) or wrapped under ``'model'`` /
     ``'state_dict'``. DiNAT_s names its levels ``layers.i`` (renamed to ``levels.i``; the isotropic models
-    keep their ``layers.i``). transformers-format state_dicts (``NatForImageClassification``,
-    ``DinatForImageClassification`` or the bare ``NatModel`` / ``DinatModel``, detected by their key names)
-    are converted. Relative position bias tables of another kernel size are resized bicubically (how the
-    official 11x11 checkpoints were made from the 7x7 ones).
+    keep their ``layers.i``); layer scales ``gamma1``/``gamma2`` become ``ls1.gamma``/``ls2.gamma``.
+    transformers-format state_dicts (``NatForImageClassification``, ``DinatForImageClassification`` or the
+    bare ``NatModel`` / ``DinatModel``, detected by their key names) are converted. Relative position bias
+    tables of another kernel size are resized bicubically (how the official 11x11 checkpoints were made
+    from the 7x7 ones).
     """
     for wrapper in ("model", "state_dict"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
@@ -658,6 +640,7 @@ def checkpoint_filter_fn(
     for key, value in state_dict.items():
         if key.startswith("layers.") and key not in target:
             key = "levels." + key[len("layers.") :]
+        key = re.sub(r"\.gamma([12])$", r".ls\1.gamma", key)  # official layer scale -> timm LayerScale
         if key.endswith(".rpb") and key in target and value.shape != target[key].shape:
             size = target[key].shape[-2:]
             value = F.interpolate(value[None].float(), size=size, mode="bicubic", align_corners=False)

@@ -24,24 +24,25 @@ Preprocessing: the official models were trained with timm 0.4.12's ``vision_tran
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerNorm2d, get_act_layer, get_norm_layer, register_notrace_module
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
 
-from visattn.backbones._head import apply_head
+from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
 from visattn.kernels import large_kernel_attention
 
 __all__ = ["VAN"]
+torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
 
-_LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)  # stage norm of every official variant
+# stage norm of every official variant: LayerNorm (eps 1e-6) over channels, the official token LayerNorm
+# computed in place on the NCHW map (same parameters, so stage outputs are modules' outputs, e.g. for FX)
+_LayerNormEps6 = partial(LayerNorm2d, eps=1e-6)
 
 
 class DWConv(nn.Module):
@@ -73,6 +74,7 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(x)))
 
 
+@register_notrace_module  # an FX leaf: the fused kernel call stays one node
 class LargeKernelAttention(nn.Module):
     """LKA (official name ``AttentionModule``): depthwise 5x5, depthwise 7x7 dilation 3, 1x1, gate.
 
@@ -88,6 +90,18 @@ class LargeKernelAttention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.visattn.large_kernel_attention(
+                x,
+                self.conv0.weight,
+                self.conv0.bias,
+                self.conv_spatial.weight,
+                self.conv_spatial.bias,
+                self.conv1.weight,
+                self.conv1.bias,
+                self.conv_spatial.dilation[0],
+                self.backend,
+            )
         return large_kernel_attention(
             x,
             self.conv0.weight,
@@ -155,9 +169,10 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(self.proj(x))
 
 
-class VAN(nn.Module):
-    """Visual Attention Network (channels-first throughout; stage norms act on tokens)."""
+class VAN(PooledLinearHead, nn.Module):
+    """Visual Attention Network (channels-first throughout)."""
 
+    @factory_kwargs
     def __init__(
         self,
         in_chans: int = 3,
@@ -169,8 +184,8 @@ class VAN(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale_init_value: float = 1e-2,
-        norm_layer: Callable[[int], nn.Module] = _LayerNormEps6,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: str | Callable[[int], nn.Module] = _LayerNormEps6,
+        act_layer: str | Callable[[], nn.Module] = nn.GELU,
         attn_backend: str = "auto",
     ):
         """
@@ -179,19 +194,17 @@ class VAN(nn.Module):
             drop_rate: dropout inside the Mlps (as the official ``drop_rate``; the head has none).
             drop_path_rate: stochastic depth, increased linearly over all blocks.
             layer_scale_init_value: initial layer scale (hard-coded 1e-2 in the official code).
-            norm_layer: stage norm over tokens (official: LayerNorm eps 1e-6).
+            norm_layer: channels-first stage norm (official: LayerNorm eps 1e-6 over each location).
             attn_backend: ``backend`` of :func:`visattn.kernels.large_kernel_attention`.
         """
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"VAN: global_pool must be 'avg' or '', got {global_pool!r}")
         if not (len(embed_dims) == len(depths) == len(mlp_ratios)):
             raise ValueError(
                 f"VAN: embed_dims, depths and mlp_ratios need one entry per stage, got {len(embed_dims)}, "
                 f"{len(depths)} and {len(mlp_ratios)}"
             )
-        self.num_classes = num_classes
-        self.global_pool = global_pool
+        norm_layer, act_layer = get_norm_layer(norm_layer), get_act_layer(act_layer)
+        self.in_chans = in_chans
         self.num_stages = len(depths)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
@@ -222,21 +235,8 @@ class VAN(nn.Module):
             setattr(self, f"block{i + 1}", blocks)
             setattr(self, f"norm{i + 1}", norm_layer(embed_dims[i]))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"norm{i + 1}"))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # official init: trunc-normal Linear, He-normal (fan-out / groups) Conv2d, zero biases
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.init_head(num_classes, global_pool, 0.0, output_fmt="NCHW")  # no head dropout in VAN
+        self.apply(partial(init_weights, conv_fan_out=True))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -261,29 +261,15 @@ class VAN(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"VAN: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Stage ``i`` (0-based): patch embed, blocks, token LayerNorm; ``[B, C, H, W]`` in and out."""
+        """Stage ``i`` (0-based): patch embed, blocks, stage norm; ``[B, C, H, W]`` in and out."""
         x = getattr(self, f"patch_embed{i + 1}")(x)
         for blk in getattr(self, f"block{i + 1}"):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x)
             else:
                 x = blk(x)
-        batch, chans, height, width = x.shape
-        x = getattr(self, f"norm{i + 1}")(x.flatten(2).transpose(1, 2))
-        return x.transpose(1, 2).reshape(batch, chans, height, width)
+        return getattr(self, f"norm{i + 1}")(x)
 
     def forward_intermediates(
         self,
@@ -300,10 +286,12 @@ class VAN(nn.Module):
         every stage output already ends with its own LayerNorm. ``stop_early`` skips the stages after the
         last selected one.
         """
-        assert output_fmt == "NCHW", "VAN intermediates are NCHW only"
+        if output_fmt != "NCHW":
+            raise ValueError(f"VAN intermediates are NCHW only, got output_fmt={output_fmt!r}")
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
         last = max_index if stop_early or intermediates_only else self.num_stages - 1
+        x = check_image(x, self.in_chans)
         for i in range(last + 1):
             x = self._stage(i, x)
             if i in take_indices:
@@ -324,25 +312,45 @@ class VAN(nn.Module):
             self.num_stages = max_index + 1
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             self.feature_info = self.feature_info[: max_index + 1]
+            if not prune_head:
+                self.reset_classifier(self.num_classes)  # a new head for the last kept stage's width
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normed last-stage map ``[B, C, H/32, W/32]``."""
+        x = check_image(x, self.in_chans)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``[B, C, h, w]`` -> logits ``[B, num_classes]`` (pooled features if ``pre_logits``); with
-        ``global_pool=''`` per-location logits ``[B, num_classes, h, w]``."""
-        if self.global_pool == "avg":
-            x = x.flatten(2).mean(-1)
-        return x if pre_logits else apply_head(self.head, x)
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles instead of this model (it cannot look up ``f"block{i}"``)."""
+        return _ScriptableVAN(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+
+class _ScriptableVAN(PooledLinearHead, nn.Module):
+    """A :class:`VAN`'s modules (shared, not copied) grouped per stage in ModuleLists, for TorchScript."""
+
+    def __init__(self, model: VAN):
+        super().__init__()
+        stages = range(1, model.num_stages + 1)
+        self.patch_embeds = nn.ModuleList([getattr(model, f"patch_embed{i}") for i in stages])
+        self.blocks = nn.ModuleList([getattr(model, f"block{i}") for i in stages])
+        self.norms = nn.ModuleList([getattr(model, f"norm{i}") for i in stages])
+        self.global_pool, self.head_drop, self.head = model.global_pool, model.head_drop, model.head
+        self.output_fmt, self.in_chans = model.output_fmt, model.in_chans
+        self.train(model.training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_image(x, self.in_chans)
+        for patch_embed, blocks, norm in zip(self.patch_embeds, self.blocks, self.norms):
+            x = patch_embed(x)
+            for blk in blocks:
+                x = blk(x)
+            x = norm(x)
+        return x
 
 
 def checkpoint_filter_fn(state_dict: dict, model: VAN) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ Every op takes ``backend="auto" | "triton" | "torch"`` (see :mod:`._dispatch`) a
 uses the layout ``[batch, *spatial, heads, head_dim]`` unless its docstring says otherwise.
 """
 
+from visattn.kernels import scriptable  # noqa: F401  (registers torch.ops.visattn.* for TorchScript)
 from visattn.kernels._dispatch import BACKENDS, interpreter_enabled, resolve_backend, triton_available
 from visattn.kernels.agent_attention import agent_attention
 from visattn.kernels.attention_with_key_mass import attention_with_key_mass

@@ -224,7 +224,7 @@ def large_kernel_attention(
         ``[B, C, H, W]``, same dtype as ``x`` (under ``torch.autocast``: the autocast dtype, to which every
         argument is cast first, as autocast does for convolutions).
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         # like the convolutions it replaces: everything in the autocast dtype (weights stay fp32 masters)
         dtype = torch.get_autocast_dtype(x.device.type)
         x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias = (

@@ -72,6 +72,21 @@ def test_full_size_official_keys_load_strict(conformance_dir, name, keys):
     assert all(p.device.type == "cpu" and not p.detach().any() for p in model.parameters())
 
 
+def test_official_file_missing_keys_are_named_exactly(conformance_dir):
+    """Keys map one by one: an official file that lacks the stem conv (the key layout detection used to
+    rest on) reports that key missing, not every key of the model."""
+    with torch.device("meta"):
+        model = timm.create_model("biformer_t")
+    sd = _keys_state_dict(conformance_dir / "biformer" / "biformer_tiny_keys.txt")
+    dropped = ["downsample_layers.0.0.weight", "stages.1.0.attn.qkv.qkv.bias", "head.weight"]
+    for key in dropped:
+        del sd[key]
+    sd["stages.0.0.attn.extra"] = torch.zeros(1)
+    result = model.load_state_dict(checkpoint_filter_fn(sd, model), strict=False, assign=True)
+    assert sorted(result.missing_keys) == ["head.weight", "stages.1.blocks.0.attn.qkv.bias", "stem.0.weight"]
+    assert result.unexpected_keys == ["stages.0.blocks.0.attn.extra"]
+
+
 @pytest.mark.parametrize("name,millions", [("biformer_t", 13.1), ("biformer_s", 25.5), ("biformer_b", 56.8)])
 def test_param_counts_match_paper(name, millions):
     assert_paper_params(meta_model(name), name, millions)

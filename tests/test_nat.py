@@ -443,7 +443,7 @@ def test_transformers_dinat_checkpoint_reproduces_its_logits():
     src = "dinat.encoder.levels.2.layers.1."
     cat = torch.cat([sd[src + f"attention.self.{n}.weight"] for n in ("query", "key", "value")])
     torch.testing.assert_close(block.attn.qkv.weight, cat, rtol=0, atol=0)
-    torch.testing.assert_close(block.gamma2, sd[src + "layer_scale_parameters"][1], rtol=0, atol=0)
+    torch.testing.assert_close(block.ls2.gamma, sd[src + "layer_scale_parameters"][1], rtol=0, atol=0)
     torch.testing.assert_close(ours.head.weight, sd["classifier.weight"], rtol=0, atol=0)
 
 

@@ -143,4 +143,15 @@ def test_bad_configs():
     with pytest.raises(ValueError, match="one entry per stage"):
         VAN(embed_dims=(8, 16), depths=(1, 1, 1), mlp_ratios=(2, 2))
     with pytest.raises(ValueError, match="global_pool"):
-        VAN(global_pool="max", **{k: v for k, v in TINY.items() if k != "num_classes"})
+        VAN(global_pool="median", **{k: v for k, v in TINY.items() if k != "num_classes"})
+
+
+def test_any_timm_pooling():
+    model = VAN(global_pool="avgmax", **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+    torch.testing.assert_close(pooled, 0.5 * (feats.mean((2, 3)) + feats.amax((2, 3))))
+    model.reset_classifier(3, "catavgmax")
+    assert model.head_hidden_size == 2 * model.num_features and model(x).shape == (2, 3)

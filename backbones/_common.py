@@ -1,0 +1,110 @@
+"""What every visattn backbone shares: device/dtype construction, weight init, the pooled linear head."""
+
+import contextlib
+import functools
+import math
+
+import torch
+from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
+from torch import nn
+
+__all__ = ["PooledLinearHead", "check_image", "factory_kwargs", "init_weights"]
+
+
+@register_notrace_function  # FX records the call (the check runs with the graph) instead of tracing into it
+def check_image(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """``x`` unchanged if it is a non-empty image batch ``[B, in_chans, H, W]``, else a ValueError."""
+    if x.dim() != 4:
+        raise ValueError(f"expected an image batch [B, {in_chans}, H, W], got a {x.dim()}-D tensor")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels [B, {in_chans}, H, W], got {x.shape[1]}")
+    if x.shape[0] == 0:
+        raise ValueError("the image batch is empty (batch size 0)")
+    return x
+
+
+def factory_kwargs(init):
+    """Decorator for a model ``__init__``: adds the ``device`` / ``dtype`` keywords of timm models.
+
+    Every parameter and buffer is created on ``device`` (``"meta"`` builds without allocating) and the
+    floating-point ones are then cast to ``dtype``.
+    """
+
+    @functools.wraps(init)
+    def wrapper(self, *args, device=None, dtype=None, **kw):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            init(self, *args, **kw)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    return wrapper
+
+
+def init_weights(module: nn.Module, conv_fan_out: bool = False) -> None:
+    """The official init of every family (``model.apply(init_weights)``): trunc-normal(0.02) Linear weights,
+    zero biases, LayerNorm 1/0; with ``conv_fan_out`` (VAN) also He-normal Conv2d weights over
+    ``fan_out / groups`` with zero biases."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif conv_fan_out and isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class PooledLinearHead:
+    """Mixin for models whose classifier is timm's ``SelectAdaptivePool2d`` (``global_pool``) then a Linear
+    named ``head`` (the official checkpoints' key) after ``head_drop``.
+
+    The model sets ``num_features`` and calls :meth:`init_head` with ``output_fmt`` (``"NCHW"`` or
+    ``"NHWC"``, the layout of its ``forward_features``). Any timm pool type works (``avg``, ``max``,
+    ``avgmax``, ``catavgmax``, ...); ``global_pool=''`` keeps the map and the head then classifies every
+    location (``[B, classes, h, w]`` for NCHW features, ``[B, h, w, classes]`` for NHWC).
+    """
+
+    def init_head(self, num_classes: int, global_pool: str, drop_rate: float, output_fmt: str) -> None:
+        self.output_fmt = output_fmt
+        self.head_drop = nn.Dropout(drop_rate)
+        self.reset_classifier(num_classes, global_pool)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New head for ``num_classes`` (0: none) on the model's device and dtype; ``global_pool=None``
+        keeps the pooling."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            try:
+                fmt = self.output_fmt
+                pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool), input_fmt=fmt)
+            except AssertionError as e:  # timm asserts on unknown pool types
+                raise ValueError(f"global_pool: {e}") from None
+            self.global_pool = pool.train(self.training)
+        pooled = self.num_features * self.global_pool.feat_mult()
+        self.head_hidden_size = pooled
+        like = next(self.parameters(), None)
+        factory = {} if like is None else dict(device=like.device, dtype=like.dtype)
+        self.head = (nn.Linear(pooled, num_classes, **factory) if num_classes > 0 else nn.Identity()).train(
+            self.training
+        )
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Features (``output_fmt``) -> logits ``[B, num_classes]``, or pooled features if ``pre_logits``."""
+        x = self.head_drop(self.global_pool(x))
+        if pre_logits:
+            return x
+        if self.global_pool.is_identity() and self.output_fmt == "NCHW":  # per-location logits
+            return self.head(x.movedim(1, -1)).movedim(-1, 1)
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
