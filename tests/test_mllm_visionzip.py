@@ -22,7 +22,8 @@ def official_visionzip(model, pix, dominant, contextual):
     tower = model.model.vision_tower
     out = tower(pix, output_hidden_states=True, output_attentions=True)
     attn, hidden = out.attentions[-2], out.hidden_states[-2]
-    layer = tower.encoder.layers[-2]
+    encoder = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder  # 5.4 nests it
+    layer = encoder.layers[-2]
     x = layer.layer_norm1(out.hidden_states[-3])
     heads = layer.self_attn.num_heads
     metric = layer.self_attn.k_proj(x).view(*x.shape[:2], heads, -1).mean(2)  # raw keys, mean over heads
