@@ -1,9 +1,13 @@
 """`visattn bench all --json` and `visattn bench report` on CPU: the dry run (small shapes, one
 iteration) of every benchmark, so that the one-command GPU run cannot rot unnoticed."""
 
+import argparse
 import json
 
-from visattn.bench.all import DRY_PLAN
+import pytest
+
+from visattn.bench import available
+from visattn.bench.all import DRY_PLAN, PLANS
 from visattn.cli import main
 
 
@@ -35,3 +39,13 @@ def test_report_refuses_a_file_that_is_not_bench_all_output(tmp_path):
         assert "cannot read" in str(exit_.code)
     else:
         raise AssertionError("report accepted a malformed file")
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_every_plan_entry_parses_with_its_benchmark(plan):
+    """Plans that only run on a GPU or for minutes (full, cpu-goals) still name arguments that exist."""
+    benches = available()
+    for name, argv in PLANS[plan]:
+        parser = argparse.ArgumentParser(prog=f"visattn bench {name}")
+        benches[name].add_arguments(parser)
+        parser.parse_args([*argv, "--device", "cpu"])

@@ -4,10 +4,11 @@ On a GPU (the default when CUDA is available) each benchmark runs at its own def
 shapes: the ops (neighborhood, bi-level routing, agent and large-kernel attention, each beside its
 baselines: SDPA, flex_attention, the official-style implementations, NATTEN when installed; forward
 and forward+backward, time and peak memory), the LLaVA token reducers, the Stable Diffusion agent
-patch and model training steps. ``--dry-run`` (the default on CPU) runs the same code at small shapes
-and one iteration, a check that nothing has rotted rather than a measurement. A benchmark that fails
-is recorded with its error and the run goes on. ``visattn bench report results.json`` turns the file
-into markdown for docs/benchmarks.md.
+patch, model training steps and model forward throughput beside the official-style twins.
+``--plan dry`` (the default on CPU) runs the same code at small shapes and one iteration, a check
+that nothing has rotted rather than a measurement; ``--plan cpu-goals`` measures the CPU goals at
+their real shapes. A benchmark that fails is recorded with its error and the run goes on.
+``visattn bench report results.json`` turns the file into markdown for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ GPU_PLAN: list[tuple[str, list[str]]] = [
     ],
     ("sd", []),
     ("train", ["--model", *MODELS, "--batch-size", "64", "--iters", "5"]),
+    ("models", ["--batch", "64", "--iters", "10"]),
 ]
 # ... and small, one iteration, on CPU.
 DRY_PLAN: list[tuple[str, list[str]]] = [
@@ -50,13 +52,34 @@ DRY_PLAN: list[tuple[str, list[str]]] = [
         "train",
         ["--model", "nat_tiny", "van_b2", "--tiny", "--batch-size", "2", "--warmup", "0", "--iters", "1"],
     ),
+    (
+        "models",
+        ["--model", "biformer_s", "van_b2", "--tiny", "--img-size", "64", "--batch", "1", "--iters", "1"],
+    ),
 ]
+# ... and the project's CPU goals at their real shapes (``--plan cpu-goals``): NA's torch path beside dense
+# SDPA, BRA's torch path beside the official-style gather at every BiFormer-S stage, model forward
+# throughput (batch 4, 224x224, 2 threads) beside the official-style twins and timm's Swin-T.
+CPU_GOALS_PLAN: list[tuple[str, list[str]]] = [
+    ("na", []),
+    ("bra", ["--img-size", "224", "--skip-model"]),
+    ("models", []),
+]
+PLANS = {"full": GPU_PLAN, "dry": DRY_PLAN, "cpu-goals": CPU_GOALS_PLAN}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dry-run", action="store_true", help="small shapes, one iteration (default on CPU)")
+    parser.add_argument(
+        "--plan",
+        choices=sorted(PLANS),
+        help="full: every benchmark at full size (the default on CUDA); dry: small shapes, one iteration "
+        "(the default on CPU); cpu-goals: the CPU goals at their real shapes",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_const", const="dry", dest="plan", help="same as --plan dry"
+    )
     parser.add_argument("--only", default="", help="comma-separated benchmark names to run (default: all)")
 
 
@@ -70,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     from visattn.bench import available
 
     benches = available()
-    dry = args.dry_run or not args.device.startswith("cuda")
-    plan = DRY_PLAN if dry else GPU_PLAN
+    plan_name = args.plan or ("full" if args.device.startswith("cuda") else "dry")
+    plan, dry = PLANS[plan_name], plan_name == "dry"
     only = {name for name in args.only.split(",") if name}
     unknown = only - {name for name, _ in plan}
     if unknown:
@@ -96,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     header = {
         "device": _device_name(args.device),
         "dry_run": dry,
+        "plan": plan_name,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

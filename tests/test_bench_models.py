@@ -1,0 +1,49 @@
+"""`visattn bench models`: the official-style twins compute what the visattn models compute (same
+weights, every attention core swapped), so the throughput ratios compare like with like."""
+
+import importlib.util
+
+import pytest
+import timm
+import torch
+
+import visattn  # noqa: F401
+from visattn.bench.models import official_twin
+from visattn.bench.train import tiny_kwargs
+from visattn.cli import main
+
+TWINNED = ["biformer_s", "van_b2", "agent_swin_tiny", "agent_pvt_tiny", "agent_deit_tiny"]
+
+
+@pytest.mark.parametrize("name", TWINNED)
+def test_official_twin_swaps_every_core_and_matches_logits(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **tiny_kwargs(name, 64)).eval()
+    twin, label = official_twin(model)
+    assert label == "official-style"
+    ours = [type(m).__name__ for m in model.modules()]
+    swapped = [type(m).__name__ for m in twin.modules()]
+    changed = [(a, b) for a, b in zip(ours, swapped) if a != b]
+    assert changed and all("OfficialStyle" in b for _, b in changed), changed
+    assert not any("OfficialStyle" in n for n in ours)  # the visattn model itself is untouched
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_nat_twin_is_natten_or_named_as_missing():
+    model = timm.create_model("nat_tiny", **tiny_kwargs("nat_tiny", 64))
+    twin, label = official_twin(model)
+    if importlib.util.find_spec("natten") is None:
+        assert (twin, label) == (None, "NATTEN not installed")
+    else:
+        assert label == "NATTEN na2d (no rpb)" and twin is not model
+
+
+def test_cli_prints_the_table(capsys):
+    argv = ["bench", "models", "--model", "van_b2", "nat_tiny", "--tiny", "--img-size", "64", "--batch", "1",
+            "--warmup", "0", "--iters", "1"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "swin_tiny_patch4_window7_224" in out and "official-style" in out
+    assert "n/a (NATTEN not installed)" in out or "NATTEN na2d" in out
