@@ -361,6 +361,65 @@ def test_launch_falls_back_to_smaller_tiles_when_out_of_resources():
         tna._launch(kernel, ("other",), configs[:1], launch)
 
 
+def _window_dlogits(q, k, v, rpb, grad, kernel_size, dilation, scale):
+    """d(logits) per (query, window slot) ``[batch, heads, tokens, prod(kernel_size)]`` in float64, from
+    the flattened neighbourhood tables (the softmax backward written out)."""
+    spatial, heads = q.shape[1:-2], q.shape[-2]
+    key, _, rel = na_reference.neighborhood_tables(spatial, kernel_size, dilation, (False,) * len(spatial))
+    qf, kf, vf, gf = (t.detach().double().flatten(1, -3) for t in (q, k, v, grad))  # [b, tokens, h, d]
+    logits = torch.einsum("bnhd,bnwhd->bhnw", qf, kf[:, key]) * scale
+    logits = logits + rpb.detach().double().reshape(heads, -1)[:, rel]
+    p = logits.softmax(-1)
+    dp = torch.einsum("bnhd,bnwhd->bhnw", gf, vf[:, key])
+    return p * (dp - (p * dp).sum(-1, keepdim=True))
+
+
+def test_triton_dq_pass_writes_window_dlogits(monkeypatch):
+    """With rpb the dq kernel stores d(logits) per (query, window slot) with plain stores (no atomics);
+    every slot is written (the buffer starts empty), dilation groups and several query boxes included."""
+    from visattn.kernels.triton import neighborhood_attention as tna
+
+    shape, kernel_size, dilation = (1, 12, 19, 2, 8), (5, 3), (1, 2)
+    q, k, v, rpb = _inputs(shape, dtype=torch.float32, rpb_kernel=kernel_size)
+    captured = []
+    rpb_grad = tna._rpb_grad
+
+    def capture(ds, *args):
+        captured.append(ds.clone())
+        return rpb_grad(ds, *args)
+
+    monkeypatch.setattr(tna, "_rpb_grad", capture)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, rpb)]
+    out = neighborhood_attention(q, k, v, kernel_size, dilation, rpb=rpb, backend="triton")
+    grad = torch.randn_like(out)
+    torch.autograd.grad(out, leaves, grad)
+    expected = _window_dlogits(q, k, v, rpb, grad, kernel_size, dilation, 8**-0.5)
+    torch.testing.assert_close(captured[0].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel_size,dilation",
+    [
+        ((1, 1, 11), (1, 1, 5), (1, 1, 2)),
+        ((1, 9, 7), (1, 3, 5), (2, 1, 1)),
+        ((4, 5, 6), (3, 3, 5), (1, 1, 1)),
+    ],
+)
+def test_rpb_grad_contraction_matches_scatter(spatial, kernel_size, dilation):
+    """The rpb gradient's one dense contraction over d(logits) equals the scatter of every (query, slot)
+    into its relative-offset entry of the table."""
+    from visattn.kernels.triton.neighborhood_attention import _rpb_grad
+
+    batch, heads, tokens, window = 2, 3, math.prod(spatial), math.prod(kernel_size)
+    ds = torch.randn(batch, heads, tokens, window, dtype=torch.float64)
+    rpb = torch.zeros(heads, *(2 * ks - 1 for ks in kernel_size), dtype=torch.float64)
+    _, _, rel = na_reference.neighborhood_tables(spatial, kernel_size, dilation, (False,) * 3)
+    expected = torch.zeros(heads, rpb[0].numel(), dtype=torch.float64)
+    expected.index_add_(1, rel.flatten(), ds.sum(0).flatten(1))
+    got = _rpb_grad(ds, rpb, spatial, kernel_size, dilation)
+    torch.testing.assert_close(got, expected.view(rpb.shape), rtol=1e-12, atol=1e-12)
+
+
 def test_opcheck():
     from visattn.kernels.neighborhood_attention import _na_forward
 

@@ -17,16 +17,20 @@ cost nothing.
 
 Forward: online softmax (base 2) over the key tiles; only the log-sum-exp per query is stored.
 
-Backward (no atomics for dq/dk/dv, so they are deterministic):
+Backward (no atomics anywhere, so every gradient is deterministic):
 
 * ``_na_bwd_dq_kernel`` is query-centric like the forward and recomputes the probabilities from
-  the stored log-sum-exp; it also scatters ``d(logits)`` into the relative-position-bias
-  gradient with fp32 atomics (every query adds to the same few table entries, so a scatter is
-  unavoidable; partial tables per batch element and query box keep the contention down, and the
-  rpb gradient is therefore not bitwise deterministic);
+  the stored log-sum-exp. With rpb it also stores ``d(logits)`` of each query's window slots
+  (``[batch, heads, tokens, prod(kernel_size)]`` fp32, plain stores: each live pair is visited
+  once); after the kernels, one dense contraction with per-dim one-hot maps (slot -> relative
+  offset) reduces it to the rpb gradient (``_rpb_grad``). It walks the key box in half-width
+  steps when rpb is on, so the bias gather and the stores fit in registers;
 * ``_na_bwd_dkdv_kernel`` is key-centric: for a box of keys it walks the box of queries whose
-  windows can hold them (the exact inverse neighbourhood, border-aware), applies the same mask
-  and accumulates ``dk`` and ``dv`` in registers.
+  windows can hold them (the exact inverse neighbourhood, border-aware) in half-height steps,
+  applies the same mask and accumulates ``dk`` and ``dv`` in registers.
+
+The half steps keep every kernel spill-free at two blocks per SM on sm_90 at the ``visattn bench``
+shapes (``visattn bench kernels``, tests/test_kernel_budgets.py).
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from visattn.kernels._dispatch import interpreter_enabled
+from visattn.kernels.reference.neighborhood_attention import window_indices
 from visattn.kernels.triton._common import (
     LOG2E,
     LOGIT_LIMIT,
@@ -111,6 +117,12 @@ def _pair_mask(qg, kg, G, K: tl.constexpr, CAUSAL: tl.constexpr):
     """``[BLOCK_Q, BLOCK_K]``: key coordinate ``kg`` lies in the window of query coordinate ``qg``."""
     start, end = _window(qg, G, K, CAUSAL)
     return (kg[None, :] >= start[:, None]) & (kg[None, :] < end[:, None])
+
+
+@triton.jit
+def _flat(c0, c1, c2, E1: tl.constexpr, E2: tl.constexpr):
+    """Row-major flat index of coordinates in a box of extents ``(., E1, E2)``."""
+    return (c0 * E1 + c1) * E2 + c2
 
 
 @triton.jit
@@ -228,13 +240,13 @@ def _na_fwd_kernel(
 
 @triton.jit
 def _na_bwd_dq_kernel(
-    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
+    Q, K, V, RPB, DO, LSE, DELTA, DQ, DS,
     scale, scale_log2, L0, L1, L2, DIL0, DIL1, DIL2, H, HEAD_DIM,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, RPB_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     BLOCK_Q: tl.constexpr = T0 * T1 * T2
     pid_q, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -270,10 +282,11 @@ def _na_bwd_dq_kernel(
     lo0, lo1, lo2 = tl.min(s0, 0), tl.min(s1, 0), tl.min(s2, 0)
     E1, E2 = tl.max(e1, 0) - lo1, tl.max(e2, 0) - lo2
     n_keys = (tl.max(e0, 0) - lo0) * E1 * E2
-    n_rpb = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
-    rpb_h = RPB + h * n_rpb
-    # fp32 partial sums per (batch, query block % RPB_SPLITS) spread the atomics over more addresses.
-    drpb_h = DRPB + ((b * RPB_SPLITS + pid_q % RPB_SPLITS) * H + h) * n_rpb
+    rpb_h = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
+    # with rpb, d(logits) of each query's window slots: [batch, heads, tokens, K0 * K1 * K2] fp32
+    ds_bh = DS + (b * H + h) * n_tok * (K0 * K1 * K2)
+    ds_rows = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2) * (K0 * K1 * K2)
+    ds_rows -= _flat(s0, s1, s2, K1, K2)
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(0, n_keys, BLOCK_K):
@@ -290,9 +303,8 @@ def _na_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-        if HAS_RPB:
-            ridx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2)
-            tl.atomic_add(drpb_h + ridx, ds, mask=mask)
+        if HAS_RPB:  # plain stores: every live (query, slot) pair is visited once
+            tl.store(ds_bh + ds_rows[:, None] + _flat(kg0, kg1, kg2, K1, K2)[None, :], ds, mask=mask)
     tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -364,10 +376,6 @@ def _na_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-
-
-# fp32 partial rpb-gradient buffers per batch element (fewer atomics on one address).
-_RPB_SPLITS = 8
 
 
 def _lift(q, kernel_size, dilation, is_causal):
@@ -469,10 +477,16 @@ def _rpb_table(rpb: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return q.new_zeros((1,), dtype=torch.float32) if rpb is None else rpb.float().contiguous()
 
 
-def _reduce_drpb(partial: torch.Tensor, rpb: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    if rpb is None:
-        return partial.to(q.dtype)
-    return partial.sum(0).to(rpb.dtype)
+def _rpb_grad(ds: torch.Tensor, rpb: torch.Tensor, spatial, kernel_size, dilation) -> torch.Tensor:
+    """``d rpb`` from ``d(logits)`` in window layout ``[batch, heads, tokens, prod(kernel_size)]``
+    (3-D lifted ``spatial``): one dense contraction with a one-hot ``[position, slot, 2k - 1]`` map of
+    each dim's relative offsets (deterministic, no scatter)."""
+    rel = [
+        F.one_hot(window_indices(n, k, d, False, ds.device)[2], 2 * k - 1).to(ds.dtype)
+        for n, k, d in zip(spatial, kernel_size, dilation)
+    ]
+    ds = ds.sum(0).view(ds.shape[1], *spatial, *kernel_size)
+    return torch.einsum("hxyzuvw,xur,yvs,zwt->hrst", ds, *rel).reshape(rpb.shape).to(rpb.dtype)
 
 
 def na_forward(
@@ -538,14 +552,15 @@ def na_backward(
     )
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     q, k, v, strides = _token_views(q, k, v)
-    # dq's pass scatters d(logits) into fp32 partial rpb gradients [batch * splits, heads, *rpb.shape[1:]].
-    partial = torch.zeros(
-        (0,) if rpb is None else (batch * _RPB_SPLITS, *rpb.shape), device=q.device, dtype=torch.float32
-    )
     if q.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_drpb(partial, rpb, q)
+        drpb = q.new_empty((0,)) if rpb is None else torch.zeros(rpb.shape, device=q.device, dtype=rpb.dtype)
+        return dq.zero_(), dk.zero_(), dv.zero_(), drpb
     rpb_table = _rpb_table(rpb, q)
-    drpb_out = partial if rpb is not None else rpb_table
+    # With rpb, dq's pass writes d(logits) per (query, window slot) [batch, heads, tokens, prod(ks)] fp32;
+    # rpb is never causal, so every slot is live and written exactly once (empty, not zeros).
+    ds = rpb_table
+    if rpb is not None:
+        ds = torch.empty((batch, heads, tokens, math.prod(ks)), device=q.device, dtype=torch.float32)
     fixed = (
         scale,
         scale * LOG2E.value,
@@ -563,15 +578,18 @@ def na_backward(
 
     def launch_dq(config):
         block_q, block_k, block_d, warps, stages = config
+        if rpb is not None:  # the bias gather and d(logits) stores: half-width key steps, no spill
+            block_k = max(16, block_k // 2)
         tile = _tile_shape(extents, block_q)
         _na_bwd_dq_kernel[_grid(extents, tile, dil, batch * heads)](
-            q, k, v, rpb_table, grad_out, lse, delta, dq, drpb_out,
-            *fixed, *tile, block_k, block_d, dot_precision(q.dtype), _RPB_SPLITS,
+            q, k, v, rpb_table, grad_out, lse, delta, dq, ds,
+            *fixed, *tile, block_k, block_d, dot_precision(q.dtype),
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     def launch_dkdv(config):
         block_q, block_k, block_d, warps, stages = config
+        block_q = max(16, block_q // 2)  # dk and dv stay live over the walk: half-height query steps
         tile = _tile_shape(extents, block_k)
         _na_bwd_dkdv_kernel[_grid(extents, tile, dil, batch * heads)](
             q, k, v, rpb_table, grad_out, lse, delta, dk, dv,
@@ -583,4 +601,5 @@ def na_backward(
     configs = _configs(head_dim, q.dtype)
     _launch(_na_bwd_dq_kernel, key, configs, launch_dq)
     _launch(_na_bwd_dkdv_kernel, key, configs, launch_dkdv)
-    return dq, dk, dv, _reduce_drpb(partial, rpb, q)
+    drpb = q.new_empty((0,)) if rpb is None else _rpb_grad(ds, rpb, spatial, ks, dil)
+    return dq, dk, dv, drpb

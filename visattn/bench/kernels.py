@@ -23,12 +23,7 @@ H100_SMS = 132
 
 # (kernel, case) -> the measured reason it may stay outside the budget (Triton 3.8, 2026-12-02);
 # each is a rewrite still to do, not an accepted cost. The test fails on a stale entry.
-_NA_DQ = "rpb: 255 registers, 84 B spill stores / 80 B loads (2 blocks/SM); to rewrite"
-_NA_2D = ("nat 56x56 h2", "nat 28x28 h4", "nat 14x14 h8", "nat 7x7 h16", "dinat 56x56 d8")
 EXCEPTIONS: dict[tuple[str, str], str] = {
-    **{("_na_bwd_dq_kernel", f"na {case}"): _NA_DQ for case in _NA_2D},
-    ("_na_bwd_dkdv_kernel", "na dinat 56x56 d8"): "dilation 8 + rpb: 255 registers, 48 B / 48 B spilled",
-    ("_na_bwd_dkdv_kernel", "na 1-D 8192 k127"): "head dim 64, k=127: 255 registers, 12 B / 12 B spilled",
     ("_dw_chain_kernel", "lka stage1 64x56x56"): (
         "64x64 regions: forward 208 B / 148 B, backward 292 B / 200 B spilled at 255 registers"
     ),
