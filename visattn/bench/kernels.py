@@ -32,7 +32,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("_dw_chain_kernel", "lka stage1 64x56x56"): (
         "64x64 regions: forward 208 B / 148 B, backward 292 B / 200 B spilled at 255 registers"
     ),
-    ("_aggregate_bwd", "agent swin-t s3 14x14"): "49 agents: 255 registers, 88 B / 76 B spilled",
 }
 
 
