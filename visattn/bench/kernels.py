@@ -29,9 +29,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     **{("_na_bwd_dq_kernel", f"na {case}"): _NA_DQ for case in _NA_2D},
     ("_na_bwd_dkdv_kernel", "na dinat 56x56 d8"): "dilation 8 + rpb: 255 registers, 48 B / 48 B spilled",
     ("_na_bwd_dkdv_kernel", "na 1-D 8192 k127"): "head dim 64, k=127: 255 registers, 12 B / 12 B spilled",
-    ("_dw_chain_kernel", "lka stage1 64x56x56"): (
-        "64x64 regions: forward 208 B / 148 B, backward 292 B / 200 B spilled at 255 registers"
-    ),
 }
 
 
