@@ -203,3 +203,26 @@ def test_triton_split_keys_forward():
     scores = torch.einsum("bahd,bnhd->bhan", agent * 8**-0.5, k) + ab
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1) / math.log(2))
     torch.testing.assert_close(agent_v, scores.softmax(-1) @ v.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_gpu_tiles_at_49_agents(dtype):
+    """The tiles the launchers pick on a GPU (``interpret=False``), run here under the interpreter: 49
+    agents take 32-key tiles in the aggregation backward (four tiles of 100 keys, the last partial)."""
+    from visattn.kernels.triton import agent_attention as tk
+
+    assert tk._tile(100, 64, interpret=False, gpu_cap=32) == 32
+    inputs = _inputs(b=1, nq=40, nk=100, h=1, d=32, dv=32, a=49, dtype=dtype, device=TRITON_DEVICE)
+    q, k, v, agent, ab, qb = inputs
+    out, agent_v, lse_a, lse_q = tk.agent_attention_fwd(q, k, v, agent, ab, qb, 32**-0.5, False)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = tk.agent_attention_bwd(dout, q, k, v, agent, ab, qb, out, agent_v, lse_a, lse_q, 32**-0.5, False)
+    ref_inputs = [t.float().requires_grad_() for t in inputs]
+    ra, rq = ref_inputs[4:]
+    ref = agent_attention(*ref_inputs[:4], agent_bias=ra, query_bias=rq, backend="torch")
+    ref_grads = torch.autograd.grad(ref, ref_inputs, dout.float())
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    for name, g, g_ref in zip(["q", "k", "v", "agent", "agent_bias", "query_bias"], grads, ref_grads):
+        scale = g_ref.abs().max().item()
+        torch.testing.assert_close(g.float() / scale, g_ref / scale, **tol, msg=f"grad of {name}")

@@ -409,11 +409,12 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-def _tile(n: int, block_a: int, interpret: bool) -> int:
-    """Token tile: big under the interpreter (its cost is per program step), register-friendly on GPU."""
+def _tile(n: int, block_a: int, interpret: bool, gpu_cap: int = 64) -> int:
+    """Token tile: big under the interpreter (its cost is per program step), register-friendly on GPU
+    (at most ``gpu_cap`` tokens up to 64 agents, 32 above)."""
     if interpret:
         return _block(n, 128)
-    return _block(n, 64 if block_a <= 64 else 32)
+    return _block(n, gpu_cap if block_a <= 64 else 32)
 
 
 def _warps(block_a: int) -> int:
@@ -603,7 +604,9 @@ def agent_attention_bwd(
     )
     d_agent_v = d_agent_v.sum(0)
 
-    block_n = _tile(nk, block_a, interpret)
+    # the key loop holds four agents x keys fp32 tiles (s, p, dp, ds): 64 keys by 64 agents spilled
+    # (sm_90, 4 warps, 255 registers at 49 agents), 32 keys from 64 agents up do not
+    block_n = _tile(nk, block_a, interpret, gpu_cap=32 if block_a >= 64 else 64)
     splits_k = _splits(bh, triton.cdiv(nk, block_n), dev)
     d_agent_k = torch.empty(splits_k, batch, heads, num_agents, dim, **f32)
     _aggregate_bwd[(bh, splits_k)](

@@ -93,18 +93,22 @@ def _dw_chain_kernel(
         # phase 1: first depthwise conv on the tile + halo, zero outside the image
         ih = oh0 - P2 + rr
         iw = ow0 - P2 + cc
-        # tap rows are a loop and tap columns unrolled (both phases), taps are scalar offsets: with all
-        # 49 taps of a 7x7 unrolled, the sm_90 compile of the backward chain took 43 s (now 3.3 s)
+        # taps are scalar offsets from int32 element offsets (64-bit pointers per element cost twice the
+        # registers). Phase 1 loops over tap rows and columns: with its columns unrolled the compiler
+        # hoists every column's bounds mask out of the row loop, and the 64x64 regions of VAN stage 1
+        # spilled on sm_90 (255 registers; 168 now, no spill). Phase 2 has no per-tap masks, so its
+        # columns stay unrolled (all 49 taps of a 7x7 unrolled made the sm_90 compile take 43 s).
         acc = tl.zeros((PB, RH, RW), dtype=tl.float32)
-        xp = x_ptr + base + ih * W + iw  # a tap is a scalar offset from here
+        xb = x_ptr + base
+        xo = ih * W + iw  # a tap is a scalar offset from here
         for i in range(K1):
             yh = ih + (i * DIL1 - P1)
             row_ok = pvalid & (yh >= 0) & (yh < H)
-            for j in tl.static_range(K1):
+            for j in range(K1):
                 w = tl.load(w1_ptr + ch * (K1 * K1) + (i * K1 + j), mask=pvalid, other=0.0).to(tl.float32)
                 yw = iw + (j * DIL1 - P1)
                 m = row_ok & (yw >= 0) & (yw < W)
-                v = tl.load(xp + ((i * DIL1 - P1) * W + (j * DIL1 - P1)), mask=m, other=0.0)
+                v = tl.load(xb + (xo + ((i * DIL1 - P1) * W + (j * DIL1 - P1))), mask=m, other=0.0)
                 acc += w * v.to(tl.float32)
         if HAS_B1:
             acc += tl.load(b1_ptr + ch, mask=pvalid, other=0.0).to(tl.float32)
