@@ -18,6 +18,7 @@ from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_sca
 from visattn.kernels._dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
+    region_grid,
     routing_indices,
 )
 
@@ -140,9 +141,11 @@ def bilevel_routing_attention(
     (and the routing).
     """
     scale = _check_args(q, k, v, num_regions, topk, scale)
-    limit = triton_limit(
-        q.dtype, (q.shape[-1], v.shape[-1]), MAX_TRITON_HEAD_DIM, grid_axis=q.shape[0] * q.shape[3]
-    )
+    limit = triton_limit(q.dtype, (q.shape[-1], v.shape[-1]), MAX_TRITON_HEAD_DIM)
+    rh, rw = region_grid(*q.shape[1:3], num_regions)
+    rows = q.shape[0] * q.shape[3] * num_regions**2 * rh * rw  # the kernels' flat int32 row space
+    if limit is None and rows >= 2**31:
+        limit = f"supports batch * heads * padded H * W < 2**31, got {rows}"
     chosen = resolve_backend(backend, q, k, v, op=_OP, limit=limit)
     routing = routing_indices(q, k, num_regions, topk, scale)
     if chosen == "torch":

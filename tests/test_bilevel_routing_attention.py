@@ -144,6 +144,52 @@ def test_triton_matches_reference(b, h, w, heads, d, dv, s, topk):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)  # assert_close also fails on NaN
 
 
+# Packed tiles: several regions and heads per program, tiles that end inside a region.
+PACKED_CASES = [
+    (2, 14, 14, 2, 16, 16, 7, 4),  # 4 tokens per region (BiFormer-S stage 3 layout), batch 2
+    (2, 14, 14, 1, 16, 16, 7, 16),
+    (1, 7, 7, 3, 16, 8, 7, 1),  # 1 token per region
+    (2, 7, 7, 2, 16, 16, 7, 16),
+    (2, 9, 9, 2, 16, 16, 3, 2),  # 9 tokens per region: tiles of 16 and 64 end inside regions
+    (1, 10, 13, 2, 8, 8, 4, 3),  # 12-token regions with padded slots
+]
+
+
+@pytest.mark.parametrize("tile_rows", [16, 64])
+@pytest.mark.parametrize("b,h,w,heads,d,dv,s,topk", PACKED_CASES)
+def test_triton_packed_tiles_match_reference(monkeypatch, tile_rows, b, h, w, heads, d, dv, s, topk):
+    from visattn.kernels.triton import bilevel_routing_attention as tbra
+
+    monkeypatch.setattr(tbra, "INTERPRETER_TILE_ROWS", tile_rows)
+    plan = tbra.tile_plan((b, h, w, heads, d), s, s * s if topk == -1 else min(topk, s * s))
+    assert plan.block == tile_rows and plan.tiles > 1
+    test_triton_matches_reference(b, h, w, heads, d, dv, s, topk)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 64])
+@pytest.mark.parametrize("size,heads,topk", [(56, 2, 1), (28, 4, 4), (14, 8, 16), (7, 16, 16)])
+def test_gpu_tiles_are_mostly_real_tokens_at_biformer_s_stages(batch, size, heads, topk):
+    # BiFormer-S at 224x224, 7x7 regions: 64, 16, 4 and 1 tokens per region (its 7x7 stage runs global
+    # attention, but BRA at 1 token per region is the same packing); the plan the GPU launch uses
+    from visattn.kernels.triton.bilevel_routing_attention import tile_plan
+
+    plan = tile_plan((batch, size, size, heads, 32), 7, topk, interpreted=False)
+    assert plan.tokens == (size // 7) ** 2
+    assert plan.block == 64 and plan.key_block == 64
+    assert plan.real_fraction >= 0.5, plan
+    # every tile but the launch's last is full; the last holds the remainder (16 of 64 rows at 7x7, batch 1)
+    assert plan.worst >= (0.25 if (size, batch) == (7, 1) else 0.5), plan
+
+
+def test_tile_plan_counts_padding_rows():
+    from visattn.kernels.triton.bilevel_routing_attention import tile_plan
+
+    # 5x5 map in 2x2 regions of 3x3 slots: 36 slots, 25 real; one 64-row tile
+    plan = tile_plan((1, 5, 5, 1, 8), 2, 1, interpreted=False)
+    assert (plan.tokens, plan.rows, plan.block, plan.tiles, plan.real) == (9, 36, 64, 1, 25)
+    assert plan.real_fraction == plan.worst == 25 / 64
+
+
 @pytest.mark.parametrize("h,w,s,topk", [(4, 4, 7, 1), (4, 4, 7, -1), (5, 3, 4, 6), (2, 1, 3, 2)])
 def test_maps_smaller_than_the_grid_route_real_regions_first(h, w, s, topk):
     q, k, v = _inputs(1, h, w, 2, 4, grad=True)
