@@ -166,6 +166,23 @@ def test_triton_packed_tiles_match_reference(monkeypatch, tile_rows, b, h, w, he
     test_triton_matches_reference(b, h, w, heads, d, dv, s, topk)
 
 
+@pytest.mark.parametrize("b,h,w,heads,s,topk", [(2, 14, 14, 2, 7, 4), (2, 7, 7, 2, 7, 16)])
+def test_triton_packed_tiles_fp16(monkeypatch, b, h, w, heads, s, topk):
+    from visattn.kernels.triton import bilevel_routing_attention as tbra
+
+    monkeypatch.setattr(tbra, "INTERPRETER_TILE_ROWS", 64)
+    q, k, v = _inputs(b, h, w, heads, 16, dtype=torch.float16, grad=True)
+    grad_out = torch.randn(b, h, w, heads, 16).half()
+    out, routing = bilevel_routing_attention(q, k, v, s, topk, return_routing=True, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref = bilevel_routing_attention_reference(*ref_in, routing, s, 16**-0.5)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.float())
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), rg, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 64])
 @pytest.mark.parametrize("size,heads,topk", [(56, 2, 1), (28, 4, 4), (14, 8, 16), (7, 16, 16)])
 def test_gpu_tiles_are_mostly_real_tokens_at_biformer_s_stages(batch, size, heads, topk):

@@ -136,8 +136,29 @@ def _mem_ratio(baseline: Measurement | None, candidate: Measurement | None) -> s
     return f"{candidate.peak_mib / baseline.peak_mib:.2f}"
 
 
+def _print_tiles(img_size: int, batch: int) -> None:
+    """The Triton kernels' tiling on a GPU at each stage: the plan ``bra_forward``/``bra_backward`` launch."""
+    from visattn.kernels.triton.bilevel_routing_attention import tile_plan
+
+    rows = []
+    for st in _stages(img_size):
+        shape = (batch, st.size, st.size, st.heads, st.head_dim)
+        plan = tile_plan(shape, st.regions, st.topk, interpreted=False)
+        rows.append(
+            [st.name, plan.tokens, plan.block, plan.key_block, plan.tiles, f"{plan.real_fraction:.0%}",
+             f"{plan.worst:.0%}"]
+        )  # fmt: skip
+    print_table(
+        ["stage", "tokens/region", "tile rows", "key block", "tiles", "real rows", "worst tile"],
+        rows,
+        title=f"Triton BRA tiles on a GPU, batch {batch} (regions and heads packed into each tile)",
+    )
+
+
 def _bench_ops(args, device, dtype, run_triton, warmup, iters) -> None:
     batch = args.batch or (64 if device.startswith("cuda") else 1)
+    if triton_available():
+        _print_tiles(args.img_size, batch)
     rows = []
     for st in _stages(args.img_size):
         gen = torch.Generator().manual_seed(0)
