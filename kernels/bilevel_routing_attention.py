@@ -7,7 +7,8 @@ and lets each query token attend, with one softmax, to every token of those
 regions. The routing is computed in PyTorch (it is tiny); the attention runs in
 Triton as block-sparse flash attention that reads the routed K/V regions by index
 inside its loop, so the gathered K/V (``topk`` copies of K and V) never exist in
-memory. ``backend="torch"`` runs the gather-based reference.
+memory. ``backend="torch"`` gathers the routed regions once and runs one batched SDPA
+(:mod:`.bilevel_routing_attention_gathered`), checked against the readable reference.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 
 from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
 from visattn.kernels._dispatch import resolve_backend, triton_limit
+from visattn.kernels.bilevel_routing_attention_gathered import bilevel_routing_attention_gathered
 from visattn.kernels.reference.bilevel_routing_attention import (
-    bilevel_routing_attention_reference,
     region_grid,
     routing_indices,
 )
@@ -132,7 +133,7 @@ def bilevel_routing_attention(
             The routing affinity is ``(q_r * scale) @ k_r^T`` over all heads' channels.
         return_routing: also return the routing indices ``[batch, S*S, min(topk, S*S)]``
             (regions numbered row-major, ordered by decreasing affinity).
-        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"`` (gather + SDPA).
 
     H, W need not be multiples of ``S`` and may be smaller than ``S``: the map is padded
     to ``S * ceil(H / S)`` (resp. W), and padded tokens neither count in the region means
@@ -149,7 +150,7 @@ def bilevel_routing_attention(
     chosen = resolve_backend(backend, q, k, v, op=_OP, limit=limit)
     routing = routing_indices(q, k, num_regions, topk, scale)
     if chosen == "torch":
-        out = bilevel_routing_attention_reference(q, k, v, routing, num_regions, scale)
+        out = bilevel_routing_attention_gathered(q, k, v, routing, num_regions, scale)
     else:
         out = _bra_fwd(q, k, v, routing, num_regions, scale)[0]
     return (out, routing) if return_routing else out

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from visattn.kernels import bilevel_routing_attention, interpreter_enabled
 from visattn.kernels.bilevel_routing_attention import _bra_fwd
+from visattn.kernels.bilevel_routing_attention_gathered import bilevel_routing_attention_gathered
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
     routing_indices,
@@ -84,6 +85,23 @@ def test_reference_matches_naive_loop(b, h, w, heads, d, dv, s, topk):
     expected, expected_routing = _naive(q, k, v, s, topk, scale)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(routing, expected_routing)
+    ref = bilevel_routing_attention_reference(q, k, v, routing, s, scale)
+    torch.testing.assert_close(ref, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("b,h,w,heads,d,dv,s,topk", CASES)
+def test_gathered_sdpa_path_matches_reference_with_gradients(b, h, w, heads, d, dv, s, topk):
+    # backend="torch" runs bilevel_routing_attention_gathered; the reference is the readable ground truth
+    q, k, v = _inputs(b, h, w, heads, d, dv, grad=True)
+    routing = routing_indices(q, k, s, topk, 0.7)
+    grad_out = torch.randn(v.shape, dtype=v.dtype)
+    out = bilevel_routing_attention_gathered(q, k, v, routing, s, 0.7)
+    ref = bilevel_routing_attention_reference(q, k, v, routing, s, 0.7)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
 
 
 def test_all_regions_is_full_attention_over_real_tokens():
