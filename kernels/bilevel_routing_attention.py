@@ -8,7 +8,7 @@ regions. The routing is computed in PyTorch (it is tiny); the attention runs in
 Triton as block-sparse flash attention that reads the routed K/V regions by index
 inside its loop, so the gathered K/V (``topk`` copies of K and V) never exist in
 memory. ``backend="torch"`` gathers the routed regions once and runs one batched SDPA
-(:mod:`.bilevel_routing_attention_gathered`), checked against the readable reference.
+(:mod:`.bilevel_routing_attention_sdpa`), checked against the readable reference.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
 from visattn.kernels._dispatch import resolve_backend, triton_limit
-from visattn.kernels.bilevel_routing_attention_gathered import bilevel_routing_attention_gathered
+from visattn.kernels.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
 from visattn.kernels.reference.bilevel_routing_attention import (
     region_grid,
     routing_indices,
@@ -150,7 +150,7 @@ def bilevel_routing_attention(
     chosen = resolve_backend(backend, q, k, v, op=_OP, limit=limit)
     routing = routing_indices(q, k, num_regions, topk, scale)
     if chosen == "torch":
-        out = bilevel_routing_attention_gathered(q, k, v, routing, num_regions, scale)
+        out = bilevel_routing_attention_sdpa(q, k, v, routing, num_regions, scale)
     else:
         out = _bra_fwd(q, k, v, routing, num_regions, scale)[0]
     return (out, routing) if return_routing else out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from visattn.kernels import bilevel_routing_attention, interpreter_enabled
 from visattn.kernels.bilevel_routing_attention import _bra_fwd
-from visattn.kernels.bilevel_routing_attention_gathered import bilevel_routing_attention_gathered
+from visattn.kernels.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
     routing_indices,
@@ -89,13 +89,15 @@ def test_reference_matches_naive_loop(b, h, w, heads, d, dv, s, topk):
     torch.testing.assert_close(ref, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("b,h,w,heads,d,dv,s,topk", CASES)
-def test_gathered_sdpa_path_matches_reference_with_gradients(b, h, w, heads, d, dv, s, topk):
-    # backend="torch" runs bilevel_routing_attention_gathered; the reference is the readable ground truth
+def test_sdpa_path_matches_reference_with_gradients(dense, b, h, w, heads, d, dv, s, topk):
+    # backend="torch" runs bilevel_routing_attention_sdpa (both layouts here); the reference is the
+    # readable ground truth
     q, k, v = _inputs(b, h, w, heads, d, dv, grad=True)
     routing = routing_indices(q, k, s, topk, 0.7)
     grad_out = torch.randn(v.shape, dtype=v.dtype)
-    out = bilevel_routing_attention_gathered(q, k, v, routing, s, 0.7)
+    out = bilevel_routing_attention_sdpa(q, k, v, routing, s, 0.7, dense=dense)
     ref = bilevel_routing_attention_reference(q, k, v, routing, s, 0.7)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)

@@ -1,4 +1,4 @@
-"""Bi-level routing attention: Triton op vs reference vs official-style gather; biformer_s training step.
+"""Bi-level routing attention: Triton op vs PyTorch op vs official-style gather; biformer_s training step.
 
 Part 1 times the forward and forward+backward (median ms) and the peak memory above the inputs
 (CUDA only) of ``visattn.kernels.bilevel_routing_attention`` with the Triton and the PyTorch
@@ -111,7 +111,7 @@ def _op_impls(run_triton: bool) -> dict[str, Callable | None]:
                                                                         backend="triton"))
         if run_triton
         else None,
-        "visattn reference": lambda q, k, v, st: bilevel_routing_attention(q, k, v, st.regions, st.topk,
+        "visattn torch": lambda q, k, v, st: bilevel_routing_attention(q, k, v, st.regions, st.topk,
                                                                            backend="torch"),
         "official-style gather": lambda q, k, v, st: official_style_bra(q, k, v, st.regions, st.topk,
                                                                         st.head_dim**-0.5),
@@ -214,7 +214,7 @@ def _bench_model(args, device, run_triton, warmup, iters) -> None:
     labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     rows = []
     results = {}
-    kinds = (["visattn triton"] if run_triton else []) + ["visattn reference", "official-style gather"]
+    kinds = (["visattn triton"] if run_triton else []) + ["visattn torch", "official-style gather"]
     for kind in kinds:
         model = _model(kind, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
