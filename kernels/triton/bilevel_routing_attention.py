@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -279,22 +280,35 @@ INTERPRETER_TILE_ROWS = 256
 
 @dataclass(frozen=True)
 class TilePlan:
-    """How the kernels tile one call: ``rows`` token rows (segments x tokens) in ``tiles`` tiles of
-    ``block`` rows, ``real`` of them tokens of the map (the rest is padding of the region grid or
-    of the last tile); ``key_block``: key slots per loop step; ``worst``: the emptiest tile's share
-    of real rows."""
+    """How the kernels tile one call on a ``height x width`` map: ``rows`` token rows (``batch *
+    heads * S*S`` segments of ``tokens`` slots) in ``tiles`` tiles of ``block`` rows; ``key_block``:
+    key slots per loop step."""
 
+    height: int
+    width: int
+    num_regions: int
     tokens: int
     rows: int
     block: int
     key_block: int
     tiles: int
-    real: int
-    worst: float
+
+    def real_rows_per_tile(self) -> torch.Tensor:
+        """``[tiles]`` count of rows that are tokens of the map (not padding of the region grid or
+        of the last tile)."""
+        valid = _valid_tokens(self.height, self.width, self.num_regions, torch.device("cpu")).flatten()
+        valid = valid.repeat(self.rows // valid.numel())
+        return F.pad(valid, (0, self.tiles * self.block - self.rows)).view(self.tiles, self.block).sum(1)
 
     @property
     def real_fraction(self) -> float:
-        return self.real / (self.tiles * self.block)
+        """Share of all tile rows that are real tokens."""
+        return int(self.real_rows_per_tile().sum()) / (self.tiles * self.block)
+
+    @property
+    def worst(self) -> float:
+        """The emptiest tile's share of real rows."""
+        return int(self.real_rows_per_tile().min()) / self.block
 
 
 def _pow2_block(n: int, cap: int) -> int:
@@ -315,12 +329,9 @@ def tile_plan(
     tokens = rh * rw
     rows = b * heads * num_regions**2 * tokens
     block = _pow2_block(rows, cap)
-    tiles = triton.cdiv(rows, block)
     # key slots of one tile: topk * T per segment it touches
     key_block = _pow2_block(topk * tokens * triton.cdiv(block, tokens), cap)
-    valid = _valid_tokens(h, w, num_regions, torch.device("cpu")).flatten().repeat(b * heads)
-    per_tile = torch.nn.functional.pad(valid, (0, tiles * block - rows)).view(tiles, block).sum(1)
-    return TilePlan(tokens, rows, block, key_block, tiles, int(per_tile.sum()), float(per_tile.min()) / block)
+    return TilePlan(h, w, num_regions, tokens, rows, block, key_block, triton.cdiv(rows, block))
 
 
 def _launch_consts(q: torch.Tensor, v: torch.Tensor, num_regions: int) -> dict:
