@@ -7,8 +7,9 @@ and lets each query token attend, with one softmax, to every token of those
 regions. The routing is computed in PyTorch (it is tiny); the attention runs in
 Triton as block-sparse flash attention that reads the routed K/V regions by index
 inside its loop, so the gathered K/V (``topk`` copies of K and V) never exist in
-memory. ``backend="torch"`` gathers the routed regions once and runs one batched SDPA
-(:mod:`.bilevel_routing_attention_sdpa`), checked against the readable reference.
+memory. ``backend="torch"`` runs one batched SDPA over the routed tokens (gathered once, or the whole
+map under the routing mask when top-k covers many regions; :mod:`.bilevel_routing_attention_sdpa`),
+checked against the readable reference.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def bilevel_routing_attention(
             The routing affinity is ``(q_r * scale) @ k_r^T`` over all heads' channels.
         return_routing: also return the routing indices ``[batch, S*S, min(topk, S*S)]``
             (regions numbered row-major, ordered by decreasing affinity).
-        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"`` (gather + SDPA).
+        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"`` (SDPA).
 
     H, W need not be multiples of ``S`` and may be smaller than ``S``: the map is padded
     to ``S * ceil(H / S)`` (resp. W), and padded tokens neither count in the region means

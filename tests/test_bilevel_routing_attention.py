@@ -317,7 +317,11 @@ def test_triton_limits_raise_or_fall_back(monkeypatch):
     monkeypatch.setattr(dispatch, "cuda_tensors", lambda *tensors: True)
     with pytest.raises(ValueError, match="head dims <= 256"):
         bilevel_routing_attention(q, k, v, 2, 1, backend="triton")
-    # auto falls back to the reference instead of failing
+    # the kernels index token rows of all (batch, head, region) segments in int32
+    huge = torch.zeros(1, 1, 1, 1, 4).expand(2**16, 64, 64, 8, 4)
+    with pytest.raises(ValueError, match="padded H \\* W < 2\\*\\*31"):
+        bilevel_routing_attention(huge, huge, huge, 8, 1, backend="triton")
+    # auto falls back to the PyTorch path instead of failing
     torch.testing.assert_close(
         bilevel_routing_attention(q, k, v, 2, 1), bilevel_routing_attention(q, k, v, 2, 1, backend="torch")
     )
