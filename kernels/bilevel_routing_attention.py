@@ -7,7 +7,9 @@ and lets each query token attend, with one softmax, to every token of those
 regions. The routing is computed in PyTorch (it is tiny); the attention runs in
 Triton as block-sparse flash attention that reads the routed K/V regions by index
 inside its loop, so the gathered K/V (``topk`` copies of K and V) never exist in
-memory. ``backend="torch"`` runs the gather-based reference.
+memory. ``backend="torch"`` runs one batched SDPA over the routed tokens (gathered once, or the whole
+map under the routing mask when top-k covers many regions; :mod:`.bilevel_routing_attention_sdpa`),
+checked against the readable reference.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 
 from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
 from visattn.kernels._dispatch import resolve_backend, triton_limit
+from visattn.kernels.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
 from visattn.kernels.reference.bilevel_routing_attention import (
-    bilevel_routing_attention_reference,
+    region_grid,
     routing_indices,
 )
 
@@ -131,7 +134,7 @@ def bilevel_routing_attention(
             The routing affinity is ``(q_r * scale) @ k_r^T`` over all heads' channels.
         return_routing: also return the routing indices ``[batch, S*S, min(topk, S*S)]``
             (regions numbered row-major, ordered by decreasing affinity).
-        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"`` (SDPA).
 
     H, W need not be multiples of ``S`` and may be smaller than ``S``: the map is padded
     to ``S * ceil(H / S)`` (resp. W), and padded tokens neither count in the region means
@@ -140,13 +143,15 @@ def bilevel_routing_attention(
     (and the routing).
     """
     scale = _check_args(q, k, v, num_regions, topk, scale)
-    limit = triton_limit(
-        q.dtype, (q.shape[-1], v.shape[-1]), MAX_TRITON_HEAD_DIM, grid_axis=q.shape[0] * q.shape[3]
-    )
+    limit = triton_limit(q.dtype, (q.shape[-1], v.shape[-1]), MAX_TRITON_HEAD_DIM)
+    rh, rw = region_grid(*q.shape[1:3], num_regions)
+    rows = q.shape[0] * q.shape[3] * num_regions**2 * rh * rw  # the kernels' flat int32 row space
+    if limit is None and rows >= 2**31:
+        limit = f"supports batch * heads * padded H * W < 2**31, got {rows}"
     chosen = resolve_backend(backend, q, k, v, op=_OP, limit=limit)
     routing = routing_indices(q, k, num_regions, topk, scale)
     if chosen == "torch":
-        out = bilevel_routing_attention_reference(q, k, v, routing, num_regions, scale)
+        out = bilevel_routing_attention_sdpa(q, k, v, routing, num_regions, scale)
     else:
         out = _bra_fwd(q, k, v, routing, num_regions, scale)[0]
     return (out, routing) if return_routing else out

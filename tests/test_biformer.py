@@ -216,7 +216,7 @@ def test_benchmark_official_style_model_computes_the_same_logits():
     from visattn.bench import bra
 
     torch.manual_seed(0)
-    ref = bra._model("visattn reference", "cpu")
+    ref = bra._model("visattn torch", "cpu")
     official = bra._model("official-style gather", "cpu")
     official.load_state_dict(ref.state_dict())
     assert any(type(m).__name__ == "_OfficialStyleBRA" for m in official.modules())

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from visattn.kernels import bilevel_routing_attention, interpreter_enabled
 from visattn.kernels.bilevel_routing_attention import _bra_fwd
+from visattn.kernels.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
     routing_indices,
@@ -84,6 +85,25 @@ def test_reference_matches_naive_loop(b, h, w, heads, d, dv, s, topk):
     expected, expected_routing = _naive(q, k, v, s, topk, scale)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(routing, expected_routing)
+    ref = bilevel_routing_attention_reference(q, k, v, routing, s, scale)
+    torch.testing.assert_close(ref, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("b,h,w,heads,d,dv,s,topk", CASES)
+def test_sdpa_path_matches_reference_with_gradients(dense, b, h, w, heads, d, dv, s, topk):
+    # backend="torch" runs bilevel_routing_attention_sdpa (both layouts here); the reference is the
+    # readable ground truth
+    q, k, v = _inputs(b, h, w, heads, d, dv, grad=True)
+    routing = routing_indices(q, k, s, topk, 0.7)
+    grad_out = torch.randn(v.shape, dtype=v.dtype)
+    out = bilevel_routing_attention_sdpa(q, k, v, routing, s, 0.7, dense=dense)
+    ref = bilevel_routing_attention_reference(q, k, v, routing, s, 0.7)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
 
 
 def test_all_regions_is_full_attention_over_real_tokens():
@@ -142,6 +162,70 @@ def test_triton_matches_reference(b, h, w, heads, d, dv, s, topk):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)  # assert_close also fails on NaN
+
+
+# Packed tiles: several regions and heads per program, tiles that end inside a region.
+PACKED_CASES = [
+    (2, 14, 14, 2, 16, 16, 7, 4),  # 4 tokens per region (BiFormer-S stage 3 layout), batch 2
+    (2, 14, 14, 1, 16, 16, 7, 16),
+    (1, 7, 7, 3, 16, 8, 7, 1),  # 1 token per region
+    (2, 7, 7, 2, 16, 16, 7, 16),
+    (2, 9, 9, 2, 16, 16, 3, 2),  # 9 tokens per region: tiles of 16 and 64 end inside regions
+    (1, 10, 13, 2, 8, 8, 4, 3),  # 12-token regions with padded slots
+]
+
+
+@pytest.mark.parametrize("tile_rows", [16, 64])
+@pytest.mark.parametrize("b,h,w,heads,d,dv,s,topk", PACKED_CASES)
+def test_triton_packed_tiles_match_reference(monkeypatch, tile_rows, b, h, w, heads, d, dv, s, topk):
+    from visattn.kernels.triton import bilevel_routing_attention as tbra
+
+    monkeypatch.setattr(tbra, "INTERPRETER_TILE_ROWS", tile_rows)
+    plan = tbra.tile_plan((b, h, w, heads, d), s, s * s if topk == -1 else min(topk, s * s))
+    assert plan.block == tile_rows and plan.tiles > 1
+    test_triton_matches_reference(b, h, w, heads, d, dv, s, topk)
+
+
+@pytest.mark.parametrize("b,h,w,heads,s,topk", [(2, 14, 14, 2, 7, 4), (2, 7, 7, 2, 7, 16)])
+def test_triton_packed_tiles_fp16(monkeypatch, b, h, w, heads, s, topk):
+    from visattn.kernels.triton import bilevel_routing_attention as tbra
+
+    monkeypatch.setattr(tbra, "INTERPRETER_TILE_ROWS", 64)
+    q, k, v = _inputs(b, h, w, heads, 16, dtype=torch.float16, grad=True)
+    grad_out = torch.randn(b, h, w, heads, 16).half()
+    out, routing = bilevel_routing_attention(q, k, v, s, topk, return_routing=True, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref = bilevel_routing_attention_reference(*ref_in, routing, s, 16**-0.5)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.float())
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), rg, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 64])
+@pytest.mark.parametrize("size,heads,topk", [(56, 2, 1), (28, 4, 4), (14, 8, 16), (7, 16, 16)])
+def test_gpu_tiles_are_mostly_real_tokens_at_biformer_s_stages(batch, size, heads, topk):
+    # BiFormer-S at 224x224, 7x7 regions: 64, 16, 4 and 1 tokens per region (its 7x7 stage runs global
+    # attention, but BRA at 1 token per region is the same packing); the plan the GPU launch uses
+    from visattn.kernels.triton.bilevel_routing_attention import tile_plan
+
+    plan = tile_plan((batch, size, size, heads, 32), 7, topk, interpreted=False)
+    assert plan.tokens == (size // 7) ** 2
+    assert plan.block == 64 and plan.key_block == 64
+    assert plan.real_fraction >= 0.5, plan
+    # every tile but the launch's last is full; the last holds the remainder (16 of 64 rows at 7x7, batch 1)
+    assert plan.worst >= (0.25 if (size, batch) == (7, 1) else 0.5), plan
+
+
+def test_tile_plan_counts_padding_rows():
+    from visattn.kernels.triton.bilevel_routing_attention import tile_plan
+
+    # 5x5 map in 2x2 regions of 3x3 slots: 36 slots, 25 real; one 64-row tile
+    plan = tile_plan((1, 5, 5, 1, 8), 2, 1, interpreted=False)
+    assert (plan.tokens, plan.rows, plan.block, plan.tiles) == (9, 36, 64, 1)
+    assert plan.real_rows_per_tile().tolist() == [25]
+    assert plan.real_fraction == plan.worst == 25 / 64
 
 
 @pytest.mark.parametrize("h,w,s,topk", [(4, 4, 7, 1), (4, 4, 7, -1), (5, 3, 4, 6), (2, 1, 3, 2)])
@@ -233,7 +317,11 @@ def test_triton_limits_raise_or_fall_back(monkeypatch):
     monkeypatch.setattr(dispatch, "cuda_tensors", lambda *tensors: True)
     with pytest.raises(ValueError, match="head dims <= 256"):
         bilevel_routing_attention(q, k, v, 2, 1, backend="triton")
-    # auto falls back to the reference instead of failing
+    # the kernels index token rows of all (batch, head, region) segments in int32
+    huge = torch.zeros(1, 1, 1, 1, 4).expand(2**16, 64, 64, 8, 4)
+    with pytest.raises(ValueError, match="padded H \\* W < 2\\*\\*31"):
+        bilevel_routing_attention(huge, huge, huge, 8, 1, backend="triton")
+    # auto falls back to the PyTorch path instead of failing
     torch.testing.assert_close(
         bilevel_routing_attention(q, k, v, 2, 1), bilevel_routing_attention(q, k, v, 2, 1, backend="torch")
     )

@@ -82,17 +82,18 @@ def routing_indices(
     with torch.no_grad():
         # Routing runs at least in float32 (float64 stays float64).
         dtype = torch.promote_types(q.dtype, torch.float32)
-        valid = _valid_tokens(h, w, s, q.device)  # [R, T]
-        count = valid.sum(1).clamp(min=1).to(dtype)  # real tokens per region
-        # region sums accumulate in `dtype` straight from q and k: no float32 copy of either
-        q_r, k_r = (
-            _pad_map(x.detach(), rh * s, rw * s).reshape(b, s, rh, s, rw, -1).sum((2, 4), dtype=dtype)
-            for x in (q, k)
-        )
-        q_r = q_r.reshape(b, s * s, -1) / count[:, None]  # [B, R, heads*dim]; padded slots hold zeros
-        k_r = k_r.reshape(b, s * s, -1) / count[:, None]
-        affinity = (q_r * scale) @ k_r.transpose(-2, -1)  # [B, R, R]
-        if (s - 1) * rh >= h or (s - 1) * rw >= w:  # the last region row/column holds no real token
+
+        def region_sums(x):  # [B, H, W, heads, d] -> [B, S*S, heads*d] in `dtype`: no float32 copy of x
+            # two reductions over outer dims (rows of a region, then its columns): contiguous inner loops
+            x = _pad_map(x.detach(), rh * s, rw * s).reshape(b, s, rh, s * rw, -1).sum(2, dtype=dtype)
+            return x.view(b, s * s, rw, -1).sum(2)
+
+        q_r, k_r = region_sums(q), region_sums(k)  # padded slots hold zeros
+        padded = (h, w) != (rh * s, rw * s)
+        valid = _valid_tokens(h, w, s, q.device) if padded else None  # [R, T]
+        count = valid.sum(1).clamp(min=1).to(dtype)[:, None] if padded else rh * rw  # real tokens per region
+        affinity = (q_r / count * scale) @ (k_r / count).transpose(-2, -1)  # [B, R, R]
+        if padded and ((s - 1) * rh >= h or (s - 1) * rw >= w):  # the last region row/column is empty
             affinity = affinity.masked_fill(~valid.any(1)[None, None, :], float("-inf"))
         n = s * s if topk == -1 else min(topk, s * s)
         return torch.topk(affinity, k=n, dim=-1).indices

@@ -6,24 +6,33 @@ column ``(r % S) * RW + t % RW``. Slots beyond the real map are masked, so no pa
 of q/k/v is made, and q/k/v are read in place through their strides (the qkv projection's
 split views work as they are).
 
-* forward / dQ: one program per (query region, block of its tokens, batch*head). It walks
-  the ``topk * RH*RW`` routed key slots in blocks of ``BLOCK_N``; each slot's key region
-  comes from the routing table, so K/V rows are loaded straight from their place in the map.
-* dK/dV: one program per (key region, block of its tokens, batch*head). The inverse routing
-  (which query regions routed to this key region) is a CSR list built in PyTorch; the
-  program walks those query regions' tokens in blocks of ``BLOCK_M``. No atomics.
+Packed tiles: a *segment* is one (batch, head, region); its ``T = RH*RW`` token slots are rows
+``seg * T .. seg * T + T - 1`` of one flat row space over all segments (``seg = (b * heads + h) *
+S*S + region``). A program owns ``BLOCK`` consecutive rows of that space, so a tile holds several
+small regions (and heads) at once instead of one region padded to the tile height: at BiFormer-S's
+4-token regions a 64-row tile is 16 regions, not 4 real rows and 60 padding. Each segment keeps
+its own routed keys: the program walks the concatenated key slots of its segments and masks the
+score tile block-diagonally (a row only sees the keys of its own segment).
+
+* forward / dQ: one program per tile of query rows; the key slots of segment ``g`` are the
+  ``topk * T`` tokens of its routed regions, read by index from their place in the map.
+* dK/dV: one program per tile of key rows; the query segments that routed to each key segment
+  form a CSR list built in PyTorch, walked ``T`` rows per entry. No atomics.
 
 Softmax in base 2 with the log-sum-exp kept in log2 units (see ``_common``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from visattn.kernels._dispatch import interpreter_enabled
-from visattn.kernels.reference.bilevel_routing_attention import region_grid
+from visattn.kernels.reference.bilevel_routing_attention import _valid_tokens, region_grid
 from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
 
 
@@ -31,6 +40,41 @@ from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax,
 def _token_coords(region, t, S, RH, RW):
     """Row/column in the map of token slots ``t`` of ``region``."""
     return (region // S) * RH + t // RW, (region % S) * RW + t % RW
+
+
+@triton.jit
+def _at(P, b, h, y, x, sb, sy, sx, sh):
+    """Addresses of tokens ``(b, y, x)``, head ``h`` of a ``[B, H, W, heads, ...]`` tensor (vectors in)."""
+    return P + b * sb + h * sh + y * sy + x * sx
+
+
+@triton.jit
+def _segment_rows(rows, N_ROWS, H, W, NH, S: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):
+    """Segment, batch (int64), head, map row/column and validity of flat token rows ``rows``."""
+    T = RH * RW
+    seg = rows // T
+    bh = seg // (S * S)
+    y, x = _token_coords(seg % (S * S), rows % T, S, RH, RW)
+    ok = (rows < N_ROWS) & (y < H) & (x < W)
+    return seg, (bh // NH).to(tl.int64), bh % NH, y, x, ok
+
+
+@triton.jit
+def _routed_keys(ROUTE, srb, srr, srk, slots, n_slots, TOPK, H, W, NH, BLOCK_M: tl.constexpr,
+                 S: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):  # fmt: skip
+    """Key slots ``slots`` of the program's query tile (offsets into the concatenated ``topk * T``
+    routed key tokens of its segments, first segment first): their segment, batch (int64), head,
+    map row/column and validity (``slots < n_slots`` and inside the map)."""
+    T = RH * RW
+    per_seg = TOPK * T
+    seg = (tl.program_id(0) * BLOCK_M) // T + slots // per_seg
+    slot = slots % per_seg
+    bh = seg // (S * S)
+    b = (bh // NH).to(tl.int64)
+    in_range = slots < n_slots
+    region = tl.load(ROUTE + b * srb + (seg % (S * S)) * srr + (slot // T) * srk, mask=in_range, other=0)
+    y, x = _token_coords(region, slot % T, S, RH, RW)
+    return seg, b, bh % NH, y, x, in_range & (y < H) & (x < W)
 
 
 @triton.jit
@@ -42,57 +86,52 @@ def _bra_fwd_kernel(
     sob, soy, sox, soh, sod,
     srb, srr, srk,
     slb, slh, sly, slx,
-    H, W, TOPK, NH, qk_scale,
+    H, W, TOPK, NH, N_ROWS, qk_scale,
     S: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     T = RH * RW
-    m_blocks = tl.cdiv(T, BLOCK_M)
-    region = tl.program_id(0) // m_blocks
-    b = (tl.program_id(1) // NH).to(tl.int64)  # batch offsets can pass 2**31 elements
-    h = tl.program_id(1) % NH
-    t = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qy, qx = _token_coords(region, t, S, RH, RW)
-    q_ok = (t < T) & (qy < H) & (qx < W)
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    seg, b, h, qy, qx, q_ok = _segment_rows(rows, N_ROWS, H, W, NH, S, RH, RW)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        Q + b * sqb + h * sqh + qy[:, None] * sqy + qx[:, None] * sqx + offs_d[None, :] * sqd,
+        _at(Q, b, h, qy, qx, sqb, sqy, sqx, sqh)[:, None] + offs_d[None, :] * sqd,
         mask=q_ok[:, None] & (offs_d[None, :] < D),
         other=0.0,
     )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    n_keys = TOPK * T
-    for start in range(0, n_keys, BLOCK_N):
-        slot = start + tl.arange(0, BLOCK_N)
-        in_range = slot < n_keys
-        k_region = tl.load(ROUTE + b * srb + region * srr + (slot // T) * srk, mask=in_range, other=0)
-        ky, kx = _token_coords(k_region, slot % T, S, RH, RW)
-        k_ok = in_range & (ky < H) & (kx < W)
+    last = tl.minimum(first + BLOCK_M, N_ROWS) - 1
+    n_slots = (last // T - first // T + 1) * TOPK * T
+    for start in range(0, n_slots, BLOCK_N):
+        kseg, kb, kh, ky, kx, k_ok = _routed_keys(
+            ROUTE, srb, srr, srk, start + tl.arange(0, BLOCK_N), n_slots, TOPK, H, W, NH, BLOCK_M, S, RH, RW
+        )
         k = tl.load(
-            K + b * skb + h * skh + ky[:, None] * sky + kx[:, None] * skx + offs_d[None, :] * skd,
+            _at(K, kb, kh, ky, kx, skb, sky, skx, skh)[:, None] + offs_d[None, :] * skd,
             mask=k_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
         v = tl.load(
-            V + b * svb + h * svh + ky[:, None] * svy + kx[:, None] * svx + offs_dv[None, :] * svd,
+            _at(V, kb, kh, ky, kx, svb, svy, svx, svh)[:, None] + offs_dv[None, :] * svd,
             mask=k_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+        s = tl.where(k_ok[None, :] & (seg[:, None] == kseg[None, :]), s, float("-inf"))
         m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     out, lse = finish_softmax(acc, m_i, l_i)
     tl.store(
-        OUT + b * sob + h * soh + qy[:, None] * soy + qx[:, None] * sox + offs_dv[None, :] * sod,
+        _at(OUT, b, h, qy, qx, sob, soy, sox, soh)[:, None] + offs_dv[None, :] * sod,
         out.to(OUT.dtype.element_ty),
         mask=q_ok[:, None] & (offs_dv[None, :] < DV),
     )
-    tl.store(LSE + b * slb + h * slh + qy * sly + qx * slx, lse, mask=q_ok)
+    tl.store(_at(LSE, b, h, qy, qx, slb, sly, slx, slh), lse, mask=q_ok)
 
 
 @triton.jit
@@ -106,58 +145,53 @@ def _bra_bwd_dq_kernel(
     slb, slh, sly, slx,
     sdb, sdy, sdx, sdh,
     sdqb, sdqy, sdqx, sdqh, sdqd,
-    H, W, TOPK, NH, qk_scale, scale,
+    H, W, TOPK, NH, N_ROWS, qk_scale, scale,
     S: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     T = RH * RW
-    m_blocks = tl.cdiv(T, BLOCK_M)
-    region = tl.program_id(0) // m_blocks
-    b = (tl.program_id(1) // NH).to(tl.int64)  # batch offsets can pass 2**31 elements
-    h = tl.program_id(1) % NH
-    t = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qy, qx = _token_coords(region, t, S, RH, RW)
-    q_ok = (t < T) & (qy < H) & (qx < W)
+    first = tl.program_id(0) * BLOCK_M
+    seg, b, h, qy, qx, q_ok = _segment_rows(first + tl.arange(0, BLOCK_M), N_ROWS, H, W, NH, S, RH, RW)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        Q + b * sqb + h * sqh + qy[:, None] * sqy + qx[:, None] * sqx + offs_d[None, :] * sqd,
+        _at(Q, b, h, qy, qx, sqb, sqy, sqx, sqh)[:, None] + offs_d[None, :] * sqd,
         mask=q_ok[:, None] & (offs_d[None, :] < D),
         other=0.0,
     )
     do = tl.load(
-        DO + b * sdob + h * sdoh + qy[:, None] * sdoy + qx[:, None] * sdox + offs_dv[None, :] * sdod,
+        _at(DO, b, h, qy, qx, sdob, sdoy, sdox, sdoh)[:, None] + offs_dv[None, :] * sdod,
         mask=q_ok[:, None] & (offs_dv[None, :] < DV),
         other=0.0,
     )
-    lse = tl.load(LSE + b * slb + h * slh + qy * sly + qx * slx, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + b * sdb + h * sdh + qy * sdy + qx * sdx, mask=q_ok, other=0.0)
+    lse = tl.load(_at(LSE, b, h, qy, qx, slb, sly, slx, slh), mask=q_ok, other=0.0)
+    delta = tl.load(_at(DELTA, b, h, qy, qx, sdb, sdy, sdx, sdh), mask=q_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_keys = TOPK * T
-    for start in range(0, n_keys, BLOCK_N):
-        slot = start + tl.arange(0, BLOCK_N)
-        in_range = slot < n_keys
-        k_region = tl.load(ROUTE + b * srb + region * srr + (slot // T) * srk, mask=in_range, other=0)
-        ky, kx = _token_coords(k_region, slot % T, S, RH, RW)
-        k_ok = in_range & (ky < H) & (kx < W)
+    last = tl.minimum(first + BLOCK_M, N_ROWS) - 1
+    n_slots = (last // T - first // T + 1) * TOPK * T
+    for start in range(0, n_slots, BLOCK_N):
+        kseg, kb, kh, ky, kx, k_ok = _routed_keys(
+            ROUTE, srb, srr, srk, start + tl.arange(0, BLOCK_N), n_slots, TOPK, H, W, NH, BLOCK_M, S, RH, RW
+        )
         k = tl.load(
-            K + b * skb + h * skh + ky[:, None] * sky + kx[:, None] * skx + offs_d[None, :] * skd,
+            _at(K, kb, kh, ky, kx, skb, sky, skx, skh)[:, None] + offs_d[None, :] * skd,
             mask=k_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
         v = tl.load(
-            V + b * svb + h * svh + ky[:, None] * svy + kx[:, None] * svx + offs_dv[None, :] * svd,
+            _at(V, kb, kh, ky, kx, svb, svy, svx, svh)[:, None] + offs_dv[None, :] * svd,
             mask=k_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        live = k_ok[None, :] & (seg[:, None] == kseg[None, :])
+        p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(
-        DQ + b * sdqb + h * sdqh + qy[:, None] * sdqy + qx[:, None] * sdqx + offs_d[None, :] * sdqd,
+        _at(DQ, b, h, qy, qx, sdqb, sdqy, sdqx, sdqh)[:, None] + offs_d[None, :] * sdqd,
         (dq * scale).to(DQ.dtype.element_ty),
         mask=q_ok[:, None] & (offs_d[None, :] < D),
     )
@@ -165,7 +199,7 @@ def _bra_bwd_dq_kernel(
 
 @triton.jit
 def _bra_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QLIST, QOFF, QCNT, DK, DV_,
+    Q, K, V, DO, LSE, DELTA, QSEG, KSEG, SEG_OFF, DK, DV_,
     sqb, sqy, sqx, sqh, sqd,
     skb, sky, skx, skh, skd,
     svb, svy, svx, svh, svd,
@@ -174,92 +208,144 @@ def _bra_bwd_dkdv_kernel(
     sdb, sdy, sdx, sdh,
     sdkb, sdky, sdkx, sdkh, sdkd,
     sdvb, sdvy, sdvx, sdvh, sdvd,
-    H, W, NH, qk_scale, scale,
+    H, W, NH, N_ROWS, qk_scale, scale,
     S: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     T = RH * RW
-    n_blocks = tl.cdiv(T, BLOCK_N)
-    region = tl.program_id(0) // n_blocks
-    b = (tl.program_id(1) // NH).to(tl.int64)  # batch offsets can pass 2**31 elements
-    h = tl.program_id(1) % NH
-    t = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ky, kx = _token_coords(region, t, S, RH, RW)
-    k_ok = (t < T) & (ky < H) & (kx < W)
+    first = tl.program_id(0) * BLOCK_N
+    seg, b, h, ky, kx, k_ok = _segment_rows(first + tl.arange(0, BLOCK_N), N_ROWS, H, W, NH, S, RH, RW)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = tl.load(
-        K + b * skb + h * skh + ky[:, None] * sky + kx[:, None] * skx + offs_d[None, :] * skd,
+        _at(K, b, h, ky, kx, skb, sky, skx, skh)[:, None] + offs_d[None, :] * skd,
         mask=k_ok[:, None] & (offs_d[None, :] < D),
         other=0.0,
     )
     v = tl.load(
-        V + b * svb + h * svh + ky[:, None] * svy + kx[:, None] * svx + offs_dv[None, :] * svd,
+        _at(V, b, h, ky, kx, svb, svy, svx, svh)[:, None] + offs_dv[None, :] * svd,
         mask=k_ok[:, None] & (offs_dv[None, :] < DV),
         other=0.0,
     )
-    n_regions = S * S
-    first = tl.load(QOFF + b * n_regions + region)
-    n_rows = tl.load(QCNT + b * n_regions + region) * T
+    # CSR entries (query segment, key segment) of this tile's key segments, T query rows each
+    entry0 = tl.load(SEG_OFF + first // T)
+    n_rows = (tl.load(SEG_OFF + (tl.minimum(first + BLOCK_N, N_ROWS) - 1) // T + 1) - entry0) * T
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start in range(0, n_rows, BLOCK_M):
         row = start + tl.arange(0, BLOCK_M)
         in_range = row < n_rows
-        q_region = tl.load(QLIST + first + row // T, mask=in_range, other=0)
-        qy, qx = _token_coords(q_region, row % T, S, RH, RW)
-        q_ok = in_range & (qy < H) & (qx < W)
+        entry = entry0 + row // T
+        qseg = tl.load(QSEG + entry, mask=in_range, other=0)
+        kseg = tl.load(KSEG + entry, mask=in_range, other=-1)
+        _, qb, qh, qy, qx, q_ok = _segment_rows(qseg * T + row % T, N_ROWS, H, W, NH, S, RH, RW)
+        q_ok = q_ok & in_range
         q = tl.load(
-            Q + b * sqb + h * sqh + qy[:, None] * sqy + qx[:, None] * sqx + offs_d[None, :] * sqd,
+            _at(Q, qb, qh, qy, qx, sqb, sqy, sqx, sqh)[:, None] + offs_d[None, :] * sqd,
             mask=q_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
         do = tl.load(
-            DO + b * sdob + h * sdoh + qy[:, None] * sdoy + qx[:, None] * sdox + offs_dv[None, :] * sdod,
+            _at(DO, qb, qh, qy, qx, sdob, sdoy, sdox, sdoh)[:, None] + offs_dv[None, :] * sdod,
             mask=q_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
-        lse = tl.load(LSE + b * slb + h * slh + qy * sly + qx * slx, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + b * sdb + h * sdh + qy * sdy + qx * sdx, mask=q_ok, other=0.0)
+        lse = tl.load(_at(LSE, qb, qh, qy, qx, slb, sly, slx, slh), mask=q_ok, other=0.0)
+        delta = tl.load(_at(DELTA, qb, qh, qy, qx, sdb, sdy, sdx, sdh), mask=q_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        live = q_ok[:, None] & k_ok[None, :] & (kseg[:, None] == seg[None, :])
+        p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     tl.store(
-        DK + b * sdkb + h * sdkh + ky[:, None] * sdky + kx[:, None] * sdkx + offs_d[None, :] * sdkd,
+        _at(DK, b, h, ky, kx, sdkb, sdky, sdkx, sdkh)[:, None] + offs_d[None, :] * sdkd,
         (dk * scale).to(DK.dtype.element_ty),
         mask=k_ok[:, None] & (offs_d[None, :] < D),
     )
     tl.store(
-        DV_ + b * sdvb + h * sdvh + ky[:, None] * sdvy + kx[:, None] * sdvx + offs_dv[None, :] * sdvd,
+        _at(DV_, b, h, ky, kx, sdvb, sdvy, sdvx, sdvh)[:, None] + offs_dv[None, :] * sdvd,
         dv.to(DV_.dtype.element_ty),
         mask=k_ok[:, None] & (offs_dv[None, :] < DV),
     )
 
 
-def _block(n: int, cap: int) -> int:
+# Rows of a tile on a GPU: 64 lets Hopper issue wgmma; the CPU interpreter costs per program and
+# loop step, not per element, so it takes bigger tiles.
+TILE_ROWS = 64
+INTERPRETER_TILE_ROWS = 256
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How the kernels tile one call on a ``height x width`` map: ``rows`` token rows (``batch *
+    heads * S*S`` segments of ``tokens`` slots) in ``tiles`` tiles of ``block`` rows; ``key_block``:
+    key slots per loop step."""
+
+    height: int
+    width: int
+    num_regions: int
+    tokens: int
+    rows: int
+    block: int
+    key_block: int
+    tiles: int
+
+    def real_rows_per_tile(self) -> torch.Tensor:
+        """``[tiles]`` count of rows that are tokens of the map (not padding of the region grid or
+        of the last tile)."""
+        valid = _valid_tokens(self.height, self.width, self.num_regions, torch.device("cpu")).flatten()
+        valid = valid.repeat(self.rows // valid.numel())
+        return F.pad(valid, (0, self.tiles * self.block - self.rows)).view(self.tiles, self.block).sum(1)
+
+    @property
+    def real_fraction(self) -> float:
+        """Share of all tile rows that are real tokens."""
+        return int(self.real_rows_per_tile().sum()) / (self.tiles * self.block)
+
+    @property
+    def worst(self) -> float:
+        """The emptiest tile's share of real rows."""
+        return int(self.real_rows_per_tile().min()) / self.block
+
+
+def _pow2_block(n: int, cap: int) -> int:
     return min(max(16, triton.next_power_of_2(n)), cap)
 
 
-def _config(q: torch.Tensor, v: torch.Tensor, num_regions: int, topk: int) -> dict:
-    """Geometry and block sizes shared by the launchers."""
-    h, w = q.shape[1:3]
+def tile_plan(
+    shape: tuple[int, ...], num_regions: int, topk: int, interpreted: bool | None = None
+) -> TilePlan:
+    """The tiling :func:`bra_forward` / :func:`bra_backward` launch for q of ``shape``
+    ``[B, H, W, heads, d]`` (``topk``: routed regions per query region, after clamping). The
+    forward, dQ and dK/dV programs all own ``block`` rows of the same flat row space.
+    ``interpreted``: plan for the CPU interpreter (default: whether it is on)."""
+    b, h, w, heads = shape[:4]
+    interpreted = interpreter_enabled() if interpreted is None else interpreted
+    cap = INTERPRETER_TILE_ROWS if interpreted else TILE_ROWS
     rh, rw = region_grid(h, w, num_regions)
     tokens = rh * rw
-    # The interpreter costs per program and loop step, not per element: take big blocks there.
-    cap = 256 if interpreter_enabled() else 64
+    rows = b * heads * num_regions**2 * tokens
+    block = _pow2_block(rows, cap)
+    # key slots of one tile: topk * T per segment it touches
+    key_block = _pow2_block(topk * tokens * triton.cdiv(block, tokens), cap)
+    return TilePlan(h, w, num_regions, tokens, rows, block, key_block, triton.cdiv(rows, block))
+
+
+def _launch_consts(q: torch.Tensor, v: torch.Tensor, num_regions: int) -> dict:
+    """The constexprs every BRA kernel takes besides its two block sizes."""
+    rh, rw = region_grid(q.shape[1], q.shape[2], num_regions)
     return dict(
-        rh=rh,
-        rw=rw,
-        tokens=tokens,
-        own=_block(tokens, cap),
-        other=_block(topk * tokens, cap),
-        block_d=max(16, triton.next_power_of_2(q.shape[-1])),
-        block_dv=max(16, triton.next_power_of_2(v.shape[-1])),
-        precision=dot_precision(q.dtype),
+        S=num_regions,
+        RH=rh,
+        RW=rw,
+        D=q.shape[-1],
+        DV=v.shape[-1],
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
+        PRECISION=dot_precision(q.dtype),
     )
 
 
@@ -270,36 +356,35 @@ def bra_forward(
 
     Returns ``out [B, H, W, heads, dv]`` and ``lse [B, heads, H, W]`` (float32, log2 units).
     """
-    b, h, w, heads, d = q.shape
+    b, h, w, heads, _ = q.shape
     routing = routing.to(torch.int32)
-    cfg = _config(q, v, num_regions, routing.shape[-1])
+    plan = tile_plan(q.shape, num_regions, routing.shape[-1])
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     lse = torch.empty((b, heads, h, w), dtype=torch.float32, device=q.device)
-    grid = (num_regions * num_regions * triton.cdiv(cfg["tokens"], cfg["own"]), b * heads)
-    _bra_fwd_kernel[grid](
+    _bra_fwd_kernel[(plan.tiles,)](
         q, k, v, routing, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *routing.stride(), *lse.stride(),
-        h, w, routing.shape[-1], heads, scale * LOG2E.value,
-        S=num_regions, RH=cfg["rh"], RW=cfg["rw"], D=d, DV=v.shape[-1],
-        BLOCK_M=cfg["own"], BLOCK_N=cfg["other"],
-        BLOCK_D=cfg["block_d"], BLOCK_DV=cfg["block_dv"], PRECISION=cfg["precision"],
+        h, w, routing.shape[-1], heads, plan.rows, scale * LOG2E.value,
+        BLOCK_M=plan.block, BLOCK_N=plan.key_block, **_launch_consts(q, v, num_regions),
     )  # fmt: skip
     return out, lse
 
 
-def _inverse_routing(routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CSR of the query regions routed to each key region: (list, offsets, counts).
+def _inverse_routing(routing: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR of the query segments routed to each key segment: ``(query_seg, key_seg, offsets)``.
 
-    ``list`` holds query-region indices grouped by (batch, key region); ``offsets``/``counts``
-    are ``[B * S*S]`` int32 positions in it.
+    ``query_seg``/``key_seg`` ``[B * heads * S*S * topk]`` int32, sorted by key segment (segment =
+    ``(b * heads + h) * S*S + region``); entries of key segment ``g`` are ``offsets[g]`` to
+    ``offsets[g + 1]``.
     """
     b, n_regions, topk = routing.shape
-    key = (routing + torch.arange(b, device=routing.device)[:, None, None] * n_regions).flatten()
+    base = (torch.arange(b * heads, device=routing.device) * n_regions).view(b, heads, 1, 1)
+    key = (base + routing[:, None]).flatten()
+    query = (base + torch.arange(n_regions, device=routing.device).view(1, 1, -1, 1)).expand(-1, -1, -1, topk)
     order = torch.argsort(key, stable=True)
-    query = torch.arange(n_regions, device=routing.device).repeat_interleave(topk).repeat(b)
-    counts = torch.bincount(key, minlength=b * n_regions)
-    offsets = torch.cumsum(counts, 0) - counts
-    return query[order].to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32)
+    counts = torch.bincount(key, minlength=b * heads * n_regions)
+    offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    return query.flatten()[order].to(torch.int32), key[order].to(torch.int32), offsets.to(torch.int32)
 
 
 def bra_backward(
@@ -314,40 +399,27 @@ def bra_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`bra_forward` for the output gradient ``do``."""
-    b, h, w, heads, d = q.shape
-    dv_dim = v.shape[-1]
+    b, h, w, heads, _ = q.shape
     route32 = routing.to(torch.int32)
-    cfg = _config(q, v, num_regions, routing.shape[-1])
+    plan = tile_plan(q.shape, num_regions, routing.shape[-1])
+    consts = _launch_consts(q, v, num_regions)
     delta = (do.float() * out.float()).sum(-1)  # [B, H, W, heads]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    n_regions = num_regions * num_regions
-    consts = dict(
-        S=num_regions,
-        RH=cfg["rh"],
-        RW=cfg["rw"],
-        D=d,
-        DV=dv_dim,
-        BLOCK_D=cfg["block_d"],
-        BLOCK_DV=cfg["block_dv"],
-        PRECISION=cfg["precision"],
-    )
-    grid = (n_regions * triton.cdiv(cfg["tokens"], cfg["own"]), b * heads)
-    _bra_bwd_dq_kernel[grid](
+    _bra_bwd_dq_kernel[(plan.tiles,)](
         q, k, v, do, route32, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *route32.stride(), *lse.stride(),
         *delta.stride(), *dq.stride(),
-        h, w, routing.shape[-1], heads, scale * LOG2E.value, scale,
-        BLOCK_M=cfg["own"], BLOCK_N=cfg["other"], **consts,
+        h, w, routing.shape[-1], heads, plan.rows, scale * LOG2E.value, scale,
+        BLOCK_M=plan.block, BLOCK_N=plan.key_block, **consts,
     )  # fmt: skip
-    q_list, q_off, q_cnt = _inverse_routing(routing)
-    grid = (n_regions * triton.cdiv(cfg["tokens"], cfg["own"]), b * heads)
-    _bra_bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, q_list, q_off, q_cnt, dk, dv,
+    q_seg, k_seg, offsets = _inverse_routing(routing, heads)
+    _bra_bwd_dkdv_kernel[(plan.tiles,)](
+        q, k, v, do, lse, delta, q_seg, k_seg, offsets, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *delta.stride(),
         *dk.stride(), *dv.stride(),
-        h, w, heads, scale * LOG2E.value, scale,
-        BLOCK_M=cfg["other"], BLOCK_N=cfg["own"], **consts,
+        h, w, heads, plan.rows, scale * LOG2E.value, scale,
+        BLOCK_M=plan.key_block, BLOCK_N=plan.block, **consts,
     )  # fmt: skip
     return dq, dk, dv

@@ -1,4 +1,4 @@
-"""Bi-level routing attention: Triton op vs reference vs official-style gather; biformer_s training step.
+"""Bi-level routing attention: Triton op vs PyTorch op vs official-style gather; biformer_s training step.
 
 Part 1 times the forward and forward+backward (median ms) and the peak memory above the inputs
 (CUDA only) of ``visattn.kernels.bilevel_routing_attention`` with the Triton and the PyTorch
@@ -111,7 +111,7 @@ def _op_impls(run_triton: bool) -> dict[str, Callable | None]:
                                                                         backend="triton"))
         if run_triton
         else None,
-        "visattn reference": lambda q, k, v, st: bilevel_routing_attention(q, k, v, st.regions, st.topk,
+        "visattn torch": lambda q, k, v, st: bilevel_routing_attention(q, k, v, st.regions, st.topk,
                                                                            backend="torch"),
         "official-style gather": lambda q, k, v, st: official_style_bra(q, k, v, st.regions, st.topk,
                                                                         st.head_dim**-0.5),
@@ -136,8 +136,29 @@ def _mem_ratio(baseline: Measurement | None, candidate: Measurement | None) -> s
     return f"{candidate.peak_mib / baseline.peak_mib:.2f}"
 
 
+def _print_tiles(img_size: int, batch: int) -> None:
+    """The Triton kernels' tiling on a GPU at each stage: the plan ``bra_forward``/``bra_backward`` launch."""
+    from visattn.kernels.triton.bilevel_routing_attention import tile_plan
+
+    rows = []
+    for st in _stages(img_size):
+        shape = (batch, st.size, st.size, st.heads, st.head_dim)
+        plan = tile_plan(shape, st.regions, st.topk, interpreted=False)
+        rows.append(
+            [st.name, plan.tokens, plan.block, plan.key_block, plan.tiles, f"{plan.real_fraction:.0%}",
+             f"{plan.worst:.0%}"]
+        )  # fmt: skip
+    print_table(
+        ["stage", "tokens/region", "tile rows", "key block", "tiles", "real rows", "worst tile"],
+        rows,
+        title=f"Triton BRA tiles on a GPU, batch {batch} (regions and heads packed into each tile)",
+    )
+
+
 def _bench_ops(args, device, dtype, run_triton, warmup, iters) -> None:
     batch = args.batch or (64 if device.startswith("cuda") else 1)
+    if triton_available():
+        _print_tiles(args.img_size, batch)
     rows = []
     for st in _stages(args.img_size):
         gen = torch.Generator().manual_seed(0)
@@ -193,7 +214,7 @@ def _bench_model(args, device, run_triton, warmup, iters) -> None:
     labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     rows = []
     results = {}
-    kinds = (["visattn triton"] if run_triton else []) + ["visattn reference", "official-style gather"]
+    kinds = (["visattn triton"] if run_triton else []) + ["visattn torch", "official-style gather"]
     for kind in kinds:
         model = _model(kind, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
