@@ -6,7 +6,9 @@ Papers:
     Hassani, Shi, "Dilated Neighborhood Attention Transformer", 2022, https://arxiv.org/abs/2209.15001
 Official code: https://github.com/SHI-Labs/Neighborhood-Attention-Transformer
     (classification/nat.py, dinat.py, dinats.py; MIT licence). This is a re-implementation whose module
-    and parameter names follow the official code, so the released checkpoints load unchanged.
+    and parameter names follow the official code, except timm's layer scale ``ls1.gamma`` / ``ls2.gamma``
+    (official ``gamma1`` / ``gamma2``) and DiNAT_s levels ``levels.i`` (official ``layers.i``):
+    ``checkpoint_filter_fn`` renames those, key by key.
 
 NAT: overlapping conv tokenizer (two 3x3 stride-2 convs + LayerNorm), four levels of pre-norm
 transformer layers whose token mixer is 2-D neighborhood attention (each query attends to the
