@@ -6,7 +6,9 @@ Papers:
     Hassani, Shi, "Dilated Neighborhood Attention Transformer", 2022, https://arxiv.org/abs/2209.15001
 Official code: https://github.com/SHI-Labs/Neighborhood-Attention-Transformer
     (classification/nat.py, dinat.py, dinats.py; MIT licence). This is a re-implementation whose module
-    and parameter names follow the official code, so the released checkpoints load unchanged.
+    and parameter names follow the official code, except timm's layer scale ``ls1.gamma`` / ``ls2.gamma``
+    (official ``gamma1`` / ``gamma2``) and DiNAT_s levels ``levels.i`` (official ``layers.i``):
+    ``checkpoint_filter_fn`` renames those, key by key.
 
 NAT: overlapping conv tokenizer (two 3x3 stride-2 convs + LayerNorm), four levels of pre-norm
 transformer layers whose token mixer is 2-D neighborhood attention (each query attends to the
@@ -574,39 +576,35 @@ _HF_OTHER_NAMES = (
 )
 
 
-def _is_transformers_format(state_dict: dict[str, torch.Tensor]) -> bool:
-    return any(k.startswith(("nat.", "dinat.", "embeddings.patch_embeddings.")) for k in state_dict)
+# a key with one of these prefixes is in the transformers layout (no official key starts with them)
+_HF_PREFIXES = ("nat.", "dinat.", "embeddings.", "encoder.", "layernorm.", "classifier.")
+_HF_QKV = re.compile(
+    r"(?:(?:di)?nat\.)?encoder\.levels\.(\d+)\.layers\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)"
+)
 
 
-def _from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers ``Nat*`` / ``Dinat*`` names -> :class:`NAT` names.
+def _from_transformers(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One transformers ``Nat*`` / ``Dinat*`` key (not a query/key/value projection) -> :class:`NAT` key(s).
 
-    ``(di)nat.`` prefixes go; separate ``query``/``key``/``value`` projections are concatenated (in that
-    order) into ``qkv``; ``layer_scale_parameters`` (2, C) splits into ``ls1.gamma`` / ``ls2.gamma``.
+    The ``(di)nat.`` prefix goes; ``layer_scale_parameters`` (2, C) splits into ``ls1.gamma`` / ``ls2.gamma``.
     """
-    out = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^(di)?nat\.", "", key)
-        layer = re.match(r"encoder\.levels\.(\d+)\.layers\.(\d+)\.(.+)$", key)
-        if layer is not None:
-            prefix, rest = f"levels.{layer[1]}.blocks.{layer[2]}.", layer[3]
-            proj = re.fullmatch(r"attention\.self\.(query|key|value)\.(weight|bias)", rest)
-            if proj is not None:
-                qkv.setdefault(f"{prefix}attn.qkv.{proj[2]}", {})[proj[1]] = value
-                continue
-            if rest == "layer_scale_parameters":
-                out[prefix + "ls1.gamma"], out[prefix + "ls2.gamma"] = value[0], value[1]
-                continue
-            key = prefix + _rename_prefix(rest, _HF_LAYER_NAMES)
-        else:
-            key = _rename_prefix(key, _HF_OTHER_NAMES)
-        out[key] = value
-    for key, parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise ValueError(f"transformers checkpoint: {key} needs query, key and value: {sorted(parts)}")
-        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
-    return out
+    key = re.sub(r"^(di)?nat\.", "", key)
+    layer = re.match(r"encoder\.levels\.(\d+)\.layers\.(\d+)\.(.+)$", key)
+    if layer is None:
+        return {_rename_prefix(key, _HF_OTHER_NAMES): value}
+    prefix, rest = f"levels.{layer[1]}.blocks.{layer[2]}.", layer[3]
+    if rest == "layer_scale_parameters":
+        return {prefix + "ls1.gamma": value[0], prefix + "ls2.gamma": value[1]}
+    return {prefix + _rename_prefix(rest, _HF_LAYER_NAMES): value}
+
+
+def _official_to_ours(key: str, pyramid: bool) -> str:
+    """One official key -> this model's key: DiNAT_s levels ``layers.i`` become ``levels.i`` in a pyramid
+    model (the isotropic models keep ``layers.i``), layer scales ``gamma1``/``gamma2`` become timm's
+    ``ls1.gamma``/``ls2.gamma``; keys already in this layout pass unchanged."""
+    if pyramid and key.startswith("layers."):
+        key = "levels." + key[len("layers.") :]
+    return re.sub(r"\.gamma([12])$", r".ls\1.gamma", key)
 
 
 def _rename_prefix(key: str, table: Sequence[tuple[str, str]]) -> str:
@@ -622,30 +620,41 @@ def checkpoint_filter_fn(
     """Map an official NAT / DiNAT / DiNAT_s / isotropic state_dict onto :class:`NAT` / :class:`NATIsotropic`.
 
     Accepts the released files unchanged (a plain state_dict) or wrapped under ``'model'`` /
-    ``'state_dict'``. DiNAT_s names its levels ``layers.i`` (renamed to ``levels.i``; the isotropic models
-    keep their ``layers.i``); layer scales ``gamma1``/``gamma2`` become ``ls1.gamma``/``ls2.gamma``.
-    transformers-format state_dicts (``NatForImageClassification``, ``DinatForImageClassification`` or the
-    bare ``NatModel`` / ``DinatModel``, detected by their key names) are converted. Relative position bias
-    tables of another kernel size are resized bicubically (how the official 11x11 checkpoints were made
-    from the 7x7 ones).
+    ``'state_dict'``, and transformers-format ones (``NatForImageClassification``,
+    ``DinatForImageClassification`` or the bare ``NatModel`` / ``DinatModel``), whose separate
+    query/key/value projections are concatenated (in that order) into ``qkv``. Each key is mapped on its own
+    (a file lacking some keys, or mixing layouts, maps what it has), so ``load_state_dict`` then names
+    exactly the keys that are missing or unexpected; a qkv with a projection missing is reported as the
+    missing ``qkv`` and its unmatched projections as unexpected. Relative position bias tables of another
+    kernel size are resized bicubically (how the official 11x11 checkpoints were made from the 7x7 ones).
     """
     for wrapper in ("model", "state_dict"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+        if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
             break
-    if _is_transformers_format(state_dict):
-        state_dict = _from_transformers(state_dict)
-    target = model.state_dict()
-    out = {}
+    pyramid = isinstance(model, NAT)
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in state_dict.items():
-        if key.startswith("layers.") and key not in target:
-            key = "levels." + key[len("layers.") :]
-        key = re.sub(r"\.gamma([12])$", r".ls\1.gamma", key)  # official layer scale -> timm LayerScale
+        proj = _HF_QKV.fullmatch(key)
+        if proj is not None:
+            fused = f"levels.{proj[1]}.blocks.{proj[2]}.attn.qkv.{proj[4]}"
+            qkv.setdefault(fused, {})[proj[3]] = (key, value)
+        elif key.startswith(_HF_PREFIXES):
+            out.update(_from_transformers(key, value))
+        else:
+            out[_official_to_ours(key, pyramid)] = value
+    for key, parts in qkv.items():
+        if set(parts) == {"query", "key", "value"}:
+            out[key] = torch.cat([parts[name][1] for name in ("query", "key", "value")], dim=0)
+        else:
+            out.update(parts.values())
+    target = model.state_dict()
+    for key, value in out.items():
         if key.endswith(".rpb") and key in target and value.shape != target[key].shape:
             size = target[key].shape[-2:]
             value = F.interpolate(value[None].float(), size=size, mode="bicubic", align_corners=False)
-            value = value[0].to(target[key].dtype)
-        out[key] = value
+            out[key] = value[0].to(target[key].dtype)
     return out
 
 

@@ -4,8 +4,9 @@ Paper: Guo, Lu, Liu, Cheng, Hu, "Visual Attention Network", Computational Visual
     https://arxiv.org/abs/2202.09741
 Official code: https://github.com/Visual-Attention-Network/VAN-Classification (models/van.py,
     Apache-2.0). This is a re-implementation whose module and parameter names follow the official
-    code (``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}``, ``head``), so the released checkpoints
-    (``{'state_dict': ...}`` files) load unchanged.
+    code (``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}``, ``head``) except for the layer scales (timm's
+    ``ls1.gamma`` / ``ls2.gamma``): the released checkpoints (``{'state_dict': ...}`` files) load through
+    ``checkpoint_filter_fn``, which renames those.
 
 Architecture: four stages, each an overlapping patch embedding (conv 7x7 stride 4, then 3x3 stride 2;
 each followed by BatchNorm), a stack of blocks, and a LayerNorm over the stage's tokens. A block is
@@ -24,13 +25,21 @@ Preprocessing: the official models were trained with timm 0.4.12's ``vision_tran
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, LayerNorm2d, get_act_layer, get_norm_layer, register_notrace_module
+from timm.layers import (
+    DropPath,
+    LayerNorm2d,
+    LayerScale2d,
+    get_act_layer,
+    get_norm_layer,
+    register_notrace_module,
+)
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -130,7 +139,8 @@ class SpatialAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """VAN block: BN -> spatial attention and BN -> Mlp, each scaled by a per-channel layer scale."""
+    """VAN block: BN -> spatial attention and BN -> Mlp, each scaled by a per-channel layer scale ``ls1`` /
+    ``ls2`` (timm's LayerScale2d; the official ``layer_scale_1`` / ``layer_scale_2``)."""
 
     def __init__(
         self,
@@ -148,13 +158,12 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.BatchNorm2d(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
-        self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.ls1 = LayerScale2d(dim, layer_scale_init_value)
+        self.ls2 = LayerScale2d(dim, layer_scale_init_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
-        return x
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -353,12 +362,24 @@ class _ScriptableVAN(PooledLinearHead, nn.Module):
         return x
 
 
+def _official_to_ours(key: str) -> str:
+    """One official key -> this model's key: the layer scales ``block{i}.{j}.layer_scale_{k}`` become
+    ``block{i}.{j}.ls{k}.gamma``; every other official name is this model's (keys already in this layout pass
+    unchanged)."""
+    return re.sub(r"^(block\d+\.\d+)\.layer_scale_([12])$", r"\1.ls\2.gamma", key)
+
+
 def checkpoint_filter_fn(state_dict: dict, model: VAN) -> dict[str, torch.Tensor]:
-    """Official VAN checkpoints use this model's key names: unwrap ``'state_dict'`` / ``'model'``."""
+    """Map an official VAN state_dict (plain, or wrapped under ``'state_dict'`` / ``'model'``) to this model.
+
+    Each key is mapped on its own, so ``load_state_dict`` then names exactly the keys a file lacks or has
+    in excess.
+    """
     for wrapper in ("state_dict", "model"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            return dict(state_dict[wrapper])
-    return dict(state_dict)
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    return {_official_to_ours(key): value for key, value in state_dict.items()}
 
 
 def _create_van(variant: str, pretrained: bool = False, **kwargs) -> VAN:

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 from unittest import mock
 
 import pytest
@@ -129,6 +130,41 @@ def test_full_size_official_keys_load(conformance_dir, arch):
     result = model.load_state_dict(checkpoint_filter_fn(official, model), strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert model.levels[0].blocks[0].attn.rpb.shape == (2, 13, 13)
+
+
+@pytest.mark.parametrize("fixture,arch", [("nat_r1", "nat_mini"), ("dinat_r1", "dinat_mini")])
+def test_official_file_missing_keys_are_named_exactly(conformance_dir, fixture, arch):
+    """Keys map one by one: an official file lacking some keys or carrying a bogus one has load_state_dict
+    name exactly those."""
+    d = conformance_dir / "nat"
+    config = json.loads((d / f"{fixture}_config.json").read_text())
+    model = timm.create_model(arch, **config["constructor_kwargs"])
+    official = torch.load(d / f"{fixture}_state_dict.pt", weights_only=True)
+    dropped = ["head.weight", "levels.1.blocks.0.attn.qkv.bias", "patch_embed.proj.0.weight"]
+    for key in dropped:
+        del official[key]
+    official["levels.0.blocks.0.attn.extra"] = torch.zeros(1)
+    result = model.load_state_dict(checkpoint_filter_fn({"model": official}, model), strict=False)
+    assert sorted(result.missing_keys) == dropped
+    assert result.unexpected_keys == ["levels.0.blocks.0.attn.extra"]
+
+
+def test_official_layer_scale_and_dinat_s_names_missing_keys_are_named_exactly():
+    """The renamed keys (DiNAT_s ``layers.i``, layer scales ``gamma1``/``gamma2``) are reported under this
+    model's names when missing; a bogus key keeps its (renamed) name."""
+    kwargs = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3, layer_scale=1e-5)
+    model = timm.create_model("dinat_s_tiny", dilations=[[1]] * 4, **kwargs)
+    official = {
+        re.sub(r"\.ls([12])\.gamma$", r".gamma\1", k.replace("levels.", "layers.", 1)): v
+        for k, v in model.state_dict().items()
+    }
+    assert "layers.0.blocks.0.gamma1" in official
+    del official["layers.0.blocks.0.gamma1"], official["layers.1.downsample.reduction.weight"]
+    official["layers.2.blocks.0.gamma3"] = torch.zeros(1)
+    result = model.load_state_dict(checkpoint_filter_fn(official, model), strict=False)
+    missing = ["levels.0.blocks.0.ls1.gamma", "levels.1.downsample.reduction.weight"]
+    assert sorted(result.missing_keys) == missing
+    assert result.unexpected_keys == ["levels.2.blocks.0.gamma3"]
 
 
 def test_dinat_s_official_layer_names_and_rpb_resize():
@@ -469,6 +505,30 @@ def test_transformers_nat_and_bare_model_names_convert():
     headless.load_state_dict(checkpoint_filter_fn(bare, headless), strict=True)
     torch.testing.assert_close(headless.norm.weight, sd["dinat.layernorm.weight"], rtol=0, atol=0)
 
-    broken = {k: v for k, v in sd.items() if not k.endswith("levels.1.layers.0.attention.self.key.weight")}
-    with pytest.raises(ValueError, match="query, key and value"):
-        checkpoint_filter_fn(broken, ours)
+
+def test_transformers_file_missing_keys_are_named_exactly():
+    """transformers keys map one by one: a bare DinatModel file without its patch-embedding projection
+    (what whole-file detection rested on) and without one key projection reports exactly those as missing;
+    the orphaned query/value projections and a bogus key come back unexpected."""
+    hf, _ = _hf_dinat(num_labels=10, layer_scale=0.5)
+    bare = {k[len("dinat.") :]: v for k, v in hf.state_dict().items() if k.startswith("dinat.")}
+    bare = {k: v for k, v in bare.items() if not k.startswith("embeddings.patch_embeddings.")}
+    del bare["encoder.levels.1.layers.0.attention.self.key.weight"]
+    del bare["encoder.levels.2.layers.1.layer_scale_parameters"]
+    bare["encoder.levels.0.layers.0.bogus"] = torch.zeros(1)
+    model = timm.create_model("dinat_mini", **TINY, dilations=TINY_DILATIONS, layer_scale=1.0, num_classes=0)
+    result = model.load_state_dict(checkpoint_filter_fn(bare, model), strict=False)
+    assert sorted(result.missing_keys) == [
+        "levels.1.blocks.0.attn.qkv.weight",
+        "levels.2.blocks.1.ls1.gamma",
+        "levels.2.blocks.1.ls2.gamma",
+        "patch_embed.proj.0.bias",
+        "patch_embed.proj.0.weight",
+        "patch_embed.proj.1.bias",
+        "patch_embed.proj.1.weight",
+    ]
+    assert sorted(result.unexpected_keys) == [
+        "encoder.levels.1.layers.0.attention.self.query.weight",
+        "encoder.levels.1.layers.0.attention.self.value.weight",
+        "levels.0.blocks.0.bogus",
+    ]

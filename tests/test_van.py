@@ -94,11 +94,31 @@ def test_full_size_keys_load_strict(conformance_dir):
         k: torch.zeros(s, dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float32)
         for k, s in shapes.items()
     }
-    model = timm.create_model("van_b0")
-    model.load_state_dict(checkpoint_filter_fn({"state_dict": official}, model), strict=True)
-    assert set(model.state_dict()) == set(official)
-    # an unwrapped state_dict loads as well
-    model.load_state_dict(checkpoint_filter_fn(official, model), strict=True)
+    with torch.device("meta"):
+        model = timm.create_model("van_b0")
+    mapped = checkpoint_filter_fn({"state_dict": official}, model)
+    assert len(mapped) == len(official) and set(mapped) == set(model.state_dict())
+    model.load_state_dict(mapped, strict=True, assign=True)
+    # an unwrapped state_dict loads as well, and a state_dict of this model maps onto itself
+    model.load_state_dict(checkpoint_filter_fn(official, model), strict=True, assign=True)
+    assert set(checkpoint_filter_fn(model.state_dict(), model)) == set(model.state_dict())
+
+
+def test_official_file_missing_keys_are_named_exactly(conformance_dir):
+    """Keys map one by one: a file lacking some official keys (a layer scale among them) or carrying a
+    bogus one has load_state_dict name exactly those, under this model's names."""
+    model, *_ = _official_r1(conformance_dir)
+    official = torch.load(conformance_dir / "van" / "van_r1_state_dict.pt", weights_only=True)
+    for key in ("block1.0.layer_scale_1", "block2.0.attn.spatial_gating_unit.conv0.weight", "head.bias"):
+        del official[key]
+    official["block3.0.layer_scale_3"] = torch.zeros(1)
+    result = model.load_state_dict(checkpoint_filter_fn({"state_dict": official}, model), strict=False)
+    assert sorted(result.missing_keys) == [
+        "block1.0.ls1.gamma",
+        "block2.0.attn.spatial_gating_unit.conv0.weight",
+        "head.bias",
+    ]
+    assert result.unexpected_keys == ["block3.0.layer_scale_3"]
 
 
 def test_pretrained_loads_a_train_script_checkpoint_file(tmp_path):
