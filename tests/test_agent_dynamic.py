@@ -50,7 +50,9 @@ def test_dynamic_matches_fixed_models(name, extra, size, others):
             ref = _fixed_at(name, kwargs, hw, fixed)
             x = torch.randn(2, 3, *hw)
             torch.testing.assert_close(dynamic(x), ref(x), rtol=1e-5, atol=1e-5, msg=f"{name} at {hw}")
-            torch.testing.assert_close(dynamic.forward_features(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                dynamic.forward_features(x), ref.forward_features(x), rtol=1e-5, atol=1e-5
+            )
             got, want = dynamic.forward_intermediates(x)[1], ref.forward_intermediates(x)[1]
             assert len(got) == len(want)
             for a, b in zip(got, want):
