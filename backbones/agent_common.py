@@ -158,7 +158,7 @@ def resize_separable(bias: torch.Tensor, dim: int, size: int) -> torch.Tensor:
         return bias
     moved = bias.movedim(dim, -1)
     flat = F.interpolate(moved.reshape(1, -1, moved.shape[-1]).float(), size=size, mode="linear")
-    return flat.reshape(*moved.shape[:-1], size).movedim(-1, dim).to(bias.dtype)
+    return flat.reshape(list(moved.shape[:-1]) + [size]).movedim(-1, dim).to(bias.dtype)
 
 
 def resize_rel_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
@@ -176,6 +176,15 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], prefix: int
     """Learned position embedding ``[1, prefix + S*S, C]`` (square ``S x S`` grid) resized bicubically to
     ``[1, prefix + h*w, C]`` for ``grid`` (h, w), prefix (class) tokens kept (timm's resampling)."""
     return resample_abs_pos_embed(pos_embed, list(grid), num_prefix_tokens=prefix)
+
+
+def unwrap_checkpoint(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The state_dict of an official checkpoint: the official trainer saves ``{'model': state_dict, ...}``;
+    a ``'state_dict'`` wrapper or a bare state_dict is taken as well."""
+    for wrapper in ("model", "state_dict"):
+        if isinstance(checkpoint.get(wrapper), dict):
+            return checkpoint[wrapper]
+    return checkpoint
 
 
 def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

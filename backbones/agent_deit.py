@@ -41,6 +41,7 @@ from visattn.backbones.agent_common import (
     agent_cfg,
     resize_pos_embed,
     resize_to_model,
+    unwrap_checkpoint,
 )
 
 __all__ = ["AgentVisionTransformer"]
@@ -240,14 +241,19 @@ class AgentVisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos_embed), grid
 
-    def _blocks(self, x: torch.Tensor, grid: tuple[int, int], blocks: nn.Sequential) -> torch.Tensor:
-        """Run ``blocks`` on tokens of the patch grid ``grid`` (any grid with ``dynamic_img_size``)."""
-        checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
+    def _blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The blocks on tokens of the patch grid ``grid`` (any grid with ``dynamic_img_size``)."""
         if not self.dynamic_img_size:
-            return checkpoint_seq(blocks, x) if checkpointing else blocks(x)
-        for blk in blocks:
-            args = (x, grid) if isinstance(blk, AgentDeiTBlock) else (x,)
-            x = checkpoint(blk, *args) if checkpointing else blk(*args)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                return checkpoint_seq(self.blocks, x)
+            return self.blocks(x)
+        for blk in self.blocks:
+            if not isinstance(blk, AgentDeiTBlock):
+                x = blk(x)
+            elif self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, grid)
+            else:
+                x = blk(x, grid)
         return x
 
     def forward_intermediates(
@@ -290,7 +296,7 @@ class AgentVisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised tokens ``[B, 1 + H*W/patch**2, C]`` (class token first)."""
         x, grid = self._embed(x)
-        return self.norm(self._blocks(x, grid, self.blocks))
+        return self.norm(self._blocks(x, grid))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
@@ -310,7 +316,7 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentVisionTransformer) -> dic
     ``pos_embed`` and the separable agent biases of another resolution are resized as the official
     ``load_pretrained`` does (see ``resize_to_model``).
     """
-    return resize_to_model(state_dict.get("model", state_dict.get("state_dict", state_dict)), model)
+    return resize_to_model(unwrap_checkpoint(state_dict), model)
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:

@@ -17,6 +17,15 @@ from tests.test_agent_models import TINY
 CASES = [
     ("agent_deit_tiny", {}, 32, [(48, 48), (24, 24), (40, 24)]),
     ("agent_deit_base", {}, 32, [(48, 48), (16, 16), (24, 40)]),  # a plain DeiT block after the agent ones
+    ("agent_pvt_tiny", {}, 64, [(96, 96), (32, 32), (64, 96)]),  # agent keys/values reduced 2x in stage 1
+    ("agent_pvt_small", {}, 64, [(128, 128), (32, 32), (96, 64)]),  # PVT spatial-reduction stages 3-4
+    # every window covers its stage at 64, as in the released Agent-Swin models (window = stage-1 grid)
+    ("agent_swin_tiny", dict(window_size=16), 64, [(96, 96), (32, 32), (96, 64)]),
+    ("agent_swin_base", dict(window_size=16), 64, [(96, 96), (32, 32), (64, 96)]),  # AAMB2
+    # window 8 < stage-1 grid 16: local shifted agent windows, zero-padded at 48x40 (12x10 grid)
+    ("agent_swin_tiny", {}, 64, [(48, 48), (48, 40), (32, 32)]),
+    # stage-1 Swin window 7 on a 16 grid: padded to 21 and shift-masked at 64, 28 at 96
+    ("agent_swin_tiny", dict(window_size=56, attn_type="BAAB"), 64, [(96, 96), (32, 32), (64, 96)]),
 ]
 
 
@@ -25,6 +34,8 @@ def _kwargs(name: str, extra: dict) -> dict:
 
 
 def _fixed_at(name: str, kwargs: dict, size: tuple[int, int], source: torch.nn.Module) -> torch.nn.Module:
+    if kwargs.get("window_size") == 16:  # the window follows the size (as 56 at 224, 96 at 384)
+        kwargs = dict(kwargs, window_size=max(size) // 4)
     model = timm.create_model(name, img_size=size, **kwargs).eval()
     sd = checkpoint_filter_for(name)({"model": source.state_dict()}, model)
     model.load_state_dict(sd, strict=True)
@@ -65,8 +76,13 @@ def test_dynamic_matches_fixed_models(name, extra, size, others):
 def test_dynamic_features_only(name, extra, size, others):
     kwargs = _kwargs(name, extra)
     model = timm.create_model(name, img_size=size, dynamic_img_size=True, features_only=True, **kwargs).eval()
-    reductions = model.feature_info.reduction()
+    plain = timm.create_model(name, img_size=size, dynamic_img_size=True, **kwargs).eval()
+    result = model.model.load_state_dict(plain.state_dict(), strict=False)  # same weights; no head there
+    assert not result.missing_keys and all(k.startswith(("head.", "norm.")) for k in result.unexpected_keys)
     for hw in others:
+        x = torch.randn(1, 3, *hw)
         with torch.no_grad():
-            feats = model(torch.randn(1, 3, *hw))
-        assert [f.shape[-2:] for f in feats] == [(hw[0] // r, hw[1] // r) for r in reductions]
+            feats, want = model(x), plain.forward_intermediates(x, intermediates_only=True)
+        assert len(feats) == len(model.feature_info) and len(feats) <= len(want)
+        for f, i in zip(feats, model.feature_info.out_indices):
+            torch.testing.assert_close(f, want[i], rtol=0, atol=0)
