@@ -86,3 +86,19 @@ def test_dynamic_features_only(name, extra, size, others):
         assert len(feats) == len(model.feature_info) and len(feats) <= len(want)
         for f, i in zip(feats, model.feature_info.out_indices):
             torch.testing.assert_close(f, want[i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["agent_deit_base", "agent_pvt_tiny", "agent_swin_base"])
+def test_dynamic_training_step_with_grad_checkpointing(name):
+    """Off the configured size: every parameter gets a gradient, the same one with grad checkpointing."""
+    _, _, model = _pair(name, {}, TINY[name]["img_size"])
+    x = torch.randn(2, 3, 64, 96)  # PVT's stride-32 stages need multiples of 32
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(enabled)
+        model(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == {n for n, _ in model.named_parameters()}
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, msg=n)
