@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
 from visattn.kernels import agent_attention
@@ -92,13 +92,21 @@ class AgentAttentionBase(nn.Module):
         agents = F.adaptive_avg_pool2d(grid, self.pool_size).reshape(b, c, -1).transpose(1, 2)
         return agents.reshape(b, self.agent_num, self.num_heads, self.head_dim)
 
-    def position_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(agent_bias [1, heads, A, Nk], query_bias [1, heads, Nq, A])`` at the training grids."""
+    def position_biases(
+        self, q_size: tuple[int, int] | None = None, kv_size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(agent_bias [1, heads, A, Nk], query_bias [1, heads, Nq, A])`` on the query grid ``q_size`` and
+        the key grid ``kv_size`` (default: the training grids). At other grids the separable biases are
+        resized with :func:`resize_separable`, exactly as :func:`resize_to_model` resizes a checkpoint."""
+        q_size = self.q_size if q_size is None else q_size
+        kv_size = self.kv_size if kv_size is None else kv_size
         h, a = self.num_heads, self.agent_num
-        agent_bias = F.interpolate(self.an_bias, size=self.kv_size, mode="bilinear").reshape(1, h, a, -1)
-        agent_bias = agent_bias + (self.ah_bias + self.aw_bias).reshape(1, h, a, -1)
-        query_bias = F.interpolate(self.na_bias, size=self.q_size, mode="bilinear").reshape(1, h, a, -1)
-        query_bias = query_bias.transpose(-1, -2) + (self.ha_bias + self.wa_bias).reshape(1, h, -1, a)
+        ah, aw = resize_separable(self.ah_bias, 3, kv_size[0]), resize_separable(self.aw_bias, 4, kv_size[1])
+        ha, wa = resize_separable(self.ha_bias, 2, q_size[0]), resize_separable(self.wa_bias, 3, q_size[1])
+        agent_bias = F.interpolate(self.an_bias, size=kv_size, mode="bilinear").reshape(1, h, a, -1)
+        agent_bias = agent_bias + (ah + aw).reshape(1, h, a, -1)
+        query_bias = F.interpolate(self.na_bias, size=q_size, mode="bilinear").reshape(1, h, a, -1)
+        query_bias = query_bias.transpose(-1, -2) + (ha + wa).reshape(1, h, -1, a)
         return agent_bias, query_bias
 
     def attend(
@@ -143,13 +151,51 @@ class AgentAttentionBase(nn.Module):
 _SEPARABLE_BIASES = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
 
 
+def resize_separable(bias: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A separable agent bias (``ah/aw/ha/wa_bias``) linearly interpolated to ``size`` along ``dim``,
+    as the official ``load_pretrained`` resizes them; unchanged if already that size."""
+    if bias.shape[dim] == size:
+        return bias
+    moved = bias.movedim(dim, -1)
+    flat = F.interpolate(moved.reshape(1, -1, moved.shape[-1]).float(), size=size, mode="linear")
+    return flat.reshape(list(moved.shape[:-1]) + [size]).movedim(-1, dim).to(bias.dtype)
+
+
+def resize_rel_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Swin ``relative_position_bias_table`` ``[(2w-1)**2, heads]`` of a square window, bicubic-resized
+    to the ``[(2h-1) * (2w-1), heads]`` table of ``window`` (h, w); unchanged if already that size."""
+    old = math.isqrt(table.shape[0])
+    new = (2 * window[0] - 1, 2 * window[1] - 1)
+    if old == new[0] == new[1]:
+        return table
+    grid = table.T.reshape(1, -1, old, old).float()
+    return F.interpolate(grid, size=new, mode="bicubic").reshape(-1, new[0] * new[1]).T.to(table.dtype)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], prefix: int = 0) -> torch.Tensor:
+    """Learned position embedding ``[1, prefix + S*S, C]`` (square ``S x S`` grid) resized bicubically to
+    ``[1, prefix + h*w, C]`` for ``grid`` (h, w), prefix (class) tokens kept (timm's resampling)."""
+    return resample_abs_pos_embed(pos_embed, list(grid), num_prefix_tokens=prefix)
+
+
+def unwrap_checkpoint(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The state_dict of an official checkpoint: the official trainer saves ``{'model': state_dict, ...}``;
+    a ``'state_dict'`` wrapper or a bare state_dict is taken as well."""
+    for wrapper in ("model", "state_dict"):
+        if isinstance(checkpoint.get(wrapper), dict):
+            return checkpoint[wrapper]
+    return checkpoint
+
+
 def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Resize resolution-bound tensors of a checkpoint to ``model``, as the official ``load_pretrained``
-    does when fine-tuning at another resolution (e.g. Agent-Swin-B 224 -> 384).
+    does when fine-tuning at another resolution (e.g. Agent-Swin-B 224 -> 384); a ``dynamic_img_size``
+    model resizes the same tensors with the same helpers on every forward.
 
-    - separable agent biases ``ah/aw/ha/wa_bias``: linear interpolation along their spatial axis;
-    - ``relative_position_bias_table`` ``[(2W-1)**2, heads]``: bicubic on the ``(2W-1) x (2W-1)`` grid;
-    - ``pos_embed*`` ``[1, prefix + S*S, C]``: bicubic on the ``S x S`` grid, prefix tokens kept.
+    - separable agent biases ``ah/aw/ha/wa_bias``: :func:`resize_separable` along their spatial axis;
+    - ``relative_position_bias_table``: :func:`resize_rel_table` to the model's table;
+    - ``pos_embed*``: :func:`resize_pos_embed` to the grid of the matching ``patch_embed*``, prefix
+      (class) tokens kept.
 
     Tensors whose non-spatial dims (heads, agents, channels) differ are left for ``load_state_dict`` to
     report.
@@ -159,32 +205,19 @@ def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> di
     for key, value in state_dict.items():
         want = target.get(key)
         if want is not None and value.shape != want.shape and value.ndim == want.ndim:
-            name = key.rsplit(".", 1)[-1]
+            module, _, name = key.rpartition(".")
             if name in _SEPARABLE_BIASES:
                 diff = [d for d in range(value.ndim) if value.shape[d] != want.shape[d]]
                 if len(diff) == 1:
-                    moved = value.movedim(diff[0], -1)
-                    flat = F.interpolate(
-                        moved.reshape(1, -1, moved.shape[-1]).float(), size=want.shape[diff[0]], mode="linear"
-                    )
-                    value = flat.reshape(*moved.shape[:-1], -1).movedim(-1, diff[0]).to(value.dtype)
+                    value = resize_separable(value, diff[0], want.shape[diff[0]])
             elif name == "relative_position_bias_table" and value.shape[1] == want.shape[1]:
-                old, new = math.isqrt(value.shape[0]), math.isqrt(want.shape[0])
-                grid = value.T.reshape(1, -1, old, old).float()
-                value = (
-                    F.interpolate(grid, size=(new, new), mode="bicubic")
-                    .reshape(-1, new * new)
-                    .T.to(value.dtype)
-                )
+                value = resize_rel_table(value, model.get_submodule(module).window_size)
             elif name.startswith("pos_embed") and value.shape[-1] == want.shape[-1]:
-                old, new = math.isqrt(value.shape[1]), math.isqrt(want.shape[1])
-                prefix = value.shape[1] - old * old
-                if prefix == want.shape[1] - new * new:
-                    grid = value[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-                    grid = (
-                        F.interpolate(grid, size=(new, new), mode="bicubic").permute(0, 2, 3, 1).flatten(1, 2)
-                    )
-                    value = torch.cat([value[:, :prefix], grid.to(value.dtype)], dim=1)
+                grid = tuple(model.get_submodule(name.replace("pos_embed", "patch_embed")).grid_size)
+                prefix = want.shape[1] - grid[0] * grid[1]
+                old = math.isqrt(value.shape[1] - prefix)
+                if old * old == value.shape[1] - prefix:
+                    value = resize_pos_embed(value, grid, prefix)
         out[key] = value
     return out
 

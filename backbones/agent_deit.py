@@ -23,13 +23,26 @@ from timm.layers import (
     register_notrace_module,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+)
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from visattn.backbones._common import check_image, factory_kwargs, init_weights
-from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
+from visattn.backbones.agent_common import (
+    TSINGHUA_URL,
+    AgentAttentionBase,
+    agent_cfg,
+    resize_pos_embed,
+    resize_to_model,
+    unwrap_checkpoint,
+)
 
 __all__ = ["AgentVisionTransformer"]
 torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
@@ -39,34 +52,36 @@ _STAGE_OF_BLOCK_PAIR = (0, 1, 2, 2, 2, 3)
 
 @register_notrace_module  # an FX leaf, like every agent-attention layer
 class AgentDeiTAttention(AgentAttentionBase):
-    """Agent attention over ``[cls, patches]`` tokens ``[B, 1 + window**2, C]``."""
+    """Agent attention over ``[cls, patches]`` tokens ``[B, 1 + h*w, C]`` on the patch grid ``grid``."""
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
-        window: int,
+        grid: tuple[int, int],
         agent_num: int = 49,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        super().__init__(dim, num_heads, agent_num, (window, window), (window, window), attn_drop, proj_drop)
+        super().__init__(dim, num_heads, agent_num, grid, grid, attn_drop, proj_drop)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.ac_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1))
         self.ca_bias = nn.Parameter(torch.zeros(1, num_heads, 1, agent_num))
         trunc_normal_(self.ac_bias, std=0.02)
         trunc_normal_(self.ca_bias, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``size``: the patch grid (default: the training one)."""
         b, n, c = x.shape
+        size = self.q_size if size is None else size
         q, k, v = self.qkv(x).reshape(b, n, 3, c).unbind(2)
-        agents = self.agent_tokens(q[:, 1:], self.q_size)
-        agent_bias, query_bias = self.position_biases()
+        agents = self.agent_tokens(q[:, 1:], size)
+        agent_bias, query_bias = self.position_biases(size, size)
         agent_bias = torch.cat([self.ac_bias, agent_bias], dim=-1)
         query_bias = torch.cat([self.ca_bias, query_bias], dim=-2)
         x = self.attend(q, k, v, agents, agent_bias, query_bias)
-        x = torch.cat([x[:, :1], x[:, 1:] + self.dwc_tokens(v[:, 1:], self.q_size)], dim=1)
+        x = torch.cat([x[:, :1], x[:, 1:] + self.dwc_tokens(v[:, 1:], size)], dim=1)
         return self.project(x)
 
 
@@ -75,7 +90,7 @@ class AgentDeiTBlock(nn.Module):
         self,
         dim: int,
         num_heads: int,
-        window: int,
+        grid: tuple[int, int],
         agent_num: int = 49,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
@@ -87,18 +102,25 @@ class AgentDeiTBlock(nn.Module):
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = AgentDeiTAttention(dim, num_heads, window, agent_num, qkv_bias, attn_drop, proj_drop)
+        self.attn = AgentDeiTAttention(dim, num_heads, grid, agent_num, qkv_bias, attn_drop, proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class AgentVisionTransformer(nn.Module):
-    """Agent-DeiT classifier (class token, learned position embedding, ``depth`` blocks)."""
+    """Agent-DeiT classifier (class token, learned position embedding, ``depth`` blocks).
+
+    ``dynamic_img_size=True`` accepts any input of at least one patch (timm's convention): the position
+    embedding and the agent biases are resized to the input's patch grid on each forward, with the same
+    helpers ``checkpoint_filter_fn`` uses for a checkpoint of another resolution.
+    """
+
+    dynamic_img_size: torch.jit.Final[bool]
 
     @factory_kwargs
     def __init__(
@@ -121,6 +143,7 @@ class AgentVisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: str | type[nn.Module] | None = None,
         act_layer: str | type[nn.Module] = nn.GELU,
+        dynamic_img_size: bool = False,
     ):
         super().__init__()
         norm_layer = get_norm_layer(norm_layer) or partial(nn.LayerNorm, eps=1e-6)
@@ -133,12 +156,12 @@ class AgentVisionTransformer(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size
         agent_layer = agent_layer if agent_layer > 0 else depth
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        window = self.patch_embed.grid_size[0]
-        if self.patch_embed.grid_size[0] != self.patch_embed.grid_size[1]:
-            raise ValueError(f"Agent-DeiT needs a square patch grid, got {self.patch_embed.grid_size}")
+        dynamic = dict(strict_img_size=False, output_fmt="NHWC") if dynamic_img_size else {}
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, **dynamic)
+        grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -156,7 +179,7 @@ class AgentVisionTransformer(nn.Module):
                 AgentDeiTBlock(
                     embed_dim,
                     num_heads,
-                    window,
+                    grid,
                     int(agent_num[_STAGE_OF_BLOCK_PAIR[min(i // 2, 5)]]),
                     drop_path=dpr[i],
                     **common,
@@ -207,10 +230,31 @@ class AgentVisionTransformer(nn.Module):
             else nn.Identity()
         ).train(self.training)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image -> ``([B, 1 + h*w, C]`` tokens with position embedding, patch grid ``(h, w))``."""
         x = self.patch_embed(check_image(x, self.in_chans))
+        if self.dynamic_img_size:
+            grid = (x.shape[1], x.shape[2])
+            x, pos_embed = x.flatten(1, 2), resize_pos_embed(self.pos_embed, grid, prefix=1)
+        else:
+            grid, pos_embed = (self.patch_embed.grid_size[0], self.patch_embed.grid_size[1]), self.pos_embed
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + pos_embed), grid
+
+    def _blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The blocks on tokens of the patch grid ``grid`` (any grid with ``dynamic_img_size``)."""
+        if not self.dynamic_img_size:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                return checkpoint_seq(self.blocks, x)
+            return self.blocks(x)
+        for blk in self.blocks:
+            if not isinstance(blk, AgentDeiTBlock):
+                x = blk(x)
+            elif self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, grid)
+            else:
+                x = blk(x, grid)
+        return x
 
     def forward_intermediates(
         self,
@@ -226,12 +270,11 @@ class AgentVisionTransformer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         b = x.shape[0]
-        gh, gw = self.patch_embed.grid_size
-        x = self._embed(x)
+        x, (gh, gw) = self._embed(x)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         intermediates = []
         for i, blk in enumerate(blocks):
-            x = blk(x)
+            x = blk(x, (gh, gw)) if isinstance(blk, AgentDeiTBlock) else blk(x)
             if i in take_indices:
                 feat = self.norm(x) if norm else x
                 intermediates.append(feat[:, 1:].reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous())
@@ -252,12 +295,8 @@ class AgentVisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised tokens ``[B, 1 + H*W/patch**2, C]`` (class token first)."""
-        x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
+        x, grid = self._embed(x)
+        return self.norm(self._blocks(x, grid))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
@@ -277,7 +316,7 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentVisionTransformer) -> dic
     ``pos_embed`` and the separable agent biases of another resolution are resized as the official
     ``load_pretrained`` does (see ``resize_to_model``).
     """
-    return resize_to_model(state_dict.get("model", state_dict.get("state_dict", state_dict)), model)
+    return resize_to_model(unwrap_checkpoint(state_dict), model)
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:

@@ -32,7 +32,14 @@ from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 
 from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
-from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
+from visattn.backbones.agent_common import (
+    TSINGHUA_URL,
+    AgentAttentionBase,
+    agent_cfg,
+    resize_pos_embed,
+    resize_to_model,
+    unwrap_checkpoint,
+)
 
 __all__ = ["AgentPyramidVisionTransformer"]
 torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
@@ -67,10 +74,11 @@ class AgentPVTAttention(AgentAttentionBase):
         if self.sr is not None and self.norm is not None:
             x = self.norm(self.sr(x.transpose(1, 2).unflatten(2, size)).flatten(2).transpose(1, 2))
         k, v = self.kv(x).reshape(b, -1, 2, c).unbind(2)
+        kv_size = (size[0] // self.sr_ratio, size[1] // self.sr_ratio)
         agents = self.agent_tokens(q, size)
-        agent_bias, query_bias = self.position_biases()
+        agent_bias, query_bias = self.position_biases(size, kv_size)
         out = self.attend(q, k, v, agents, agent_bias, query_bias)
-        out = out + self.dwc_tokens(v, self.kv_size, out_size=size)
+        out = out + self.dwc_tokens(v, kv_size, out_size=size)
         return self.project(out)
 
 
@@ -116,7 +124,12 @@ class AgentPVTBlock(nn.Module):
 
 class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
     """Agent-PVT classifier. Attribute names (``patch_embed1``, ``pos_embed1``, ``block1``, ...) are the
-    official ones so that official checkpoints load unchanged."""
+    official ones so that official checkpoints load unchanged.
+
+    ``dynamic_img_size=True`` accepts any input size (timm's convention): each stage's position embedding
+    and agent biases are resized to its token grid on every forward, with the same helpers
+    ``checkpoint_filter_fn`` uses for a checkpoint of another resolution.
+    """
 
     @factory_kwargs
     def __init__(
@@ -141,11 +154,14 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: str | type[nn.Module] | None = None,
         act_layer: str | type[nn.Module] = nn.GELU,
+        dynamic_img_size: bool = False,
     ):
         super().__init__()
         norm_layer = get_norm_layer(norm_layer) or partial(nn.LayerNorm, eps=1e-6)
         act_layer = get_act_layer(act_layer)
         num_stages = len(depths)
+        self.dynamic_img_size = dynamic_img_size
+        dynamic = dict(strict_img_size=False, output_fmt="NHWC") if dynamic_img_size else {}
         if len(attn_type) != num_stages or any(t not in "AB" for t in attn_type):
             raise ValueError(f"attn_type needs one 'A' or 'B' per stage ({num_stages}), got {attn_type!r}")
         self.in_chans = in_chans
@@ -163,6 +179,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
                 in_chans=in_chans if i == 0 else embed_dims[i - 1],
                 embed_dim=embed_dims[i],
                 norm_layer=nn.LayerNorm,
+                **dynamic,
             )
             grid = patch_embed.grid_size
             sr = sr_ratios[i] if attn_type[i] == "B" else int(agent_sr_ratios[i])
@@ -226,14 +243,20 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``i`` (0-based): NCHW (or the image) in, NCHW out."""
         patch_embed = getattr(self, f"patch_embed{i + 1}")
-        tokens = patch_embed(x)
-        size = patch_embed.grid_size
-        tokens = getattr(self, f"pos_drop{i + 1}")(tokens + getattr(self, f"pos_embed{i + 1}"))
+        tokens, pos_embed = patch_embed(x), getattr(self, f"pos_embed{i + 1}")
+        if self.dynamic_img_size:
+            size = (tokens.shape[1], tokens.shape[2])
+            tokens, pos_embed = tokens.flatten(1, 2), resize_pos_embed(pos_embed, size)
+        else:
+            size = patch_embed.grid_size
+        tokens = getattr(self, f"pos_drop{i + 1}")(tokens + pos_embed)
         for blk in getattr(self, f"block{i + 1}"):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 tokens = checkpoint(blk, tokens, size)
             else:
                 tokens = blk(tokens, size)
+        if self.dynamic_img_size:
+            return tokens.transpose(1, 2).unflatten(2, size)
         return getattr(self, f"to_map{i + 1}")(tokens.transpose(1, 2))
 
     def forward_intermediates(
@@ -280,6 +303,8 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` compiles instead of this model (it cannot look up ``f"block{i}"``)."""
+        if self.dynamic_img_size:
+            raise ValueError("TorchScript needs the fixed-size Agent-PVT (dynamic_img_size=False)")
         return _ScriptableAgentPVT(self)
 
 
@@ -324,7 +349,7 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentPyramidVisionTransformer)
 
     Agent biases and position embeddings of another resolution are resized (see ``resize_to_model``).
     """
-    return resize_to_model(state_dict.get("model", state_dict.get("state_dict", state_dict)), model)
+    return resize_to_model(unwrap_checkpoint(state_dict), model)
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:

@@ -11,8 +11,14 @@ types, chosen per stage by an ``attn_type`` string such as ``"AAAB"``:
 - ``B``: plain Swin window attention with relative position bias, window ``max(7, window_size // 8)``;
 - ``M<k>`` (only at the end of the string, for one stage): the first ``k`` blocks ``A``, the rest ``B``.
 
-Windows larger than the stage are clamped to it (and then not shifted), exactly as in Swin. The agent
-blocks ignore the shifted-window mask, like the official code.
+Windows larger than the stage are clamped to it (and then not shifted), per axis, exactly as in Swin.
+The agent blocks ignore the shifted-window mask, like the official code.
+
+``dynamic_img_size=True`` (timm's convention) accepts any input size the patch embedding allows. A window
+that covered its whole stage at the configured size (every agent window of the released models, whose
+``window_size`` is the stage-1 grid) covers the whole stage grid of any input, its biases or relative
+position table resized as ``checkpoint_filter_fn`` resizes them; other windows keep their size, the stage
+is padded to a multiple of it and the shifted-window mask is built for it (as timm's Swin does).
 """
 
 from __future__ import annotations
@@ -31,11 +37,25 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformerBlock,
+    get_relative_position_index,
+    window_partition,
+    window_reverse,
+)
 from torch import nn
+from torch.nn import functional as F
 
 from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
-from visattn.backbones.agent_common import TSINGHUA_URL, AgentAttentionBase, agent_cfg, resize_to_model
+from visattn.backbones.agent_common import (
+    TSINGHUA_URL,
+    AgentAttentionBase,
+    agent_cfg,
+    resize_rel_table,
+    resize_to_model,
+    unwrap_checkpoint,
+)
 
 __all__ = ["AgentSwinTransformer"]
 torch.fx.wrap("check_image")  # FX records the input check as one call (it runs with the graph)
@@ -77,17 +97,33 @@ class AgentWindowAttention(AgentAttentionBase):
         super().__init__(dim, num_heads, agent_num, window_size, window_size, attn_drop, proj_drop)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """``window``: the window's (h, w) (default: the training one)."""
         b, n, c = x.shape
+        window = self.q_size if window is None else window
         q, k, v = self.qkv(x).reshape(b, n, 3, c).unbind(2)
-        agents = self.agent_tokens(q, self.q_size)
-        agent_bias, query_bias = self.position_biases()
-        x = self.attend(q, k, v, agents, agent_bias, query_bias) + self.dwc_tokens(v, self.q_size)
+        agents = self.agent_tokens(q, window)
+        agent_bias, query_bias = self.position_biases(window, window)
+        x = self.attend(q, k, v, agents, agent_bias, query_bias) + self.dwc_tokens(v, window)
         return self.project(x)
 
 
+def stage_window(
+    grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], follow: tuple[bool, bool]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    r"""(window, shift) on a stage ``grid``: per axis the whole grid (no shift) where the window ``follow``\s
+    the grid (it covered the stage at the configured size) or the grid fits in it, else as configured."""
+    fit_h = follow[0] or grid[0] <= window[0]
+    fit_w = follow[1] or grid[1] <= window[1]
+    ws = (grid[0] if fit_h else window[0], grid[1] if fit_w else window[1])
+    return ws, (0 if fit_h else shift[0], 0 if fit_w else shift[1])
+
+
 class AgentSwinBlock(nn.Module):
-    """Swin block with agent attention; input and output ``[B, H, W, C]``."""
+    """Swin block with agent attention; input and output ``[B, H, W, C]``.
+
+    With ``dynamic`` the window and shift are worked out for each input's grid (:func:`stage_window`).
+    """
 
     def __init__(
         self,
@@ -104,37 +140,80 @@ class AgentSwinBlock(nn.Module):
         agent_num: int = 49,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
+        dynamic: bool = False,
     ):
         super().__init__()
-        self.input_resolution = input_resolution
-        if min(input_resolution) <= window_size:
-            window_size, shift_size = min(input_resolution), 0
-        self.window_size = window_size
-        self.shift_size = shift_size
+        self.input_resolution = tuple(input_resolution)
+        self.dynamic = dynamic
+        self.follow = (input_resolution[0] <= window_size, input_resolution[1] <= window_size)
+        self.target_window, self.target_shift = to_2tuple(window_size), to_2tuple(shift_size)
+        self.window_size, self.shift_size = stage_window(
+            self.input_resolution, self.target_window, self.target_shift, self.follow
+        )
         self.norm1 = norm_layer(dim)
         self.attn = AgentWindowAttention(
-            dim, num_heads, to_2tuple(window_size), agent_num, qkv_bias, attn_drop, proj_drop
+            dim, num_heads, self.window_size, agent_num, qkv_bias, attn_drop, proj_drop
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[1], x.shape[2]
-        ws, shift = self.window_size, self.shift_size
-        if shift > 0:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        windows = window_partition(x, (ws, ws)).flatten(1, 2)
-        windows = self.attn(windows).unflatten(1, (ws, ws))
-        x = window_reverse(windows, (ws, ws), h, w)
-        if shift > 0:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid, window, shift = self.input_resolution, self.window_size, self.shift_size
+        if self.dynamic:
+            grid = (x.shape[1], x.shape[2])
+            window, shift = stage_window(grid, self.target_window, self.target_shift, self.follow)
+        x = x + self.drop_path1(self._windowed(self.norm1(x), grid, window, shift))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def _windowed(
+        self, x: torch.Tensor, grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]
+    ) -> torch.Tensor:
+        """Agent attention in the (cyclically shifted) windows of ``x`` ``[B, H, W, C]`` on the ``grid``
+        (H, W); a grid that is not a multiple of the window is zero-padded at the bottom/right (as timm's
+        Swin does), then cropped."""
+        h, w = grid
+        if shift[0] > 0 or shift[1] > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        pad_h, pad_w = (window[0] - h % window[0]) % window[0], (window[1] - w % window[1]) % window[1]
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        hp, wp = h + pad_h, w + pad_w
+        windows = self.attn(window_partition(x, window).flatten(1, 2), window).unflatten(1, window)
+        x = window_reverse(windows, window, hp, wp)[:, :h, :w]
+        if shift[0] > 0 or shift[1] > 0:
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self._attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+class SwinBlock(SwinTransformerBlock):
+    """timm's Swin block (the ``B`` blocks). With ``dynamic`` (timm's ``dynamic_mask``: padding and the
+    shifted-window mask built per input), and a window that covered the whole stage at the configured size
+    covers the whole grid of any input: one window, its relative position table resized by
+    :func:`resize_rel_table` (as ``checkpoint_filter_fn`` resizes a checkpoint's)."""
+
+    def __init__(self, *args, dynamic: bool = False, **kwargs):
+        super().__init__(*args, dynamic_mask=dynamic, **kwargs)
+        self.dynamic = dynamic
+        self.follow = tuple(w >= r for w, r in zip(self.window_size, self.input_resolution))
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (x.shape[1], x.shape[2])
+        if not self.dynamic or grid == tuple(self.window_size):
+            return super()._attn(x)
+        window, _ = stage_window(grid, self.window_size, self.shift_size, self.follow)
+        if window != grid:  # a local window: timm pads the grid to a multiple of it and masks shifts
+            return super()._attn(x)
+        attn = self.attn
+        n = grid[0] * grid[1]
+        table = resize_rel_table(attn.relative_position_bias_table, grid)
+        bias = table[get_relative_position_index(*grid, device=x.device).view(-1)]
+        bias = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0).to(x.dtype)
+        q, k, v = attn.qkv(x.flatten(1, 2)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        p = attn.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        return attn.proj_drop(attn.proj(out.transpose(1, 2).flatten(2))).view_as(x)
 
 
 class AgentSwinStage(nn.Module):
@@ -156,6 +235,7 @@ class AgentSwinStage(nn.Module):
         drop_path: list[float] | None = None,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
+        dynamic: bool = False,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -180,14 +260,17 @@ class AgentSwinStage(nn.Module):
                         window_size=window_size,
                         shift_size=0 if i % 2 == 0 else window_size // 2,
                         agent_num=agent_num,
+                        dynamic=dynamic,
                         **common,
                     )
                 )
             else:
                 ws = max(7, window_size // 8)
-                blocks.append(
-                    SwinTransformerBlock(window_size=ws, shift_size=0 if i % 2 == 0 else ws // 2, **common)
-                )
+                shift = 0 if i % 2 == 0 else ws // 2
+                if dynamic:
+                    blocks.append(SwinBlock(window_size=ws, shift_size=shift, dynamic=True, **common))
+                else:  # timm's block as is: TorchScript cannot compile the subclass's super() call
+                    blocks.append(SwinTransformerBlock(window_size=ws, shift_size=shift, **common))
         self.blocks = nn.Sequential(*blocks)
         self.downsample = PatchMerging(dim, norm_layer=norm_layer) if downsample else None
 
@@ -202,7 +285,10 @@ class AgentSwinStage(nn.Module):
 
 
 class AgentSwinTransformer(PooledLinearHead, nn.Module):
-    """Agent-Swin classifier; tokens are kept NHWC (``[B, H, W, C]``) between blocks."""
+    """Agent-Swin classifier; tokens are kept NHWC (``[B, H, W, C]``) between blocks.
+
+    ``dynamic_img_size=True``: any input size the patch embedding allows (see the module docstring).
+    """
 
     @factory_kwargs
     def __init__(
@@ -226,16 +312,24 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
         attn_type: str = "AAAB",
         norm_layer: str | type[nn.Module] = nn.LayerNorm,
         act_layer: str | type[nn.Module] = nn.GELU,
+        dynamic_img_size: bool = False,
     ):
         super().__init__()
         norm_layer, act_layer = get_norm_layer(norm_layer), get_act_layer(act_layer)
         num_stages = len(depths)
         self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer, output_fmt="NHWC"
+            img_size,
+            patch_size,
+            in_chans,
+            embed_dim,
+            norm_layer=norm_layer,
+            output_fmt="NHWC",
+            strict_img_size=not dynamic_img_size,
         )
         grid = self.patch_embed.grid_size
         self.pos_drop = nn.Dropout(drop_rate)
@@ -244,12 +338,15 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
         dpr = [r.tolist() for r in rates.split(list(depths))]
         self.layers = nn.Sequential()
         self.feature_info = []
+        res = (grid[0], grid[1])
         for i in range(num_stages):
+            if i:  # PatchMerging pads an odd grid: ceil(res / 2)
+                res = ((res[0] + 1) // 2, (res[1] + 1) // 2)
             dim = int(embed_dim * 2**i)
             self.layers.append(
                 AgentSwinStage(
                     dim=dim,
-                    input_resolution=(grid[0] // 2**i, grid[1] // 2**i),
+                    input_resolution=res,
                     num_heads=num_heads[i],
                     block_types=block_types[i],
                     window_size=window_size,
@@ -262,6 +359,7 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
                     drop_path=dpr[i],
                     norm_layer=norm_layer,
                     act_layer=act_layer,
+                    dynamic=dynamic_img_size,
                 )
             )
             # the stage's blocks, before the PatchMerging ending the stage (as in forward_intermediates)
@@ -343,17 +441,30 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
         x = self.layers(x)
         return self.norm(x)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self.dynamic_img_size:
+            raise ValueError("TorchScript needs the fixed-size Agent-Swin (dynamic_img_size=False)")
+        return self
+
+
+_REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
+
 
 def checkpoint_filter_fn(state_dict: dict, model: AgentSwinTransformer) -> dict:
     """Official checkpoints (``{'model': state_dict, ...}`` or bare) -> our state_dict.
 
-    Key names are the official ones; the index/mask buffers the official code saves are rebuilt here
-    (non-persistent), so they are dropped, as the official ``load_pretrained`` does. Agent biases and
-    relative position tables of another resolution are resized (see ``resize_to_model``).
+    Key names are the official ones. The index/mask buffers the official code saves are rebuilt here
+    (non-persistent), so they are dropped, as the official ``load_pretrained`` does, but only where they
+    belong to a module of this model: any other key is passed on for ``load_state_dict`` to name. Agent
+    biases and relative position tables of another resolution are resized (see ``resize_to_model``).
     """
-    state_dict = state_dict.get("model", state_dict.get("state_dict", state_dict))
-    drop = ("relative_position_index", "relative_coords_table", "attn_mask")
-    return resize_to_model({k: v for k, v in state_dict.items() if not k.endswith(drop)}, model)
+    modules = dict(model.named_modules())
+    kept = {}
+    for key, value in unwrap_checkpoint(state_dict).items():
+        module, _, name = key.rpartition(".")
+        if not (name in _REBUILT_BUFFERS and module in modules):
+            kept[key] = value
+    return resize_to_model(kept, model)
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:

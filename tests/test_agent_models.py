@@ -286,3 +286,37 @@ def test_intermediate_indices_and_prune(name):
     kwargs = dict(TINY[name])
     size = kwargs.pop("img_size")
     check_intermediates_and_prune(name, size, img_size=size, **kwargs)
+
+
+# Per family: official keys dropped from the fixture state_dict (our key names are the official ones).
+_DROPPED = {
+    "agent_deit_r1": ["blocks.0.attn.ah_bias", "blocks.3.attn.qkv.weight", "head.weight"],
+    "agent_pvt_r1": ["pos_embed2", "block1.1.attn.wa_bias", "patch_embed1.proj.weight"],
+    "agent_swin_r1": [
+        "layers.0.blocks.1.attn.an_bias",
+        "layers.3.blocks.1.attn.relative_position_bias_table",
+    ],
+}
+_BOGUS = {  # an unknown key, and (Swin) a rebuilt-buffer name on a module the model does not have
+    "agent_deit_r1": ["blocks.1.attn.extra"],
+    "agent_pvt_r1": ["block5.0.attn.q.weight"],
+    "agent_swin_r1": ["layers.2.blocks.0.attn.extra", "layers.7.blocks.0.attn.relative_position_index"],
+}
+
+
+@pytest.mark.parametrize("fixture", sorted(_FIXTURES))
+def test_official_file_missing_keys_are_named_exactly(fixture, conformance_dir):
+    """Keys map one by one: ``load_state_dict`` names exactly what an official file lacks or adds."""
+    folder = conformance_dir / "agent"
+    config = json.loads((folder / f"{fixture}_config.json").read_text())
+    with torch.device("meta"):
+        model = timm.create_model(_FIXTURES[fixture], **_model_kwargs(config))
+    state = _load(folder / f"{fixture}_state_dict.pt")
+    for key in _DROPPED[fixture]:
+        del state[key]
+    for key in _BOGUS[fixture]:
+        state[key] = torch.zeros(1)
+    filtered = checkpoint_filter_for(_FIXTURES[fixture])({"model": state, "epoch": 300}, model)
+    result = model.load_state_dict(filtered, strict=False, assign=True)
+    assert sorted(result.missing_keys) == sorted(_DROPPED[fixture])
+    assert sorted(result.unexpected_keys) == sorted(_BOGUS[fixture])
