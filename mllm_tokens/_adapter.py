@@ -69,7 +69,6 @@ class Adapter:
     """
 
     family = "?"
-    multi_axis_positions = False  # M-RoPE: (t, h, w) position ids
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         check_version()
@@ -107,12 +106,6 @@ class Adapter:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         """Checks shared by every family, once the subclass has set ``lm``, ``text_config``, ``info``."""
-        if self.reducer.renumber_positions and self.multi_axis_positions:
-            raise ValueError(
-                f"attach: {type(self.reducer).__name__} renumbers the kept tokens' positions after a drop "
-                f"(its official LLaVA code), which has no defined meaning for {self.family}'s (t, h, w) "
-                "M-RoPE positions"
-            )
         impl = self.text_config._attn_implementation
         self.padding_masks = padding_mask_convention(impl)
         if self.padding_masks is None:
@@ -412,7 +405,7 @@ class Adapter:
             pe = (gather_rotary(cos, index), gather_rotary(sin, index))
             pos = gather_positions(self._full_pos, index) if self._full_pos is not None else index
             shift = None
-            if self.reducer.renumber_positions:
+            if self.reducer.renumber_positions and not self.info.multi_axis_positions:
                 dropped_before = gather_tokens(state.real.long().cumsum(1), index) - key_ok.long().cumsum(1)
                 pos = (pos - dropped_before).clamp_min(0)
                 pe = self.lm.rotary_emb(hidden, pos)

@@ -27,6 +27,9 @@ class ModelInfo:
     patches_per_image: int  # tokens of one full image (anyres: one view), the unit of an int keep; 0 when
     # images have no common size (dynamic resolution): an int keep is then per image, capped at its tokens
     attn_implementation: str
+    # M-RoPE (Qwen2-VL): ``(t, h, w)`` position ids that have no contiguous renumbering; every kept token
+    # keeps its ids after any drop (``Reducer.renumber_positions`` does not apply)
+    multi_axis_positions: bool = False
 
 
 class ModelOps(Protocol):
@@ -118,7 +121,8 @@ class Reducer:
     ``renumber_positions`` True: after a drop inside the LLM (``after_layer``) each kept token's position
     id moves down by the real tokens dropped before it, so later layers see contiguous positions, and
     decode steps at those layers move down by all tokens dropped (PyramidDrop's official code). False
-    (default): tokens keep their original position ids (FastV, DART).
+    (default): tokens keep their original position ids (FastV, DART). On models with multi-axis positions
+    (``ModelInfo.multi_axis_positions``) tokens always keep their ids.
     """
 
     removes_tokens = True

@@ -11,18 +11,23 @@ Before decoder layer ``K`` (official 2) the visual tokens are thinned by duplica
   and leave the pool; the image pivots are kept too, the text pivots only select;
 * ``per_pivot = keep // (pivots_image + pivots_text)`` (official ``TOKEN_TOPK`` from
   ``MAX_NUM_TRUNCTION = 128``): LLaVA-1.5 keeps ``4 + 8 x 16 = 132`` visual tokens, not 128.
+* a fractional ``keep`` is the official Qwen2-VL / Qwen2.5-VL budget (``Qwen2-VL/Qwen2VL_DART``):
+  ``per_pivot = int(n x keep / (pivots_image + pivots_text))`` with ``n`` the visual tokens, ``keep``
+  = ``1 - reduction_ratio`` (official 0.778, so ``keep=0.222``). Images of dynamic resolution have no
+  common token count, so an int ``keep`` there is checked per sample at the prefill.
 
 Kept tokens keep their original position ids (the official code passes the kept indices as
 ``position_ids``) and layers ``K..L-1`` (and their KV cache) see only them.
 
-Differences: the official code hard-codes the image start (35), runs batch 1 and walks the pivots in
-Python ``set`` order (the hash order of their indices); here every sample is handled (left padding,
-several images: one pool of all its visual tokens, the budget ``keep`` per image, the text after the
-last image as text candidates, fewer text pivots if that text is shorter), and the pivots are walked in
-ascending position. The keys come from one extra q/k projection of layer ``K - 1``'s input
-(:meth:`ModelOps.layer_qk`); the official code reads them out of that layer's attention. Key norms
-change with absolute positions (RoPE): a left-padded batch needs position ids counted from each row's
-first real token (``generate()`` passes them; a plain forward without ``position_ids`` counts the
+Differences: the official code hard-codes the image start (35; Qwen2-VL: the first image's span, whose
+length is the ``n`` of the fractional budget), runs batch 1 and walks the pivots in Python ``set`` order
+(the hash order of their indices); here every sample is handled (left padding, several images: one
+pool of all its visual tokens, the budget ``keep`` per image (a fraction: of all its visual tokens), the
+text after the last image as text candidates, fewer text pivots if that text is shorter), and the
+pivots are walked in ascending position. The keys come from one extra q/k projection of layer
+``K - 1``'s input (:meth:`ModelOps.layer_qk`); the official code reads them out of that layer's attention.
+Key norms change with absolute positions (RoPE): a left-padded batch needs position ids counted from
+each row's first real token (``generate()`` passes them; a plain forward without ``position_ids`` counts the
 padding too).
 """
 
@@ -90,21 +95,28 @@ class DART(Reducer):
     Args:
         layer: ``K``, the first layer that sees only the kept tokens (official 2).
         keep: the budget per image (official ``MAX_NUM_TRUNCTION`` 128); each pivot adds
-            ``keep x images // (pivots_image + pivots_text)`` tokens.
+            ``keep x images // (pivots_image + pivots_text)`` tokens. Or a fraction in (0, 1] of the
+            sample's visual tokens (the official Qwen2-VL budget ``1 - reduction_ratio``, 0.222): each
+            pivot adds ``int(visual tokens x keep / (pivots_image + pivots_text))``.
         pivots_image / pivots_text: pivot tokens of each kind (official 4 and 4).
     """
 
-    def __init__(self, layer: int = 2, keep: int = 128, pivots_image: int = 4, pivots_text: int = 4):
+    def __init__(self, layer: int = 2, keep: int | float = 128, pivots_image: int = 4, pivots_text: int = 4):
         _positive_int("layer", layer)
-        _positive_int("keep", keep)
+        if isinstance(keep, float):
+            if not 0.0 < keep <= 1.0:
+                raise ValueError(f"DART: a fractional keep must be in (0, 1], got {keep}")
+        else:
+            _positive_int("keep", keep)
         _positive_int("pivots_image", pivots_image)
         _positive_int("pivots_text", pivots_text, minimum=0)
-        if keep < pivots_image + pivots_text:
+        if isinstance(keep, int) and keep < pivots_image + pivots_text:
             raise ValueError(
                 f"DART: keep={keep} gives no token per pivot with {pivots_image + pivots_text} pivots"
             )
         self.layer, self.keep = layer, keep
         self.pivots_image, self.pivots_text = pivots_image, pivots_text
+        self._patches = 0  # ModelInfo.patches_per_image (0: dynamic resolution)
 
     def __repr__(self) -> str:
         return (
@@ -117,12 +129,8 @@ class DART(Reducer):
             raise ValueError(
                 f"DART: layer={self.layer} is outside the {info.num_layers}-layer language model"
             )
-        if info.patches_per_image == 0:
-            raise ValueError(
-                "DART: its budget is a count per image, and this model's images have no common token "
-                "count (dynamic resolution); use FastV or DivPrune"
-            )
-        if self.keep + self.pivots_image > info.patches_per_image:
+        self._patches = info.patches_per_image
+        if isinstance(self.keep, int) and 0 < info.patches_per_image < self.keep + self.pivots_image:
             raise ValueError(
                 f"DART: keep={self.keep} plus {self.pivots_image} image pivots exceeds the "
                 f"{info.patches_per_image} visual tokens per image"
@@ -139,7 +147,21 @@ class DART(Reducer):
         visual = state.current(state.visual)
         after_image = visual.long().flip(1).cumsum(1).flip(1) == 0  # after the sample's last image token
         text = after_image & state.current(state.real)
-        per_pivot = state.images_per_sample * self.keep // (self.pivots_image + self.pivots_text)
+        pivots = self.pivots_image + self.pivots_text
+        if isinstance(self.keep, float):
+            per_pivot = (state.original_visual.double() * self.keep / pivots).long()  # the official int()
+        else:
+            per_pivot = state.images_per_sample * self.keep // pivots
+            need = state.images_per_sample * self.keep + self.pivots_image
+            short = (need > state.original_visual) & (state.images_per_sample > 0)
+            if self._patches == 0 and bool(short.any()):
+                b = int(short.nonzero()[0, 0])
+                raise ValueError(
+                    f"DART: keep={self.keep} per image plus {self.pivots_image} image pivots needs "
+                    f"{int(need[b])} visual tokens, but sample {b} has {int(state.original_visual[b])} "
+                    "(images of dynamic resolution: a fractional keep, e.g. the official 0.222, fits any "
+                    "size)"
+                )
         kept = duplication_keep(
             state.extra.pop("dart_key_norm"), state.ops.final_norm(hidden), visual, text,
             self.pivots_image, self.pivots_text, per_pivot,

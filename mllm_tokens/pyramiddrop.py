@@ -14,6 +14,10 @@ Official LLaVA-1.5-7B settings: stage layers 8, 16, 24 of 32 and cumulative visu
 0.125 (lambda = 0.5): 576 -> 288 -> 144 -> 72 tokens, each count truncated (``int``). The defaults here
 are those layers as fractions of the depth (1/4, 1/2, 3/4), so they carry over to other depths.
 
+Qwen2-VL / Qwen2.5-VL (no official path): the kept tokens keep their ``(t, h, w)`` M-RoPE ids (a
+contiguous renumbering has no meaning there), as FastV and DART's official Qwen2-VL code do, and decode
+steps keep the model's own numbering (``rope_deltas``).
+
 Differences: the official code asserts batch 1 at inference, right padding and one image (the first
 image span); here batches are left padded and all of a sample's visual tokens are ranked together
 with counts ``int(visual tokens x ratio)``. The last-token query row is scored through

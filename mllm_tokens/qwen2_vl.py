@@ -16,6 +16,10 @@ needs.
   axis of 3 in transformers 5.4, mixed into ``[B, L, D]`` in later releases) and, under ``generate``,
   the 1-D text positions as ``position_ids``. Kept tokens keep their original ``(t, h, w)`` ids; decode
   steps keep the model's own numbering (``rope_deltas``), corrected where it counts a shortened cache.
+  This holds for drops inside the language model too: PyramidDrop and SparseVLM, whose official LLaVA
+  code renumbers the kept tokens contiguously, keep the original ids here (neither has an official
+  Qwen2-VL path; DART's official Qwen2-VL code keeps the ids, ``position_ids[:, :, keep]``), and
+  SparseVLM's recycled tokens take the ids of their cluster centres.
 * VTC-CLS is refused: it ranks patches by the vision [CLS] token's attention, and this vision tower has
   none (see docs/mllm_tokens.md).
 """
@@ -95,7 +99,6 @@ class Qwen2VLAdapter(Adapter):
     """Qwen2-VL: dynamic resolution images (``image_grid_thw``) and videos (``video_grid_thw``)."""
 
     family = "Qwen2-VL"
-    multi_axis_positions = True
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         super().__init__(model, reducer)
@@ -127,6 +130,7 @@ class Qwen2VLAdapter(Adapter):
             vision_layers=cfg.vision_config.depth,
             patches_per_image=0,
             attn_implementation=tcfg._attn_implementation,
+            multi_axis_positions=True,
         )
         self.setup()
 

@@ -18,6 +18,11 @@ Text-guided pruning inside the language model, at a few sparse layers:
   visual tokens; recycled tokens count as visual at later sparse layers;
 * positions are re-numbered (contiguous) after each sparse layer; decode steps move down alike.
 
+Qwen2-VL / Qwen2.5-VL (no official path; the extension used by the other in-LLM reducers there): kept
+tokens keep their ``(t, h, w)`` M-RoPE ids and stay in their slots, each recycled token takes the slot
+and ids of its cluster centre (one of the deleted tokens) instead of following the kept ones, and decode
+steps keep the model's own numbering (``rope_deltas``).
+
 Official v1.5 settings for LLaVA-1.5-7B: sparse layers 2, 6, 15 of 32; per-layer counts
 64 -> (66, 30, 17), 128 -> (303, 110, 36), 192 -> (300, 200, 110) (``tokens=`` presets). The defaults
 express the layers as fractions of the depth (2/32, 6/32, 15/32).
@@ -61,9 +66,10 @@ def text_raters(hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) 
     return raters
 
 
-def dpc_knn_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
+def dpc_knn_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster ``x`` ``[N, C]`` into ``clusters`` groups (DPC-kNN, as the official ``cluster_and_merge``
-    without its random jitter) and return each group's mean ``[clusters, C]``, ordered by centre score."""
+    without its random jitter): each group's mean ``[clusters, C]`` and its centre (a row of ``x``,
+    ``[clusters]`` long), ordered by centre score."""
     n, c = x.shape
     xf = x.float()
     dist = torch.cdist(xf, xf) / c**0.5
@@ -76,7 +82,7 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
     assign[centres] = torch.arange(clusters, device=x.device)
     sums = torch.zeros(clusters, c, dtype=torch.float32, device=x.device).index_add_(0, assign, xf)
     counts = torch.bincount(assign, minlength=clusters).float()[:, None]
-    return (sums / (counts + 1e-6)).to(x.dtype)
+    return (sums / (counts + 1e-6)).to(x.dtype), centres
 
 
 class SparseVLM(Reducer):
@@ -148,6 +154,7 @@ class SparseVLM(Reducer):
         self.tokens, self.counts, self.layers, self.recycle = tokens, counts, layers, recycle
         self.rank_rule = rank_rule
         self._count: dict[int, int] = {}  # sparse layer -> kept visual tokens per image
+        self._keep_ids = False  # multi-axis (M-RoPE) positions: no compaction, see after_layer
 
     def __repr__(self) -> str:
         budget = f"rank_rule={self.rank_rule}" if self.rank_rule else f"counts={self.counts}"
@@ -162,6 +169,7 @@ class SparseVLM(Reducer):
                 f"model; they must be strictly increasing layers in 0..{depth - 2}"
             )
         self._count = dict(zip(resolved, self.counts))
+        self._keep_ids = info.multi_axis_positions
 
     def key_mass_query(self, layer: int) -> str | None:
         return RATERS if layer in self._count else None
@@ -219,8 +227,12 @@ class SparseVLM(Reducer):
             deleted = torch.ones(n, dtype=torch.bool, device=slots.device)
             deleted[top] = False
             deleted = slots[deleted]
-            chosen = score[b, deleted].topk(int(deleted.numel() * 0.3) + 1).indices
-            merged = dpc_knn_merge(hidden[b, deleted[chosen]], int(chosen.numel() / 10) + 1)
+            chosen = deleted[score[b, deleted].topk(int(deleted.numel() * 0.3) + 1).indices]
+            merged, centres = dpc_knn_merge(hidden[b, chosen], int(chosen.numel() / 10) + 1)
+            if self._keep_ids:  # M-RoPE: kept tokens stay put, each recycled one takes its centre's slot
+                new_hidden[b, chosen[centres]] = merged
+                keep[b, slots[top]] = keep[b, chosen[centres]] = True
+                continue
             content = torch.cat([hidden[b, slots[top]], merged])
             # compact: the image's first slots take its kept tokens, in order, then its recycled ones
             new_hidden[b, slots[: content.shape[0]]] = content

@@ -36,11 +36,18 @@ def dart_keep(model, ids, pix, layer, keep, p_img, p_txt):
             _, k = apply_rotary_pos_emb(k, k, *pe)
             keys = k.transpose(1, 2).reshape(n, -1)
         hidden = lm.layers[i](hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos)
-    state = lm.norm(hidden)[0]
     visual = (ids[0] == IMG).nonzero()[:, 0]
-    length = visual.numel()
+    top = (keep * visual.numel() // PATCHES) // (p_img + p_txt)
+    return official_selection(keys, lm.norm(hidden)[0], visual, top, p_img, p_txt)
+
+
+def official_selection(keys, state, visual, top, p_img, p_txt):
+    """``get_retained_image_token`` on one sample: the positions kept (every non-visual one and the chosen
+    visual ones, sorted). ``keys [n, H x D]`` (after RoPE), ``state [n, D]`` (final-normed), ``visual``
+    the visual positions; text pivots come from the tokens after the last visual one; ``top`` tokens per
+    pivot."""
+    n = keys.shape[0]
     after = int(visual[-1]) + 1
-    top = (keep * length // PATCHES) // (p_img + p_txt)
     norms = keys.abs().sum(-1)
     image_piv = visual[norms[visual].topk(p_img).indices].tolist()
     n_txt = min(p_txt, n - after)
@@ -50,13 +57,14 @@ def dart_keep(model, ids, pix, layer, keep, p_img, p_txt):
     for item in sorted(chosen):
         cand = sorted(pool)
         sim = -F.cosine_similarity(state[item], state[cand], dim=-1)
-        picked = [cand[i] for i in sim.topk(top).indices.tolist()]
+        picked = [cand[i] for i in sim.topk(min(top, len(cand))).indices.tolist()]
         chosen.update(picked)
         pool.difference_update(picked)
     chosen.difference_update(text_piv)
-    kept = ids[0] != IMG
-    kept[torch.tensor(sorted(chosen))] = True
-    assert int(kept.sum()) == n - length + p_img + (p_img + n_txt) * top
+    kept = torch.ones(n, dtype=torch.bool)
+    kept[visual] = False
+    kept[torch.tensor(sorted(chosen), dtype=torch.long)] = True
+    assert int(kept.sum()) == n - visual.numel() + min(visual.numel(), p_img + (p_img + n_txt) * top)
     return kept.nonzero()[:, 0]
 
 

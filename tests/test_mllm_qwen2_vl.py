@@ -11,7 +11,19 @@ from transformers import (
 )
 
 from tests.test_mllm_tokens import FLASH
-from visattn.mllm_tokens import VAR, VTCCLS, DyVTE, DyVTERouters, FastV, Reducer, attach, calibrate_sink_dims
+from visattn.mllm_tokens import (
+    DART,
+    VAR,
+    VTCCLS,
+    DyVTE,
+    DyVTERouters,
+    FastV,
+    PyramidDrop,
+    Reducer,
+    SparseVLM,
+    attach,
+    calibrate_sink_dims,
+)
 from visattn.mllm_tokens._hf import cache_keyword
 from visattn.mllm_tokens.qwen2_vl import media_sizes, media_units
 
@@ -354,7 +366,8 @@ def test_remove_restores_every_reducer_bit_identically(family):
         }
         reducers = (
             FastV(keep=2), VAR(sink_dims=(3, 7), tau=1.0), DyVTE(hypernet=DyVTERouters(64, 4, 8)),
-            DyVTE(exit_layer=1), DropOddPatches(),
+            DyVTE(exit_layer=1), DropOddPatches(), DART(keep=0.5, pivots_image=1, pivots_text=1),
+            PyramidDrop(layers=(1, 2)), SparseVLM(counts=(4, 2), layers=(0, 1)),
         )  # fmt: skip
         for reducer in reducers:
             with attach(model, reducer):

@@ -11,7 +11,8 @@ from visattn.mllm_tokens.sparsevlm import dpc_knn_merge
 
 
 def official_cluster_and_merge(x, cluster_num):
-    """The official ``cluster_and_merge`` on ``x [1, N, C]`` without the density jitter."""
+    """The official ``cluster_and_merge`` on ``x [1, N, C]`` without the density jitter; also the
+    cluster centres (``index_down``)."""
     c = x.shape[2]
     dist = (x[:, :, None] - x[:, None]).norm(dim=-1) / c**0.5
     dist_nearest = dist.topk(cluster_num, dim=-1, largest=False).values
@@ -23,7 +24,8 @@ def official_cluster_and_merge(x, cluster_num):
     idx_cluster = dist[0, index_down[0]].argmin(0)
     idx_cluster[index_down[0]] = torch.arange(cluster_num)
     weight = torch.zeros(cluster_num, 1).index_add_(0, idx_cluster, torch.ones(x.shape[1], 1)) + 1e-6
-    return torch.zeros(cluster_num, c).index_add_(0, idx_cluster, x[0] / weight[idx_cluster])
+    merged = torch.zeros(cluster_num, c).index_add_(0, idx_cluster, x[0] / weight[idx_cluster])
+    return merged, index_down[0]
 
 
 @torch.no_grad()
@@ -63,9 +65,8 @@ def sparsevlm_reference(model, ids, pix, sparse, recycle=True, prompt_len=None, 
             parts = [out[0, slots[top]]]
             if recycle:
                 chosen = score[deleted].topk(int(int(deleted.sum()) * 0.3) + 1).indices
-                parts.append(
-                    official_cluster_and_merge(out[:, slots[deleted][chosen]], int(chosen.numel() / 10) + 1)
-                )
+                clusters = int(chosen.numel() / 10) + 1
+                parts.append(official_cluster_and_merge(out[:, slots[deleted][chosen]], clusters)[0])
             visual_part = torch.cat(parts)
             first, last = int(slots[0]), int(slots[-1]) + 1
             out = torch.cat([out[0, :first], visual_part, out[0, last:]])[None]
@@ -83,7 +84,10 @@ def test_dpc_knn_merge_matches_official_cluster_and_merge():
     g = torch.Generator().manual_seed(0)
     for n, clusters in ((30, 4), (7, 1), (12, 12)):
         x = torch.randn(n, 16, generator=g)
-        torch.testing.assert_close(dpc_knn_merge(x, clusters), official_cluster_and_merge(x[None], clusters))
+        merged, centres = dpc_knn_merge(x, clusters)
+        official, official_centres = official_cluster_and_merge(x[None], clusters)
+        torch.testing.assert_close(merged, official)
+        assert torch.equal(centres, official_centres)
 
 
 @pytest.mark.parametrize(
