@@ -23,8 +23,17 @@ from visattn.mllm_tokens import DART, attach
 @torch.no_grad()
 def dart_keep(model, ids, pix, layer, keep, p_img, p_txt):
     """Kept positions of one unpadded sample by the official rule (keys and outputs of layer K-1)."""
+    visual = ids[0] == IMG
+    return dart_rule(
+        model, embed(model, ids, pix), visual, int(visual.sum()) // PATCHES, layer, keep, p_img, p_txt
+    )
+
+
+@torch.no_grad()
+def dart_rule(model, hidden, visual, images, layer, keep, p_img, p_txt):
+    """DART's kept positions on one unpadded sample: LLM input ``hidden [1, n, D]``, ``visual [n]`` the
+    tokens it may drop (of ``images`` images), positions ``0..n-1``."""
     lm = model.model.language_model
-    hidden = embed(model, ids, pix)
     n = hidden.shape[1]
     pos = torch.arange(n)[None]
     pe = lm.rotary_emb(hidden, pos)
@@ -37,26 +46,26 @@ def dart_keep(model, ids, pix, layer, keep, p_img, p_txt):
             keys = k.transpose(1, 2).reshape(n, -1)
         hidden = lm.layers[i](hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos)
     state = lm.norm(hidden)[0]
-    visual = (ids[0] == IMG).nonzero()[:, 0]
-    length = visual.numel()
-    after = int(visual[-1]) + 1
-    top = (keep * length // PATCHES) // (p_img + p_txt)
+    slots = visual.nonzero()[:, 0]
+    length = slots.numel()
+    after = int(slots[-1]) + 1
+    top = (keep * images) // (p_img + p_txt)
     norms = keys.abs().sum(-1)
-    image_piv = visual[norms[visual].topk(p_img).indices].tolist()
+    image_piv = slots[norms[slots].topk(p_img).indices].tolist()
     n_txt = min(p_txt, n - after)
     text_piv = (norms[after:].topk(n_txt).indices + after).tolist()
     chosen = set(image_piv + text_piv)
-    pool = set(visual.tolist()) - set(image_piv)
+    pool = set(slots.tolist()) - set(image_piv)
     for item in sorted(chosen):
         cand = sorted(pool)
         sim = -F.cosine_similarity(state[item], state[cand], dim=-1)
-        picked = [cand[i] for i in sim.topk(top).indices.tolist()]
+        picked = [cand[i] for i in sim.topk(min(top, len(cand))).indices.tolist()]
         chosen.update(picked)
         pool.difference_update(picked)
     chosen.difference_update(text_piv)
-    kept = ids[0] != IMG
+    kept = ~visual
     kept[torch.tensor(sorted(chosen))] = True
-    assert int(kept.sum()) == n - length + p_img + (p_img + n_txt) * top
+    assert int(kept.sum()) == n - length + min(length, p_img + (p_img + n_txt) * top)
     return kept.nonzero()[:, 0]
 
 
