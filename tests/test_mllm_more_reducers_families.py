@@ -1,11 +1,11 @@
 """The issue-14 reducers (DivPrune, DART, PyramidDrop, SparseVLM, VisionZip) on the families beyond
 LLaVA-1.5 (LLaVA-NeXT's anyres crops with row-end newlines, LLaVA-OneVision's images and video frames,
 Qwen2-VL's dynamic resolution): on a left-padded batch of 2 samples with different image / crop counts
-the output equals the method's hand-written rule (tests/test_mllm_<method>.py) applied to each sample
-alone, whose units (crops, images, frames) the references find on their own; generate() with the KV
-cache equals cache-free greedy decoding of the same rule; the no-op settings equal the unattached model;
-remove() restores it bit for bit; and the methods are refused with a clear reason where they do not
-apply."""
+the output equals the method's hand-written rule (tests/test_mllm_<method>.py; VisionZip on LLaVA-NeXT:
+the official anyres arrangement) applied to each sample alone, whose units (crops, images, frames) the
+references find on their own; generate() with the KV cache equals cache-free greedy decoding of the
+same rule; the no-op settings equal the unattached model; remove() restores it bit for bit; and the
+methods are refused with a clear reason where they do not apply."""
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ from tests.test_mllm_divprune import official_divprune
 from tests.test_mllm_pyramiddrop import pdrop_rule
 from tests.test_mllm_sparsevlm import sparsevlm_rule
 from tests.test_mllm_tokens import manual_logits
+from tests.test_mllm_visionzip import official_visionzip_indexed
 from visattn.mllm_tokens import DART, DivPrune, PyramidDrop, SparseVLM, VisionZip, attach
 
 
@@ -265,7 +266,6 @@ def test_divprune_budgets_follow_each_images_tokens():
         ("qwen2_vl", PyramidDrop(), "M-RoPE"),
         ("qwen2_vl", SparseVLM(), "M-RoPE"),
         ("llava_onevision", VisionZip(dominant=4, contextual=2), r"\[CLS\]"),
-        ("llava_next", VisionZip(dominant=4, contextual=2), "vision features"),
     ],
 )
 def test_refused_where_the_method_does_not_apply(family, reducer, match):
@@ -273,3 +273,88 @@ def test_refused_where_the_method_does_not_apply(family, reducer, match):
     inputs = batch_of(family, model)
     with pytest.raises(ValueError, match=match), attach(model, reducer):
         model(**inputs)
+
+
+# --------------------------------------------------------------------------- VisionZip on LLaVA-NeXT
+GRID = (2, 2)  # tiles (rows, columns) of every test image: [64, 64] is the only grid point
+
+
+def official_next_image(tokens, keep_idx, rows, cols):
+    """The official LLaVA-NeXT arrangement of one image's VisionZip tokens (``prepare_inputs_labels_for_
+    multimodal_visionzip`` + ``restore_image_features_sorted``, 576 / 24 written as P / side): the base
+    view's tokens, the tiles' dominant patches put back on the stitched grid and read in raster order
+    (no unpadding, no newline), the tiles' [CLS] tokens, the tiles' contextual tokens.
+    ``tokens [crops, d + c, D]``, ``keep_idx [crops, d]`` as ``CLIPVisionTower_VisionZip.forward``
+    returns them."""
+    side = int(nxt.PATCHES**0.5)
+    base, tiles, idx = tokens[0], tokens[1:], keep_idx[1:]
+    n, total, dim = tiles.shape
+    num_keep = idx.shape[1]
+    restore = idx.sort(dim=1).values[:, 1:] - 1
+    restored = torch.zeros(n, nxt.PATCHES, dim)
+    mask = torch.zeros(n, nxt.PATCHES, dtype=torch.bool).scatter_(1, restore, True)
+    restored[mask] = tiles[:, 1:num_keep].reshape(-1, dim)
+    restored = restored.view(rows, cols, side, side, dim).permute(0, 2, 1, 3, 4).reshape(rows * side, -1, dim)
+    mask = mask.view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, -1)
+    extra = tiles[:, -(total - num_keep) :].reshape(-1, dim)
+    return torch.cat([base, restored[mask], tiles[:, 0], extra])
+
+
+@torch.no_grad()
+def next_visionzip_embeds(eager, inputs, b, dominant, contextual):
+    """LLM input of sample ``b`` alone: each image's run of ``<image>`` tokens (newlines included)
+    replaced by its official VisionZip tokens."""
+    ids, pix, _ = nxt.sample(inputs, b)
+    tokens, keep_idx = official_visionzip_indexed(eager, pix.flatten(0, 1), dominant, contextual)
+    words = eager.get_input_embeddings()(ids)[0]
+    image = (ids[0] == nxt.IMG).long()
+    starts = ((image.diff(prepend=image[:1] * 0)) == 1).nonzero()[:, 0].tolist()
+    ends = ((image.diff(append=image[-1:] * 0)) == -1).nonzero()[:, 0].tolist()
+    parts, at = [], 0
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        crops = slice(i * nxt.CROPS, (i + 1) * nxt.CROPS)
+        parts += [words[at:start], official_next_image(tokens[crops], keep_idx[crops], *GRID)]
+        at = end + 1
+    return torch.cat([*parts, words[at:]])[None]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_visionzip_on_llava_next_matches_the_official_anyres_arrangement(attn):
+    model, eager = model_of("llava_next", attn), model_of("llava_next", "eager")
+    inputs = batch_of("llava_next", model)
+    with torch.no_grad(), attach(model, VisionZip(dominant=4, contextual=2)) as handle:
+        out = model(**inputs).logits
+        stats = handle.stats
+    for b in range(2):
+        ref = manual_logits(eager, next_visionzip_embeds(eager, inputs, b, 4, 2))  # contiguous positions
+        torch.testing.assert_close(out[b, -ref.shape[1] :], ref[0], atol=1e-5, rtol=1e-4)
+    # 6 tokens per crop, 5 crops per image; newlines not counted in, dropped as the official code does
+    assert [s["visual_tokens_in"] for s in stats] == [48, 128]
+    assert [s["kept_per_layer"] for s in stats] == [[30] * 4, [60] * 4]
+
+
+def test_visionzip_on_llava_next_generate_with_cache_matches_cache_free_reference_and_remove_restores():
+    model, eager = model_of("llava_next"), model_of("llava_next", "eager")
+    inputs = batch_of("llava_next", model)
+    start = inputs["input_ids"].shape[1]
+    gen = dict(inputs, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with attach(model, VisionZip(dominant=3, contextual=3)):
+            cached = model.generate(**gen)
+            assert torch.equal(cached, model.generate(**gen, use_cache=False))
+        # sample 0's image has 48 visual tokens: 5 crops x 12 tokens do not fit
+        with (
+            pytest.raises(ValueError, match="cannot take"),
+            attach(model, VisionZip(dominant=8, contextual=4)),
+        ):
+            model(**inputs)
+        assert torch.equal(model(**inputs).logits, ref)  # remove() restored the model
+        words = eager.get_input_embeddings()
+        for b in range(2):
+            prompt = next_visionzip_embeds(eager, inputs, b, 3, 3)
+            new = torch.zeros(1, 0, dtype=torch.long)
+            for _ in range(3):
+                logits = manual_logits(eager, torch.cat([prompt, words(new)], 1))
+                new = torch.cat([new, logits[:, -1:].argmax(-1)], 1)
+            assert torch.equal(cached[b, start:], new[0])
