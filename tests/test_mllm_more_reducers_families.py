@@ -340,9 +340,15 @@ def test_visionzip_on_llava_next_generate_with_cache_matches_cache_free_referenc
     gen = dict(inputs, max_new_tokens=3, do_sample=False)
     with torch.no_grad():
         ref = model(**inputs).logits
-        with attach(model, VisionZip(dominant=3, contextual=3)):
+        with attach(model, VisionZip(dominant=3, contextual=3)) as handle:
             cached = model.generate(**gen)
             assert torch.equal(cached, model.generate(**gen, use_cache=False))
+            # beams: generate encodes the image once and repeats its crops per returned sequence
+            ids, pix, sizes = nxt.sample(inputs, 0)
+            beams = dict(input_ids=ids, pixel_values=pix, image_sizes=sizes, max_new_tokens=3, num_beams=2)
+            beams["num_return_sequences"] = 2
+            assert torch.equal(model.generate(**beams), model.generate(**beams, use_cache=False))
+            assert [s["kept_per_layer"] for s in handle.stats] == [[30] * 4] * 2
         # sample 0's image has 48 visual tokens: 5 crops x 12 tokens do not fit
         with (
             pytest.raises(ValueError, match="cannot take"),
