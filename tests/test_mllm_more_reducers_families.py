@@ -20,6 +20,7 @@ from tests.test_mllm_sparsevlm import sparsevlm_rule
 from tests.test_mllm_tokens import manual_logits
 from tests.test_mllm_visionzip import official_visionzip_indexed
 from visattn.mllm_tokens import DART, DivPrune, PyramidDrop, SparseVLM, VisionZip, attach
+from visattn.mllm_tokens.visionzip import anyres_order
 
 
 # ------------------------------------------------------------------------------------- the families
@@ -364,3 +365,18 @@ def test_visionzip_on_llava_next_generate_with_cache_matches_cache_free_referenc
                 logits = manual_logits(eager, torch.cat([prompt, words(new)], 1))
                 new = torch.cat([new, logits[:, -1:].argmax(-1)], 1)
             assert torch.equal(cached[b, start:], new[0])
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 1), (2, 3)])
+def test_anyres_order_matches_the_official_arrangement_on_other_grids(grid):
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    # the tiny model only has 2 x 2 grids; transformers' (rows, columns) is the order the adapter passes
+    assert tuple(get_anyres_image_grid_shape((32, 64), [[32, 64]], 32)) == (1, 2)
+    g = torch.Generator().manual_seed(0)
+    crops, dominant, contextual = 1 + grid[0] * grid[1], 5, 3
+    tokens = torch.randn(crops, dominant + contextual, 8, generator=g)
+    top = torch.stack([torch.randperm(nxt.PATCHES, generator=g)[: dominant - 1] for _ in range(crops)])
+    keep_idx = torch.cat([torch.zeros(crops, 1, dtype=torch.long), top + 1], 1)  # as the official forward
+    ours = anyres_order(tokens, top.sort(1).values, grid, int(nxt.PATCHES**0.5))
+    assert torch.equal(ours, official_next_image(tokens, keep_idx, *grid))
