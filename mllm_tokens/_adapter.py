@@ -24,6 +24,7 @@ from torch import nn
 from visattn.kernels.attention_with_key_mass import attention_with_key_mass
 from visattn.mllm_tokens._core import (
     Prefill,
+    PromptImage,
     Reducer,
     additive_causal_mask,
     gather_tokens,
@@ -478,6 +479,16 @@ class Adapter:
 
     def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.outer.multi_modal_projector(features)
+
+    def prompt_images(self, state: Prefill) -> list[PromptImage]:
+        """Default: every unit is a whole image (one view) whose slots are its visual tokens."""
+        owner = torch.repeat_interleave(
+            torch.arange(state.images_per_sample.shape[0]), state.images_per_sample.cpu()
+        )
+        return [
+            PromptImage(int(b), (state.image_id[b] == unit).nonzero()[:, 0], [unit])
+            for unit, b in enumerate(owner.tolist())
+        ]
 
     # ------------------------------------------------------------------ stats
     def _record_stats(self) -> None:

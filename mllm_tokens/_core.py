@@ -32,6 +32,16 @@ class ModelInfo:
     multi_axis_positions: bool = False
 
 
+@dataclass
+class PromptImage:
+    """One image of a prompt as its family lays it out, for reducers that rewrite whole images."""
+
+    sample: int
+    slots: torch.Tensor  # [n] long: its positions in the sample (visual tokens and any row-end newlines)
+    units: list[int]  # its units (``Prefill.image_id`` values): one, or an anyres base view then its tiles
+    grid: tuple[int, int] | None = None  # anyres: the tiles' (rows, columns) as stitched; None: one view
+
+
 class ModelOps(Protocol):
     """Computations of the language model that an adapter lends to reducers during a prefill
     (``Prefill.ops``), for methods that score with a layer's projections or the final norm."""
@@ -47,6 +57,10 @@ class ModelOps(Protocol):
 
     def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
         """The multimodal projector: vision features ``[images, n, Dv]`` -> embeddings ``[images, n, D]``."""
+        ...
+
+    def prompt_images(self, state: Prefill) -> list[PromptImage]:
+        """The prompt's images, sample after sample, in prompt order."""
         ...
 
 

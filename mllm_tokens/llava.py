@@ -46,6 +46,21 @@ def clip_attentions(tower: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in encoder.layers]
 
 
+def check_feature_layer(model: nn.Module, reducer: Reducer) -> None:
+    """A reducer that rewrites the projector's input (``needs_vision_features``) needs it from one layer."""
+    layer = model.config.vision_feature_layer
+    if reducer.needs_vision_features and not isinstance(layer, int):
+        raise ValueError(
+            f"attach: {type(reducer).__name__} needs one vision feature layer, got "
+            f"vision_feature_layer={layer!r}"
+        )
+
+
+def feature_layer_output(model: nn.Module, tower_output) -> torch.Tensor:
+    """``[views, 1 + patches, Dv]``: the vision tower's hidden states at ``config.vision_feature_layer``."""
+    return tower_output.hidden_states[model.config.vision_feature_layer]
+
+
 def llava_info(model: nn.Module, patches: int, impl: str) -> ModelInfo:
     """:class:`ModelInfo` of a LLaVA-style model (``config.text_config`` / ``config.vision_config``)."""
     tcfg, vcfg = model.config.text_config, model.config.vision_config
@@ -74,11 +89,7 @@ class LlavaAdapter(Adapter):
                 "attach: only vision_feature_select_strategy='default' (CLS dropped, one token per patch) "
                 f"is supported, got {cfg.vision_feature_select_strategy!r}"
             )
-        if reducer.needs_vision_features and not isinstance(cfg.vision_feature_layer, int):
-            raise ValueError(
-                f"attach: {type(reducer).__name__} needs one vision feature layer, got "
-                f"vision_feature_layer={cfg.vision_feature_layer!r}"
-            )
+        check_feature_layer(model, reducer)
         self.outer = model.model
         self.lm = model.model.language_model
         self.vision_tower = model.model.vision_tower
@@ -98,4 +109,4 @@ class LlavaAdapter(Adapter):
         return clip_attentions(self.vision_tower)
 
     def vision_features(self, tower_output) -> torch.Tensor:
-        return tower_output.hidden_states[self.model.config.vision_feature_layer]
+        return feature_layer_output(self.model, tower_output)

@@ -12,7 +12,10 @@ a tile that lost rows to unpadding has fewer. Newline tokens are not visual: no 
 counts them. An ``int`` keep is per full crop and scales with a crop's tokens (``keep * n / patches``,
 see :func:`~visattn.mllm_tokens.fastv.keep_budgets`); a fraction is a fraction of every crop. VTC-CLS
 ranks each crop's patches by that crop's own [CLS] attention (every crop went through CLIP with its
-[CLS] token); only the patches that reached the prompt compete.
+[CLS] token); only the patches that reached the prompt compete. VisionZip rewrites whole images in the
+official anyres order (see :mod:`~visattn.mllm_tokens.visionzip`): the adapter lends it each prompt
+image's slots, crops and tile grid (:meth:`LlavaNextAdapter.prompt_images`) and the vision features at
+``vision_feature_layer``.
 
 Which token comes from which crop and patch is recomputed with transformers' own
 ``LlavaNextModel.pack_image_features`` applied to patch indices instead of features (so unpadding and
@@ -38,8 +41,8 @@ import torch
 from torch import nn
 
 from visattn.mllm_tokens._adapter import Adapter
-from visattn.mllm_tokens._core import Reducer
-from visattn.mllm_tokens.llava import clip_attentions, llava_info
+from visattn.mllm_tokens._core import Prefill, PromptImage, Reducer
+from visattn.mllm_tokens.llava import check_feature_layer, clip_attentions, feature_layer_output, llava_info
 
 
 def is_supported(model: nn.Module) -> bool:
@@ -140,6 +143,7 @@ class LlavaNextAdapter(Adapter):
                 "attach: only vision_feature_select_strategy='default' (CLS dropped, one token per patch) "
                 f"is supported, got {cfg.vision_feature_select_strategy!r}"
             )
+        check_feature_layer(model, reducer)
         self.outer = model.model
         self.lm = model.model.language_model
         self.vision_tower = model.model.vision_tower
@@ -148,6 +152,7 @@ class LlavaNextAdapter(Adapter):
         self.patches = (vcfg.image_size // vcfg.patch_size) ** 2
         self.info = llava_info(model, self.patches, self.text_config._attn_implementation)
         self._image_call: dict | None = None
+        self._prompt_images: list[PromptImage] = []  # of the last segment() (the prefill under way)
         self.setup()
 
     def install(self) -> None:
@@ -194,7 +199,33 @@ class LlavaNextAdapter(Adapter):
             raise ValueError("attach: only vision_feature_select_strategy='default' is supported")
         sizes = call["image_sizes"]
         crops = self.crop_counts(sizes)
-        return place_units([(visual, self.layouts(sizes, crops), crops)], visual.shape, visual.device)
+        layouts = self.layouts(sizes, crops)
+        image_id, patch_id, per_sample = place_units([(visual, layouts, crops)], visual.shape, visual.device)
+        self._prompt_images = self.anyres_images(visual, image_id, sizes, [len(t) for t in layouts])
+        return image_id, patch_id, per_sample
+
+    def anyres_images(self, visual, image_id, image_sizes, lengths: list[int]) -> list[PromptImage]:
+        """Each prompt image's slots (its crops' tokens and newlines), crops (base view first) and tile
+        grid (transformers' ``get_anyres_image_grid_shape``, as ``pack_image_features`` stitches it)."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        cfg = self.model.config
+        images = []
+        for b, row in enumerate(assign_images(lengths, visual.sum(1).tolist())):
+            slots = visual[b].nonzero()[:, 0].split([lengths[i] for i in row])
+            for i, at in zip(row, slots):
+                units = image_id[b, at].unique()
+                grid = get_anyres_image_grid_shape(
+                    image_sizes[i], cfg.image_grid_pinpoints, cfg.vision_config.image_size
+                )
+                images.append(PromptImage(b, at, units[units >= 0].tolist(), tuple(grid)))
+        return images
+
+    def prompt_images(self, state: Prefill) -> list[PromptImage]:
+        return self._prompt_images
 
     def vision_cls_attentions(self) -> list[nn.Module]:
         return clip_attentions(self.vision_tower)
+
+    def vision_features(self, tower_output) -> torch.Tensor:
+        return feature_layer_output(self.model, tower_output)

@@ -13,18 +13,32 @@ Before the projector, each image's vision features (the LLM's feature layer, [CL
   **plus** the mean of the features that joined it (a target nobody joined stays as it is).
 
 The projector maps the ``dominant + contextual`` tokens and the LLM sees them in place of the image's
-patches, with contiguous position ids. Budgets: the README's 64 = 54 + 10, and 128 = 108 + 20,
-192 = 162 + 30 (the splits used in the paper's tables) as presets (``tokens=``); any split by
-``dominant`` / ``contextual``.
+patches, with contiguous position ids.
+
+LLaVA-NeXT (official ``llava_arch.py``, ``prepare_inputs_labels_for_multimodal_visionzip`` and
+``restore_image_features_sorted``): every crop (the base view and each tile) goes through VisionZip on
+its own with the same ``dominant`` / ``contextual`` (the budget is per crop, not split across crops),
+and an image's tokens are, in order: the base view's ``dominant + contextual`` tokens; the tiles'
+dominant patches put back on the stitched tile grid and read in raster order, without unpadding (a
+patch of a tile's padding may be kept) and without newline tokens; the tiles' [CLS] tokens; the tiles'
+contextual tokens, tile by tile (:func:`anyres_order`). The image's first visual slots of the prompt
+take them, its other slots (row-end newlines included) are dropped; an image whose prompt has fewer
+visual slots than ``crops x (dominant + contextual)`` is refused with a ``ValueError``.
+
+Budgets: the README's 64 = 54 + 10, and 128 = 108 + 20, 192 = 162 + 30 (the splits used in the
+paper's tables) as presets (``tokens=``); any split by ``dominant`` / ``contextual``.
 
 Differences: the official ``visionzip(model, dominant=191, contextual=30)`` subtracts one from
 ``dominant`` for the [CLS] token, as here (``dominant`` counts [CLS]). The [CLS] row is scored through
 :func:`visattn.kernels.attention_with_key_mass` (mean over heads: the same ranking as the sum); the
 official code asks the encoder for all attention maps. The official code runs the whole batch of
-images at once; so does this one, per image.
+images at once; so does this one, per image. The official NeXT code hard-codes a 24 x 24 patch grid
+(576 patches, CLIP-L/14 at 336 px); here the grid side is the square root of the tower's patches.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +50,7 @@ PRESETS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}  # tokens -> (dominant,
 
 def visionzip_tokens(
     hidden: torch.Tensor, cls_scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip's token selection and merging.
 
     Args:
@@ -46,7 +60,8 @@ def visionzip_tokens(
         dominant: kept tokens including [CLS]; contextual: merged tokens.
 
     Returns:
-        ``[I, dominant + contextual, Dv]``: the dominant tokens in order, then the contextual tokens.
+        ``[I, dominant + contextual, Dv]``: the dominant tokens in order ([CLS] first), then the
+        contextual tokens; and ``[I, dominant - 1]`` the patch index (0..P-1) of each dominant patch.
     """
     images, n, dim = hidden.shape
     top = cls_scores.topk(dominant - 1, dim=1).indices + 1
@@ -54,8 +69,9 @@ def visionzip_tokens(
     keep[:, 0] = True
     keep.scatter_(1, top, True)
     dominant_tokens = hidden[keep].view(images, dominant, dim)
+    patches = top.sort(dim=1).values - 1
     if contextual == 0:
-        return dominant_tokens
+        return dominant_tokens, patches
     rest = hidden[~keep].view(images, n - dominant, dim)
     metric = F.normalize(keys[~keep].view(images, n - dominant, -1).float(), dim=-1)
     step = max(1, rest.shape[1] // contextual)
@@ -65,7 +81,36 @@ def visionzip_tokens(
     assign = F.one_hot(similarity.argmax(2), contextual).to(rest.dtype)
     counts = assign.sum(1).clamp_min(1)[..., None]
     merged = rest[:, targets] + assign.transpose(1, 2) @ rest[:, ~targets] / counts
-    return torch.cat([dominant_tokens, merged], dim=1)
+    return torch.cat([dominant_tokens, merged], dim=1), patches
+
+
+def anyres_order(
+    tokens: torch.Tensor, patches: torch.Tensor, grid: tuple[int, int], side: int
+) -> torch.Tensor:
+    """One anyres image's VisionZip tokens in the official LLaVA-NeXT order
+    (``restore_image_features_sorted``): the base view's ``dominant + contextual`` tokens as they are;
+    the tiles' dominant patches in raster order of the stitched ``rows x columns`` tile grid (no
+    unpadding, no newline tokens); the tiles' [CLS] tokens; the tiles' contextual tokens, tile by tile.
+
+    Args:
+        tokens: ``[1 + tiles, dominant + contextual, D]``, the base view first, tiles row by row.
+        patches: ``[1 + tiles, dominant - 1]`` the dominant patches' indices in their ``side x side`` view.
+        grid: ``(rows, columns)`` of the tiles.
+
+    Returns:
+        ``[(1 + tiles) * (dominant + contextual), D]``.
+    """
+    rows, cols = grid
+    tiles, tile_patches = tokens[1:], patches[1:]
+    dominant = tile_patches.shape[1] + 1
+    if tiles.shape[0] != rows * cols:
+        raise ValueError(f"VisionZip: an anyres image has {tiles.shape[0]} tiles, not {rows} x {cols}")
+    tile = torch.arange(tiles.shape[0], device=patches.device)[:, None]
+    row = (tile // cols) * side + tile_patches // side  # in the stitched grid
+    col = (tile % cols) * side + tile_patches % side
+    order = (row * cols * side + col).flatten().argsort()
+    stitched = tiles[:, 1:dominant].flatten(0, 1)[order]
+    return torch.cat([tokens[0], stitched, tiles[:, 0], tiles[:, dominant:].flatten(0, 1)])
 
 
 class VisionZip(Reducer):
@@ -125,12 +170,28 @@ class VisionZip(Reducer):
                 "VisionZip: the vision features must be one [CLS] token plus one token per patch "
                 "(vision_feature_select_strategy='default' on a ViT with a [CLS] token)"
             )
-        tokens = visionzip_tokens(
+        tokens, patches = visionzip_tokens(
             hidden, state.cls_scores[0], state.cls_keys[0], self.dominant, self.contextual
         )
-        projected = state.ops.project_image_features(tokens)
-        slots = state.visual & (state.patch_id < tokens.shape[1])  # the first slots of every image
-        embeds = state.embeds.clone()
-        embeds[slots] = projected.reshape(-1, projected.shape[-1]).to(embeds.dtype)
+        projected = state.ops.project_image_features(tokens).to(state.embeds.dtype)
+        side = math.isqrt(state.cls_scores[0].shape[1])  # a square grid of patches per view
+        embeds, keep = state.embeds.clone(), torch.ones_like(state.visual)
+        for image in state.ops.prompt_images(state):
+            units = projected[image.units]
+            if image.grid is None:
+                sequence = units.flatten(0, 1)
+            else:
+                sequence = anyres_order(units, patches[image.units], image.grid, side)
+            # the image's first visual slots take its tokens, in order; its other slots (newlines too) go
+            slots = image.slots[state.visual[image.sample, image.slots]]
+            if sequence.shape[0] > slots.numel():
+                raise ValueError(
+                    f"VisionZip: an image of {slots.numel()} visual tokens in the prompt cannot take its "
+                    f"{sequence.shape[0]} VisionZip tokens ({len(image.units)} views x "
+                    f"{self.dominant + self.contextual}); lower dominant / contextual"
+                )
+            keep[image.sample, image.slots] = False
+            keep[image.sample, slots[: sequence.shape[0]]] = True
+            embeds[image.sample, slots[: sequence.shape[0]]] = sequence
         state.embeds = embeds
-        return ~state.visual | slots
+        return keep

@@ -23,8 +23,17 @@ from visattn.mllm_tokens import DART, attach
 @torch.no_grad()
 def dart_keep(model, ids, pix, layer, keep, p_img, p_txt):
     """Kept positions of one unpadded sample by the official rule (keys and outputs of layer K-1)."""
+    visual = ids[0] == IMG
+    return dart_rule(
+        model, embed(model, ids, pix), visual, int(visual.sum()) // PATCHES, layer, keep, p_img, p_txt
+    )
+
+
+@torch.no_grad()
+def dart_rule(model, hidden, visual, images, layer, keep, p_img, p_txt):
+    """DART's kept positions on one unpadded sample: LLM input ``hidden [1, n, D]``, ``visual [n]`` the
+    tokens it may drop (of ``images`` images), positions ``0..n-1``."""
     lm = model.model.language_model
-    hidden = embed(model, ids, pix)
     n = hidden.shape[1]
     pos = torch.arange(n)[None]
     pe = lm.rotary_emb(hidden, pos)
@@ -36,9 +45,8 @@ def dart_keep(model, ids, pix, layer, keep, p_img, p_txt):
             _, k = apply_rotary_pos_emb(k, k, *pe)
             keys = k.transpose(1, 2).reshape(n, -1)
         hidden = lm.layers[i](hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos)
-    visual = (ids[0] == IMG).nonzero()[:, 0]
-    top = (keep * visual.numel() // PATCHES) // (p_img + p_txt)
-    return official_selection(keys, lm.norm(hidden)[0], visual, top, p_img, p_txt)
+    top = (keep * images) // (p_img + p_txt)
+    return official_selection(keys, lm.norm(hidden)[0], visual.nonzero()[:, 0], top, p_img, p_txt)
 
 
 def official_selection(keys, state, visual, top, p_img, p_txt):

@@ -30,10 +30,15 @@ def pdrop_reference(model, ids, pix, stages, kept=None):
     """Logits of one unpadded sample; ``stages`` maps a stage layer to its cumulative ratio. Returns
     ``(logits, kept)`` where ``kept[layer]`` are the input positions that layer saw; pass ``kept`` to
     replay those decisions on a longer sequence (cache-free decode: new tokens are always kept)."""
+    return pdrop_rule(model, embed(model, ids, pix), ids[0] == IMG, stages, kept)
+
+
+@torch.no_grad()
+def pdrop_rule(model, hidden, visual, stages, kept=None):
+    """:func:`pdrop_reference` on the LLM input ``hidden [1, n, D]`` of one unpadded sample whose
+    droppable tokens are ``visual [n]``."""
     lm = model.model.language_model
-    hidden = embed(model, ids, pix)
-    index = torch.arange(ids.shape[1])
-    visual = ids[0] == IMG
+    index = torch.arange(hidden.shape[1])
     decided = {}
     for i, layer in enumerate(lm.layers):
         pos = torch.arange(hidden.shape[1])[None]  # contiguous after every drop (official)
@@ -47,7 +52,7 @@ def pdrop_reference(model, ids, pix, stages, kept=None):
                 keep[top] = True
                 slots = keep.nonzero()[:, 0]
             else:
-                new = torch.arange(kept[0].numel(), ids.shape[1])  # layer 0 saw the whole prompt
+                new = torch.arange(kept[0].numel(), visual.numel())  # layer 0 saw the whole prompt
                 slots = torch.cat([kept[i], new])
                 slots = torch.searchsorted(index, slots)
             index, hidden = index[slots], hidden[:, slots]

@@ -33,14 +33,23 @@ def sparsevlm_reference(model, ids, pix, sparse, recycle=True, prompt_len=None, 
     """Logits of one unpadded one-image sample. ``sparse`` maps a sparse layer to its count. The raters
     come from the first ``prompt_len`` tokens (a cache-free decode step keeps the prompt's raters).
     ``rank_rule=(scale, bias)``: v1.0's ``attn_postprocess_rank`` count instead of ``sparse``'s."""
-    lm = model.model.language_model
-    hidden = embed(model, ids, pix)
     vis = ids[0] == IMG
-    start, end = int(vis.nonzero()[0]), int(vis.nonzero()[-1]) + 1
-    prompt_len = ids.shape[1] if prompt_len is None else prompt_len
-    v, t = hidden[0, start:end], hidden[0, end:prompt_len]
+    unit = torch.where(vis, 0, -1)
+    return sparsevlm_rule(model, embed(model, ids, pix), unit, sparse, recycle, prompt_len, rank_rule)
+
+
+@torch.no_grad()
+def sparsevlm_rule(model, hidden, unit, sparse, recycle=True, prompt_len=None, rank_rule=None):
+    """:func:`sparsevlm_reference` on the LLM input ``hidden [1, n, D]`` of one unpadded sample whose
+    visual tokens belong to the images ``unit [n]`` (-1: not visual); each image is ranked, recycled
+    and compacted into its own first slots."""
+    lm = model.model.language_model
+    vis = unit >= 0
+    end = int(vis.nonzero()[-1]) + 1
+    prompt_len = hidden.shape[1] if prompt_len is None else prompt_len
+    v, t = hidden[0, vis], hidden[0, end:prompt_len]
     rel = (v @ t.T).softmax(1).mean(0)
-    raters = torch.zeros(ids.shape[1], dtype=torch.bool)
+    raters = torch.zeros(hidden.shape[1], dtype=torch.bool)
     raters[end:prompt_len] = rel > rel.mean()
     for i, layer in enumerate(lm.layers):
         n = hidden.shape[1]
@@ -50,32 +59,33 @@ def sparsevlm_reference(model, ids, pix, sparse, recycle=True, prompt_len=None, 
             hidden, attention_mask=mask, position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos
         )
         if i in sparse:
-            relation = head_mean_attention(lm, i, hidden, pos)[raters][:, vis]
-            score, count = relation.mean(0), sparse[i]
-            if rank_rule is not None:
-                rank = int(torch.linalg.matrix_rank(relation.float()))
-                if rank == int(vis.sum()):
-                    hidden = out
-                    continue
-                count = int(rank * rank_rule[0] + rank_rule[1])
-            top = score.topk(min(count, int(vis.sum()) - 1)).indices.sort().values
-            slots = vis.nonzero()[:, 0]
-            deleted = torch.ones(slots.numel(), dtype=torch.bool)
-            deleted[top] = False
-            parts = [out[0, slots[top]]]
-            if recycle:
-                chosen = score[deleted].topk(int(int(deleted.sum()) * 0.3) + 1).indices
-                clusters = int(chosen.numel() / 10) + 1
-                parts.append(official_cluster_and_merge(out[:, slots[deleted][chosen]], clusters)[0])
-            visual_part = torch.cat(parts)
-            first, last = int(slots[0]), int(slots[-1]) + 1
-            out = torch.cat([out[0, :first], visual_part, out[0, last:]])[None]
-            new_vis = torch.zeros(out.shape[1], dtype=torch.bool)
-            new_vis[first : first + visual_part.shape[0]] = True
-            raters = torch.cat(
-                [raters[:first], torch.zeros(visual_part.shape[0], dtype=torch.bool), raters[last:]]
-            )
-            vis = new_vis
+            relation = head_mean_attention(lm, i, hidden, pos)[raters]
+            keep, new = ~vis, out.clone()
+            for image in unit[vis].unique().tolist():
+                slots = (unit == image).nonzero()[:, 0]
+                score, count = relation[:, slots].mean(0), sparse[i]
+                if rank_rule is not None:
+                    rank = int(torch.linalg.matrix_rank(relation[:, slots].float()))
+                    if rank == slots.numel():
+                        keep[slots] = True
+                        continue
+                    count = int(rank * rank_rule[0] + rank_rule[1])
+                top = score.topk(min(count, slots.numel() - 1)).indices.sort().values
+                deleted = torch.ones(slots.numel(), dtype=torch.bool)
+                deleted[top] = False
+                parts = [out[0, slots[top]]]
+                if recycle:
+                    chosen = score[deleted].topk(int(int(deleted.sum()) * 0.3) + 1).indices
+                    parts.append(
+                        official_cluster_and_merge(
+                            out[:, slots[deleted][chosen]], int(chosen.numel() / 10) + 1
+                        )[0]
+                    )
+                content = torch.cat(parts)
+                new[0, slots[: content.shape[0]]] = content
+                keep[slots[: content.shape[0]]] = True
+            out, unit, raters = new[:, keep], unit[keep], raters[keep]
+            vis = unit >= 0
         hidden = out
     return model.lm_head(lm.norm(hidden))
 

@@ -16,9 +16,14 @@ from tests.test_mllm_tokens import (
 from visattn.mllm_tokens import VisionZip, attach
 
 
-@torch.no_grad()
 def official_visionzip(model, pix, dominant, contextual):
     """The official selection and merge on eager CLIP outputs, then the projector: ``[I, d + c, D]``."""
+    return official_visionzip_indexed(model, pix, dominant, contextual)[0]
+
+
+@torch.no_grad()
+def official_visionzip_indexed(model, pix, dominant, contextual):
+    """:func:`official_visionzip` and its ``all_indices`` ``[I, d]`` ([CLS] 0, then the top patches + 1)."""
     tower = model.model.vision_tower
     out = tower(pix, output_hidden_states=True, output_attentions=True)
     attn, hidden = out.attentions[-2], out.hidden_states[-2]
@@ -42,7 +47,7 @@ def official_visionzip(model, pix, dominant, contextual):
     one_hot = torch.zeros(b, int(others.sum()), contextual).scatter_(2, sim.argmax(2)[..., None], 1)
     counts = one_hot.sum(1).clamp(min=1)[..., None]
     merged = h[:, targets] + torch.bmm(one_hot.transpose(1, 2), h[:, others]) / counts
-    return model.model.multi_modal_projector(torch.cat([dom, merged], dim=1))
+    return model.model.multi_modal_projector(torch.cat([dom, merged], dim=1)), idx
 
 
 def visionzip_embeds(model, sid, spix, dominant, contextual):
