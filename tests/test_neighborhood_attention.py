@@ -554,3 +554,19 @@ def test_tiled_sdpa_path_half_precision_and_bench_shape():
     ref = neighborhood_attention_reference(q, k, v, (7, 7), (2, 3), (False, False), rpb, 8**-0.5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref)
+
+
+def test_tile_choice_tiles_large_maps_and_keeps_small_maps_dense():
+    """The default tile: query tiles where they cut the work (here 1-D, 1024 tokens, k=9), one dense
+    masked tile on maps about the window's size; both exact."""
+    from visattn.kernels.neighborhood_attention_tiled import TILE_CANDIDATES, choose_tile
+    from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+
+    assert choose_tile((1024,), (9,), (1,), (False,)) < 1024
+    assert choose_tile((56, 56), (7, 7), (1, 1), (False, False)) < 56
+    assert choose_tile((7, 7), (7, 7), (1, 1), (False, False)) == TILE_CANDIDATES[-1]
+    for shape, ks in (((2, 1024, 2, 8), 9), ((1, 9, 9, 2, 8), 7)):
+        q, k, v, rpb = _inputs(shape, rpb_kernel=(ks,) * (len(shape) - 3))
+        args = ((ks,) * (len(shape) - 3), (1,) * (len(shape) - 3), (False,) * (len(shape) - 3), rpb, 0.3)
+        out = neighborhood_attention(q, k, v, ks, rpb=rpb, scale=0.3, backend="torch")
+        torch.testing.assert_close(out, neighborhood_attention_reference(q, k, v, *args))
