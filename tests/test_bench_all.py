@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from visattn.bench import available
 from visattn.bench.all import DRY_PLAN, PLANS
@@ -49,3 +50,17 @@ def test_every_plan_entry_parses_with_its_benchmark(plan):
         parser = argparse.ArgumentParser(prog=f"visattn bench {name}")
         benches[name].add_arguments(parser)
         parser.parse_args([*argv, "--device", "cpu"])
+
+
+def test_cpu_peak_memory_counts_what_one_call_holds_at_once():
+    """Two 4 MiB buffers alive together, a third after one is freed: the peak is 8 MiB, not 12."""
+    from visattn.bench._timing import cpu_peak_mib, measure
+
+    def step():
+        a = torch.ones(1 << 20)  # 4 MiB of fp32
+        b = a * 2
+        del a
+        return (b + 1).sum()
+
+    assert cpu_peak_mib(step) == pytest.approx(8.0, abs=0.01)
+    assert measure(step, "cpu", warmup=1, iters=2).peak_mib == pytest.approx(8.0, abs=0.01)

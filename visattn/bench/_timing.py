@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 
 @dataclass
 class Measurement:
-    """Median wall time of one call in milliseconds and the peak memory it allocated (CUDA only)."""
+    """Median wall time of one call in milliseconds and the peak memory it allocated."""
 
     ms: float
     peak_mib: float | None
@@ -28,7 +29,8 @@ def measure(
     """Run ``fn`` ``warmup`` times, then time ``iters`` calls; report the median.
 
     On CUDA the calls are synchronised and the peak memory above what was
-    allocated before the first timed call is reported; on CPU memory is ``None``.
+    allocated before the first timed call is reported; on CPU one more, untimed call
+    runs under the profiler to find its peak (``cpu_peak_mib``).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -46,8 +48,35 @@ def measure(
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else cpu_peak_mib(fn)
     return Measurement(ms=times[len(times) // 2], peak_mib=peak)
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null (the profiler's C++ side logs every start and stop there)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peak_mib(fn: Callable[[], object]) -> float:
+    """Peak CPU memory one call of ``fn`` allocates above what was allocated before it, in MiB: the
+    running sum of the allocation and free events ``torch.profiler`` records."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with _stderr_silenced(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 _COLLECTED: list[list[dict]] = []  # one list per active collect_tables() block
@@ -103,5 +132,5 @@ def fmt_ms(m: Measurement | None) -> str:
 
 
 def fmt_mem(m: Measurement | None) -> str:
-    """Peak MiB, ``-`` where memory is not measured (CPU), ``n/a`` for a case that did not run."""
+    """Peak MiB, ``-`` where memory is not measured, ``n/a`` for a case that did not run."""
     return "n/a" if m is None else ("-" if m.peak_mib is None else f"{m.peak_mib:.1f}")

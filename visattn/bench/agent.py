@@ -1,14 +1,14 @@
 """Agent attention: our Triton op vs the official-style PyTorch computation.
 
 Times the forward and forward+backward (median ms) and the peak memory above the inputs (CUDA
-only) of ``visattn.kernels.agent_attention`` (Triton backend; on CPU only under TRITON_INTERPRET=1,
-where timings mean nothing), our PyTorch reference backend, and the computation as the official
-Agent-Attention models write it (heads-first permutes, biases ``.repeat``-ed over the batch, two
-matmul + softmax steps with both probability matrices materialised). Shapes are the agent-attention
-stages of Agent-Swin-T (window 56 = whole stage, head_dim 32) and Agent-PVT-T (head_dim 64) at 224,
-with the position biases the models add; --device cpu uses a small batch. The last columns give the
-speed-up of our op (Triton, else the reference) over each row, measured in the same run.
-"""
+allocator, or the profiler on CPU) of ``visattn.kernels.agent_attention`` (Triton backend; on CPU only
+under TRITON_INTERPRET=1, where timings mean nothing), our PyTorch reference backend, and the
+computation as the official Agent-Attention models write it (heads-first permutes, biases
+``.repeat``-ed over the batch, two matmul + softmax steps with both probability matrices
+materialised). Shapes are the agent-attention stages of Agent-Swin-T (window 56 = whole stage,
+head_dim 32) and Agent-PVT-T (head_dim 64) at 224, with the position biases the models add; --device
+cpu uses a small batch. The last columns give the speed-up of our op (Triton, else the reference) over
+each row, measured in the same run."""
 
 from __future__ import annotations
 

@@ -1,16 +1,15 @@
 """Bi-level routing attention: Triton op vs PyTorch op vs official-style gather; biformer_s training step.
 
-Part 1 times the forward and forward+backward (median ms) and the peak memory above the inputs
-(CUDA only) of ``visattn.kernels.bilevel_routing_attention`` with the Triton and the PyTorch
-backends and of an implementation that follows the official BiFormer code's approach (per-region
-layout, ``torch.gather`` of the routed K/V regions from an expanded view, i.e. ``topk`` copies of
-K and V, then dense attention over the gathered tokens), on the BRA stages of BiFormer-S
-(56/28/14 grids at 224x224, 7x7 regions, top-k 1/4/16, 2/4/8 heads of 32). Part 2 times one
-training step (forward, backward, AdamW step; bf16 autocast on CUDA) of the whole ``biformer_s``
-with each attention implementation and reports img/s and peak memory. Ratios are against the
-official-style rows measured in the same run. ``--device cpu`` uses small sizes and a shallow,
-narrow biformer_s for the training step (Triton needs CUDA there, so its rows read "n/a").
-"""
+Part 1 times the forward and forward+backward (median ms) and the peak memory above the inputs (CUDA
+allocator, or the profiler on CPU) of ``visattn.kernels.bilevel_routing_attention`` with the Triton
+and the PyTorch backends and of an implementation that follows the official BiFormer code's approach
+(per-region layout, ``torch.gather`` of the routed K/V regions from an expanded view, i.e. ``topk``
+copies of K and V, then dense attention over the gathered tokens), on the BRA stages of BiFormer-S
+(56/28/14 grids at 224x224, 7x7 regions, top-k 1/4/16, 2/4/8 heads of 32). Part 2 times one training
+step (forward, backward, AdamW step; bf16 autocast on CUDA) of the whole ``biformer_s`` with each
+attention implementation and reports img/s and peak memory. Ratios are against the official-style rows
+measured in the same run. ``--device cpu`` uses small sizes and a shallow, narrow biformer_s for the
+training step (Triton needs CUDA there, so its rows read "n/a")."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Large-kernel attention (VAN's LKA): fused Triton op vs the official nn.Conv2d chain, VAN-B2 stages.
 
 Times the forward and forward+backward (median ms) and the peak memory above the inputs (CUDA
-only) of ``visattn.kernels.large_kernel_attention`` at the four LKA shapes of VAN-B2 (64/128/320/512
-channels at 1/4, 1/8, 1/16, 1/32 of the image size), against the official implementation's
-approach: three ``nn.Conv2d`` modules (depthwise 5x5, depthwise 7x7 dilation 3, 1x1, i.e. cuDNN)
-and ``u * attn``. Rows:
+allocator, or the profiler on CPU) of ``visattn.kernels.large_kernel_attention`` at the four LKA
+shapes of VAN-B2 (64/128/320/512 channels at 1/4, 1/8, 1/16, 1/32 of the image size), against the
+official implementation's approach: three ``nn.Conv2d`` modules (depthwise 5x5, depthwise 7x7 dilation
+3, 1x1, i.e. cuDNN) and ``u * attn``. Rows:
 
 - ``official nn.Conv2d``: the baseline every ratio refers to (measured in the same run);
 - ``visattn triton``: the op (both depthwise convs in one kernel, 1x1 GEMM with the gating product

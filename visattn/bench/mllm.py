@@ -15,7 +15,7 @@ tokens; OneVision an anyres 768x768 (full; 384x768 on CPU) image in 384 tiles; Q
 784x784 image at dynamic resolution (784 tokens). For the unreduced model and each reducer (FastV K=2,
 VTC-CLS, DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens per image, PyramidDrop at its
 official stages, DyVTE with a fixed exit after layer 2 standing in for trained routers, VAR with the
-decoder's known sink dims) it reports prefill latency, peak memory (CUDA), decode tokens/s (greedy, KV
+decoder's known sink dims) it reports prefill latency, peak memory, decode tokens/s (greedy, KV
 cache), and from ``handle.stats`` the visual tokens per sample, the mean kept per decoder layer and the
 estimated prefill FLOPs saved; speed-ups are against the unreduced model of the same run. A reducer the
 family refuses (``attach`` raises ValueError) is a row "refused [n]", its reason printed below the

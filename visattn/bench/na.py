@@ -1,15 +1,14 @@
 """Neighborhood attention: our Triton op vs reference, FlexAttention, NATTEN and dense SDPA.
 
-Times the forward and forward+backward (median ms) and the peak memory above the inputs
-(CUDA only) of: ``visattn.kernels.neighborhood_attention`` on the Triton and the PyTorch
-backends, ``torch.nn.attention.flex_attention`` with a neighborhood block mask (compiled on
-CUDA; eager on CPU unless --flex-compile), NATTEN's ``na{1,2,3}d`` when installed, and dense
-``scaled_dot_product_attention`` over the same tokens (a different, all-to-all computation,
-shown as the cost NA avoids). Shapes follow NAT-Tiny (56/28/14/7 grids, kernel 7, heads
-2/4/8/16, head_dim 32), a DiNAT dilated stage, one 1-D and one 3-D case; --device cpu uses
-small sizes. The last columns give the speed-up of our op (Triton, else the reference) over
-each row, measured in the same run. Failures are reported as "n/a".
-"""
+Times the forward and forward+backward (median ms) and the peak memory above the inputs (CUDA
+allocator, or the profiler on CPU) of: ``visattn.kernels.neighborhood_attention`` on the Triton and
+the PyTorch backends, ``torch.nn.attention.flex_attention`` with a neighborhood block mask (compiled
+on CUDA; eager on CPU unless --flex-compile), NATTEN's ``na{1,2,3}d`` when installed, and dense
+``scaled_dot_product_attention`` over the same tokens (a different, all-to-all computation, shown as
+the cost NA avoids). Shapes follow NAT-Tiny (56/28/14/7 grids, kernel 7, heads 2/4/8/16, head_dim 32),
+a DiNAT dilated stage, one 1-D and one 3-D case; --device cpu uses small sizes. The last columns give
+the speed-up of our op (Triton, else the PyTorch backend) over each row, measured in the same run. Failures
+are reported as "n/a"."""
 
 from __future__ import annotations
 
