@@ -26,30 +26,71 @@ class Measurement:
 def measure(
     fn: Callable[[], object], device: torch.device | str, warmup: int = 3, iters: int = 10
 ) -> Measurement:
-    """Run ``fn`` ``warmup`` times, then time ``iters`` calls; report the median.
+    """Run ``fn`` ``warmup`` times, then time ``iters`` calls; report the median and the peak memory
+    one more call allocates above what was allocated before it (the CUDA allocator's peak; on CPU
+    the profiler's, ``cpu_peak_mib``). CUDA calls are synchronised."""
+    return measure_interleaved([fn], device, warmup=warmup, iters=iters)[0]
 
-    On CUDA the calls are synchronised and the peak memory above what was
-    allocated before the first timed call is reported; on CPU one more, untimed call
-    runs under the profiler to find its peak (``cpu_peak_mib``).
-    """
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]], device: torch.device | str, warmup: int = 3, iters: int = 10
+) -> list[Measurement]:
+    """:func:`measure` for several implementations at once, their calls taking turns, so that a slow
+    spell of a shared machine hits every one of them alike; one :class:`Measurement` per function."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else cpu_peak_mib(fn)
-    return Measurement(ms=times[len(times) // 2], peak_mib=peak)
+        for fn, spent in zip(fns, times):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            spent.append((time.perf_counter() - start) * 1e3)
+    return [
+        Measurement(ms=sorted(spent)[len(spent) // 2], peak_mib=_peak_mib(fn, device))
+        for fn, spent in zip(fns, times)
+    ]
+
+
+def measure_side_by_side(
+    steps: Sequence[Callable[[], object] | None], device: torch.device | str, warmup: int = 3, iters: int = 10
+) -> tuple[list[Measurement | None], list[str]]:
+    """:func:`measure_interleaved` over the implementations of one case that can run it: each step is
+    called once first, and one that is ``None`` or raises is left out (its measurement ``None``, the
+    error's first line as its note; a baseline that cannot run a case is reported, not fatal)."""
+    notes = ["" if step is not None else "skipped" for step in steps]
+    for i, step in enumerate(steps):
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception as exc:  # any failure of a baseline is a row of the table, not a crash
+            text = str(exc).splitlines()[0][:70] if str(exc) else ""
+            notes[i] = f"n/a: {type(exc).__name__}: {text}"
+    running = [i for i, note in enumerate(notes) if not note]
+    timed = measure_interleaved([steps[i] for i in running], device, warmup=warmup, iters=iters)
+    results: list[Measurement | None] = [None] * len(steps)
+    for i, m in zip(running, timed):
+        results[i] = m
+    return results, notes
+
+
+def _peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory one call of ``fn`` allocates above what was allocated before it, in MiB."""
+    if device.type != "cuda":
+        return cpu_peak_mib(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 @contextlib.contextmanager

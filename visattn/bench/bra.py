@@ -17,14 +17,22 @@ import argparse
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import timm
 import torch
 
 import visattn  # noqa: F401  (registers biformer_s)
 from visattn.backbones.biformer import BiLevelRoutingAttention
-from visattn.bench._timing import Measurement, fmt_mem, fmt_ms, measure, measure_or_none, print_table, ratio
+from visattn.bench._timing import (
+    Measurement,
+    fmt_mem,
+    fmt_ms,
+    measure,
+    measure_or_none,
+    measure_side_by_side,
+    print_table,
+    ratio,
+)
 from visattn.kernels import bilevel_routing_attention
 from visattn.kernels._dispatch import interpreter_enabled, triton_available
 
@@ -117,7 +125,7 @@ def _op_impls(run_triton: bool) -> dict[str, Callable | None]:
     }  # fmt: skip
 
 
-def _time_op(fn, inputs, st, device, backward, warmup, iters) -> Measurement:
+def _op_step(fn, inputs, st, backward):
     grad = torch.randn_like(inputs[2])
 
     def step():
@@ -126,7 +134,7 @@ def _time_op(fn, inputs, st, device, backward, warmup, iters) -> Measurement:
                 return fn(*inputs, st)
         return torch.autograd.grad(fn(*inputs, st), inputs, grad)
 
-    return measure(step, device, warmup=warmup, iters=iters)
+    return step
 
 
 def _mem_ratio(baseline: Measurement | None, candidate: Measurement | None) -> str:
@@ -163,14 +171,17 @@ def _bench_ops(args, device, dtype, run_triton, warmup, iters) -> None:
         gen = torch.Generator().manual_seed(0)
         shape = (batch, st.size, st.size, st.heads, st.head_dim)
         inputs = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(True) for _ in range(3)]
-        results = {}
-        for name, fn in _op_impls(run_triton).items():
-            results[name] = [
-                None
-                if fn is None
-                else measure_or_none(partial(_time_op, fn, inputs, st, device, b, warmup, iters))
-                for b in (False, True)
-            ]
+        impls = _op_impls(run_triton)
+        # the implementations' calls take turns, so a slow spell of a shared machine hits them alike
+        measured = []
+        for backward in (False, True):
+            steps = [None if fn is None else _op_step(fn, inputs, st, backward) for fn in impls.values()]
+            timed, notes = measure_side_by_side(steps, device, warmup, iters)
+            measured.append(timed)
+            for name, note in zip(impls, notes):
+                if note.startswith("n/a"):
+                    print(f"  {st.name} {name}: {note}", flush=True)
+        results = dict(zip(impls, zip(*measured)))
         base = results["official-style gather"]
         for name, (fwd, fwdbwd) in results.items():
             rows.append(

@@ -28,7 +28,7 @@ from visattn.backbones.agent_common import AgentAttentionBase
 from visattn.backbones.biformer import BiLevelRoutingAttention
 from visattn.backbones.nat import NeighborhoodAttention2D
 from visattn.backbones.van import LargeKernelAttention
-from visattn.bench._timing import Measurement, measure, print_table, ratio
+from visattn.bench._timing import measure_interleaved, print_table, ratio
 from visattn.bench.agent import official_style as official_style_agent
 from visattn.bench.bra import _OfficialStyleBRA
 from visattn.bench.train import tiny_kwargs
@@ -122,12 +122,12 @@ def _build(name: str, args: argparse.Namespace, device: str) -> torch.nn.Module:
     return timm.create_model(name, **kwargs).to(device).eval()
 
 
-def _time(model: torch.nn.Module, images: torch.Tensor, device: str, args) -> Measurement:
+def _forward(model: torch.nn.Module, images: torch.Tensor):
     def step():
         with torch.no_grad():
             return model(images)
 
-    return measure(step, device, warmup=args.warmup, iters=args.iters)
+    return step
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,19 +136,21 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
-    peer = _time(_build(PEER, args, device), images, device, args)
+    timing = {"device": device, "warmup": args.warmup, "iters": args.iters}
+    (peer,) = measure_interleaved([_forward(_build(PEER, args, device), images)], **timing)
     rows = [[PEER, "timm", f"{args.batch / (peer.ms / 1e3):.1f}", f"{peer.ms:.1f}", "-", "1.00x", "-"]]
     for name in args.model:
         model = _build(name, args, device)
-        ours = _time(model, images, device, args)
         twin, label = official_twin(model)
         if twin is None:
+            (ours,) = measure_interleaved([_forward(model, images)], **timing)
             rows.append([name, "visattn", f"{args.batch / (ours.ms / 1e3):.1f}", f"{ours.ms:.1f}",
                          f"n/a ({label})", ratio(peer, ours), "-"])  # fmt: skip
             continue
         with torch.no_grad():
             diff = (model(images) - twin(images)).abs().max().item()
-        base = _time(twin, images, device, args)
+        # the two take turns, so the ratio holds on a machine whose speed drifts
+        ours, base = measure_interleaved([_forward(model, images), _forward(twin, images)], **timing)
         for impl, m, vs in (("visattn", ours, ratio(base, ours)), (label, base, "1.00x")):
             rows.append([name, impl, f"{args.batch / (m.ms / 1e3):.1f}", f"{m.ms:.1f}", vs, ratio(peer, m),
                          f"{diff:.1e}"])  # fmt: skip

@@ -22,7 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from visattn.bench._timing import Measurement, measure, print_table, ratio
+from visattn.bench._timing import Measurement, measure_side_by_side, print_table, ratio
 from visattn.kernels import neighborhood_attention
 from visattn.kernels._dispatch import interpreter_enabled, triton_available
 from visattn.kernels.reference.neighborhood_attention import window_indices
@@ -138,9 +138,8 @@ def _sdpa_fn(case: Case):
     return run
 
 
-def _time(fn: Callable, inputs: list[torch.Tensor], device: str, backward: bool, warmup: int, iters: int):
+def _step(fn: Callable, inputs: list[torch.Tensor], backward: bool) -> Callable[[], object]:
     grad = torch.randn_like(inputs[0])
-
     detached = [t.detach() for t in inputs[:3]]
 
     def step():
@@ -150,36 +149,29 @@ def _time(fn: Callable, inputs: list[torch.Tensor], device: str, backward: bool,
         out = fn(*inputs[:3])
         return torch.autograd.grad(out, inputs, grad, allow_unused=True)
 
-    return measure(step, device, warmup=warmup, iters=iters)
+    return step
+
+
+def _steps(make: Callable[[], Callable] | None, inputs: list[torch.Tensor]):
+    """(forward step, forward+backward step) of one provider; ``None`` for one not run here, and steps
+    that raise for one that cannot be built (e.g. NATTEN not installed)."""
+    if make is None:
+        return None, None
+    try:
+        fn = make()
+    except Exception as exc:  # reported in the table by measure_side_by_side
+
+        def failed(error: Exception = exc):
+            raise error
+
+        return failed, failed
+    return _step(fn, inputs, False), _step(fn, inputs, True)
 
 
 def _ours(case: Case, rpb: torch.Tensor | None, backend: str):
     return lambda q, k, v: neighborhood_attention(
         q, k, v, case.kernel_size, case.dilation, case.causal, rpb=rpb, backend=backend
     )
-
-
-def _failure(exc: Exception) -> str:
-    return f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:70] if str(exc) else ''}"
-
-
-def _measure_provider(
-    make, inputs, device, warmup, iters
-) -> tuple[Measurement | None, Measurement | None, str]:
-    """(forward, forward+backward, note); a baseline that cannot run a case is reported, not fatal."""
-    if make is None:
-        return None, None, "skipped"
-    fwd = bwd = None
-    try:
-        fn = make()
-        fwd = _time(fn, inputs, device, False, warmup, iters)
-        bwd = _time(fn, inputs, device, True, warmup, iters)
-        note = ""
-    except Exception as exc:
-        note = _failure(exc)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return fwd, bwd, note
 
 
 def _cells(m: Measurement | None) -> list[str]:
@@ -233,9 +225,18 @@ def run(args: argparse.Namespace) -> int:
             ("natten", partial(_natten_fn, case) if rpb is None else None),
             ("sdpa dense", partial(_sdpa_fn, case)),
         ]
+        # every provider's calls take turns (forward, then forward+backward), so a slow spell of a
+        # shared machine hits them alike; a provider that cannot run a case gets a note
+        steps = [_steps(make, inputs) for _, make in providers]
+        (fwd, fwd_notes), (bwd, bwd_notes) = (
+            measure_side_by_side([s[backward] for s in steps], device, warmup, iters) for backward in (0, 1)
+        )
         results = [
-            (name, *_measure_provider(make, inputs, device, warmup, iters)) for name, make in providers
+            (name, f, b, nf or nb)
+            for (name, _), f, b, nf, nb in zip(providers, fwd, bwd, fwd_notes, bwd_notes)
         ]
+        if cuda:
+            torch.cuda.empty_cache()
         mine = next((r for r in results if r[0].startswith("visattn") and r[1] is not None), None)
         for name, fwd, bwd, note in results:
             rows.append(
