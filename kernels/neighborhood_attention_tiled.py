@@ -126,18 +126,18 @@ def _plan(
     tile holds every token in order), ``window_mask [tiles, Tq, Tk]`` (0 inside a window, -inf
     outside, fp32; ``None`` when every query sees every key of its tile) and ``pick`` (``None`` when
     each token is computed once, in order)."""
-    query, key, allowed, rel, pick = (
-        t.to(device) for t in _tables(spatial, kernel_size, dilation, is_causal, tile)
-    )
+    query, key, allowed, rel, pick = _tables(spatial, kernel_size, dilation, is_causal, tile)
+    # decided on the CPU tables: reading device tensors would sync a GPU, and fails on the meta device
     tokens = math.prod(spatial)
+    ordered = torch.arange(tokens)
     one_tile = query.shape[0] == 1 and query.shape[1] == tokens
-    ordered = torch.arange(tokens, device=device)
     dense = one_tile and bool((query[0] == ordered).all()) and bool((key[0] == ordered).all())
+    identity = pick.numel() == query.numel() and bool((pick == ordered).all())
     window_mask = None
     if not bool(allowed.all()):
-        window_mask = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
-    identity = pick.numel() == query.numel() and bool((pick == ordered).all())
-    return (None if dense else (query, key)), allowed, rel, window_mask, (None if identity else pick)
+        window_mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")).to(device)
+    gather = None if dense else (query.to(device), key.to(device))
+    return gather, allowed.to(device), rel.to(device), window_mask, (None if identity else pick.to(device))
 
 
 def neighborhood_attention_tiled(

@@ -570,3 +570,15 @@ def test_tile_choice_tiles_large_maps_and_keeps_small_maps_dense():
         args = ((ks,) * (len(shape) - 3), (1,) * (len(shape) - 3), (False,) * (len(shape) - 3), rpb, 0.3)
         out = neighborhood_attention(q, k, v, ks, rpb=rpb, scale=0.3, backend="torch")
         torch.testing.assert_close(out, neighborhood_attention_reference(q, k, v, *args))
+
+
+@pytest.mark.parametrize(
+    "shape,kernel_size", [((1, 14, 14, 2, 8), 7), ((1, 64, 2, 8), 9), ((1, 7, 7, 2, 8), 7)]
+)
+def test_torch_path_runs_on_the_meta_device(shape, kernel_size):
+    """timm builds models on the meta device (``default_cfgs`` tests, deferred init): the torch path plans
+    on CPU tables and never reads a device tensor."""
+    q = torch.empty(shape, device="meta")
+    rpb = torch.empty((shape[-2], *(2 * kernel_size - 1,) * (len(shape) - 3)), device="meta")
+    out = neighborhood_attention(q, q, q, kernel_size, rpb=rpb, backend="torch")
+    assert out.device.type == "meta" and out.shape == q.shape
