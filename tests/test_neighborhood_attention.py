@@ -582,3 +582,44 @@ def test_torch_path_runs_on_the_meta_device(shape, kernel_size):
     rpb = torch.empty((shape[-2], *(2 * kernel_size - 1,) * (len(shape) - 3)), device="meta")
     out = neighborhood_attention(q, q, q, kernel_size, rpb=rpb, backend="torch")
     assert out.device.type == "meta" and out.shape == q.shape
+
+
+@pytest.mark.parametrize(
+    "shape,kernel_size,causal,band",
+    [
+        ((2, 6, 8, 8, 3, 4), (3, 3, 3), (False, False, False), 3),  # the 3-D bench case, choose_tile's pick
+        ((2, 6, 8, 8, 3, 4), (3, 3, 3), (True, False, False), 3),
+        ((1, 9, 5, 2, 4), (3, 3), (False, False), 2),  # last band moved back, rows computed twice
+        ((1, 9, 5, 2, 4), (3, 5), (False, False), 4),
+        ((2, 40, 2, 4), (5,), (True,), 6),
+    ],
+)
+def test_bands_match_reference_with_gradients(shape, kernel_size, causal, band):
+    """Bands along the first dim run one SDPA call each on slices (no gather); with rpb when not causal."""
+    from visattn.kernels.neighborhood_attention_tiled import (
+        TILE_CANDIDATES,
+        _plan,
+        neighborhood_attention_tiled,
+    )
+    from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+
+    n = len(shape) - 3
+    tile = (band,) + (TILE_CANDIDATES[-1],) * (n - 1)
+    args = (kernel_size, (1,) * n, causal)
+    assert _plan(tuple(shape[1:-2]), *args, tile, torch.device("cpu")).bands is not None
+    q, k, v, rpb = _inputs(shape, rpb_kernel=None if any(causal) else kernel_size)
+    leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
+    ref = neighborhood_attention_reference(q, k, v, *args, rpb, 0.37)
+    out = neighborhood_attention_tiled(q, k, v, *args, rpb, 0.37, tile=tile)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_tile_choice_bands_where_they_cut_the_dense_work():
+    from visattn.kernels.neighborhood_attention_tiled import choose_tile
+
+    assert choose_tile((6, 8, 8), (3, 3, 3), (1, 1, 1), (False,) * 3)[0] == 3
+    assert isinstance(choose_tile((14, 14), (7, 7), (1, 1), (False, False)), int)  # 98-row bands: slower
+    assert isinstance(choose_tile((12, 8, 8), (3, 3, 3), (2, 1, 1), (False,) * 3), int)  # dilated: no bands
