@@ -8,7 +8,8 @@ attention, masked to the exact windows (and carrying the relative positional bia
 mask), and all tiles go through one batched ``torch.nn.functional.scaled_dot_product_attention``
 call. Exact: the same keys and the same softmax as the reference; autograd goes through SDPA.
 ``choose_tile`` picks the tile size per shape from a cost model; on small maps that is one dense
-masked tile (no gather at all)."""
+masked tile (no gather at all), on some mid-sized ones bands along the first dim (contiguous token
+ranges, one SDPA call each on views)."""
 
 from __future__ import annotations
 
