@@ -524,18 +524,11 @@ def test_benchmark_runs_on_cpu(capsys):
     assert "skipped" in rows["natten"]  # NATTEN has no rpb
 
 
-@pytest.mark.parametrize("tile", [1, 2, 3, 8])
-@pytest.mark.parametrize("shape,kernel_size,dilation,causal,use_rpb", NAIVE_CASES)
-def test_tiled_sdpa_path_matches_reference_with_gradients(
-    shape, kernel_size, dilation, causal, use_rpb, tile
-):
-    """backend='torch' runs query tiles with their key halo through SDPA; small tiles force many tiles
-    (and tiles moved back at a group's end) even on these small maps."""
+def _check_tiled_against_reference(shape, args, use_rpb, tile):
+    """The torch path at a given ``tile`` equals the reference, output and every gradient (float64)."""
     from visattn.kernels.neighborhood_attention_tiled import neighborhood_attention_tiled
     from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
 
-    n = len(shape) - 3
-    args = tuple(a if isinstance(a, tuple) else (a,) * n for a in (kernel_size, dilation, causal))
     q, k, v, rpb = _inputs(shape, rpb_kernel=args[0] if use_rpb else None)
     leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
     ref = neighborhood_attention_reference(q, k, v, *args, rpb, 0.37)
@@ -544,6 +537,18 @@ def test_tiled_sdpa_path_matches_reference_with_gradients(
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 8])
+@pytest.mark.parametrize("shape,kernel_size,dilation,causal,use_rpb", NAIVE_CASES)
+def test_tiled_sdpa_path_matches_reference_with_gradients(
+    shape, kernel_size, dilation, causal, use_rpb, tile
+):
+    """backend='torch' runs query tiles with their key halo through SDPA; small tiles force many tiles
+    (and tiles moved back at a group's end) even on these small maps."""
+    n = len(shape) - 3
+    args = tuple(a if isinstance(a, tuple) else (a,) * n for a in (kernel_size, dilation, causal))
+    _check_tiled_against_reference(shape, args, use_rpb, tile)
 
 
 def test_tiled_sdpa_path_half_precision_and_bench_shape():
@@ -596,25 +601,13 @@ def test_torch_path_runs_on_the_meta_device(shape, kernel_size):
 )
 def test_bands_match_reference_with_gradients(shape, kernel_size, causal, band):
     """Bands along the first dim run one SDPA call each on slices (no gather); with rpb when not causal."""
-    from visattn.kernels.neighborhood_attention_tiled import (
-        TILE_CANDIDATES,
-        _plan,
-        neighborhood_attention_tiled,
-    )
-    from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+    from visattn.kernels.neighborhood_attention_tiled import TILE_CANDIDATES, _plan
 
     n = len(shape) - 3
     tile = (band,) + (TILE_CANDIDATES[-1],) * (n - 1)
     args = (kernel_size, (1,) * n, causal)
     assert _plan(tuple(shape[1:-2]), *args, tile, torch.device("cpu")).bands is not None
-    q, k, v, rpb = _inputs(shape, rpb_kernel=None if any(causal) else kernel_size)
-    leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
-    ref = neighborhood_attention_reference(q, k, v, *args, rpb, 0.37)
-    out = neighborhood_attention_tiled(q, k, v, *args, rpb, 0.37, tile=tile)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    _check_tiled_against_reference(shape, args, not any(causal), tile)
 
 
 def test_tile_choice_bands_where_they_cut_the_dense_work():
