@@ -148,9 +148,7 @@ def _tables(spatial: tuple, kernel_size: tuple, dilation: tuple, is_causal: tupl
 class _Plan(NamedTuple):
     """What a call needs for one shape, on its device (see ``_plan``)."""
 
-    gather: (
-        tuple[torch.Tensor, torch.Tensor] | None
-    )  # query [n, Tq], key [n, Tk] token ids; None: all, in order
+    gather: tuple[torch.Tensor, torch.Tensor] | None  # token ids [n, Tq], [n, Tk]; None: all in order
     shape: tuple[int, int, int]  # (tiles, Tq, Tk)
     rel: torch.Tensor  # [n, Tq, Tk] flat rpb index
     window_mask: torch.Tensor | None  # [n, Tq, Tk] 0 / -inf fp32; None: every query sees its tile's keys
@@ -179,23 +177,29 @@ def _plan(
     window_mask = None
     if not bool(allowed.all()):
         window_mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")).to(device)
-    bands, done = [], 0
-    for q_ids, k_ids in zip(query.tolist(), key.tolist()):
-        q0, k0 = q_ids[0], k_ids[0]
-        if q_ids != list(range(q0, q0 + tq)) or k_ids != list(range(k0, k0 + tk)) or not q0 <= done < q0 + tq:
-            bands = None
-            break
-        bands.append((q0, k0, done - q0))
-        done = q0 + tq
-    use_bands = isinstance(tile, tuple) and n > 1 and bands is not None and done == tokens
+    bands = _bands(query, key, tokens) if isinstance(tile, tuple) and n > 1 else None
     return _Plan(
         gather=None if dense else (query.to(device), key.to(device)),
         shape=(n, tq, tk),
         rel=rel.to(device),
         window_mask=window_mask,
         pick=None if identity else pick.to(device),
-        bands=tuple(bands) if use_bands else None,
+        bands=bands,
     )
+
+
+def _bands(query: torch.Tensor, key: torch.Tensor, tokens: int) -> tuple[tuple[int, int, int], ...] | None:
+    """``(first query, first key, rows already done)`` per tile when every tile's queries and keys are
+    contiguous token ranges that cover the tokens in order (overlaps allowed); else None."""
+    (_, tq), (_, tk) = query.shape, key.shape
+    bands, done = [], 0
+    for q_ids, k_ids in zip(query.tolist(), key.tolist()):
+        q0, k0 = q_ids[0], k_ids[0]
+        if q_ids != list(range(q0, q0 + tq)) or k_ids != list(range(k0, k0 + tk)) or not q0 <= done < q0 + tq:
+            return None
+        bands.append((q0, k0, done - q0))
+        done = q0 + tq
+    return tuple(bands) if done == tokens else None
 
 
 def neighborhood_attention_tiled(

@@ -16,11 +16,10 @@ class Measurement:
     """Median wall time of one call in milliseconds and the peak memory it allocated."""
 
     ms: float
-    peak_mib: float | None
+    peak_mib: float
 
     def __str__(self) -> str:
-        mem = "-" if self.peak_mib is None else f"{self.peak_mib:.1f}"
-        return f"{self.ms:.3f} ms / {mem} MiB"
+        return f"{self.ms:.3f} ms / {self.peak_mib:.1f} MiB"
 
 
 def measure(
@@ -173,5 +172,5 @@ def fmt_ms(m: Measurement | None) -> str:
 
 
 def fmt_mem(m: Measurement | None) -> str:
-    """Peak MiB, ``-`` where memory is not measured, ``n/a`` for a case that did not run."""
-    return "n/a" if m is None else ("-" if m.peak_mib is None else f"{m.peak_mib:.1f}")
+    """Peak MiB, ``n/a`` for a case that did not run."""
+    return "n/a" if m is None else f"{m.peak_mib:.1f}"

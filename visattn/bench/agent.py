@@ -95,7 +95,7 @@ def _measure(fn, inputs, device, warmup, iters) -> tuple[Measurement | None, Mea
 def _cells(m: Measurement | None) -> list[str]:
     if m is None:
         return ["-", "-"]
-    return [f"{m.ms:.3f}", "-" if m.peak_mib is None else f"{m.peak_mib:.0f}"]
+    return [f"{m.ms:.3f}", f"{m.peak_mib:.0f}"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -138,7 +138,7 @@ def _op_step(fn, inputs, st, backward):
 
 
 def _mem_ratio(baseline: Measurement | None, candidate: Measurement | None) -> str:
-    if baseline is None or candidate is None or not baseline.peak_mib or candidate.peak_mib is None:
+    if baseline is None or candidate is None or not baseline.peak_mib:
         return "-"
     return f"{candidate.peak_mib / baseline.peak_mib:.2f}"
 

@@ -352,7 +352,7 @@ def _scoring_rows(n: int, device, dtype, heads: int, head_dim: int, warmup: int,
             n,
             name,
             f"{m.ms:.3f}",
-            "-" if m.peak_mib is None else f"{m.peak_mib:.0f}",
+            f"{m.peak_mib:.0f}",
             ratio(eager_m, m),
             ratio(sdpa_m, m),
         )
@@ -417,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
             saved = 0.0 if stats is None else stats["prefill_flops_saved_ratio"]
             rows.append((
                 batch, name, f"{prefill.ms:.2f}", ratio(base_prefill, prefill),
-                "-" if prefill.peak_mib is None else f"{prefill.peak_mib:.0f}",
+                f"{prefill.peak_mib:.0f}",
                 f"{tok_s:.1f}", f"{tok_s / base_decode:.2f}x",
                 "-" if stats is None else stats["visual_tokens_in"], kept, f"{100 * saved:.1f}%",
             ))  # fmt: skip

@@ -28,7 +28,7 @@ from visattn.backbones.agent_common import AgentAttentionBase
 from visattn.backbones.biformer import BiLevelRoutingAttention
 from visattn.backbones.nat import NeighborhoodAttention2D
 from visattn.backbones.van import LargeKernelAttention
-from visattn.bench._timing import measure_interleaved, print_table, ratio
+from visattn.bench._timing import measure, measure_interleaved, print_table, ratio
 from visattn.bench.agent import official_style as official_style_agent
 from visattn.bench.bra import _OfficialStyleBRA
 from visattn.bench.train import tiny_kwargs
@@ -137,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
     timing = {"device": device, "warmup": args.warmup, "iters": args.iters}
-    (peer,) = measure_interleaved([_forward(_build(PEER, args, device), images)], **timing)
+    peer = measure(_forward(_build(PEER, args, device), images), **timing)
     rows = [[PEER, "timm", f"{args.batch / (peer.ms / 1e3):.1f}", f"{peer.ms:.1f}", "-", "1.00x", "-"]]
     for name in args.model:
         model = _build(name, args, device)
         twin, label = official_twin(model)
         if twin is None:
-            (ours,) = measure_interleaved([_forward(model, images)], **timing)
+            ours = measure(_forward(model, images), **timing)
             rows.append([name, "visattn", f"{args.batch / (ours.ms / 1e3):.1f}", f"{ours.ms:.1f}",
                          f"n/a ({label})", ratio(peer, ours), "-"])  # fmt: skip
             continue

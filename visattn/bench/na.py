@@ -177,7 +177,7 @@ def _ours(case: Case, rpb: torch.Tensor | None, backend: str):
 def _cells(m: Measurement | None) -> list[str]:
     if m is None:
         return ["-", "-"]
-    return [f"{m.ms:.3f}", "-" if m.peak_mib is None else f"{m.peak_mib:.0f}"]
+    return [f"{m.ms:.3f}", f"{m.peak_mib:.0f}"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -89,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             remove_agent_attention(unet)
         baseline = baseline or result
-        mem = "-" if result.peak_mib is None else f"{result.peak_mib:.0f}"
-        rows.append((label, f"{result.ms:.2f}", mem, ratio(baseline, result)))
+        rows.append((label, f"{result.ms:.2f}", f"{result.peak_mib:.0f}", ratio(baseline, result)))
     title = (
         f"UNet forward, {'SD 1.5' if cuda else 'tiny'} config, batch {args.batch}, "
         f"{latent}x{latent} latents, {str(dtype).removeprefix('torch.')}, {device.type}, "

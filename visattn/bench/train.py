@@ -115,7 +115,6 @@ def run(args: argparse.Namespace) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         m = measure(_train_step_fn(model, x, y, optimizer, amp, device), device, args.warmup, args.iters)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        peak = "-" if m.peak_mib is None else f"{m.peak_mib:.0f}"
         rows.append(
             [
                 name,
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
                 amp,
                 f"{m.ms:.1f}",
                 f"{args.batch_size * 1000 / m.ms:.1f}",
-                peak,
+                f"{m.peak_mib:.0f}",
             ]
         )
         del model, optimizer, x, y
