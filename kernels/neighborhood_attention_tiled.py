@@ -116,7 +116,10 @@ def _dim_tiles(length: int, k: int, dil: int, causal: bool, tile: int):
     return query, keyb, allowed, rel, pick
 
 
+# The cached tables and plans are built outside inference mode: a first call under
+# torch.inference_mode() would otherwise cache inference tensors, which autograd refuses to save later.
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
 def _tables(spatial: tuple, kernel_size: tuple, dilation: tuple, is_causal: tuple, tile: int | tuple):
     """Product of the per-dim tiles (``tile`` per dim, or one for all) over all dims (CPU tensors, flat
     token ids in row-major order):
@@ -157,6 +160,7 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
 def _plan(
     spatial: tuple,
     kernel_size: tuple,

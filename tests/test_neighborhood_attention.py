@@ -616,3 +616,14 @@ def test_tile_choice_bands_where_they_cut_the_dense_work():
     assert choose_tile((6, 8, 8), (3, 3, 3), (1, 1, 1), (False,) * 3)[0] == 3
     assert isinstance(choose_tile((14, 14), (7, 7), (1, 1), (False, False)), int)  # 98-row bands: slower
     assert isinstance(choose_tile((12, 8, 8), (3, 3, 3), (2, 1, 1), (False,) * 3), int)  # dilated: no bands
+
+
+def test_plan_first_built_in_inference_mode_still_trains():
+    """timm's suite runs inference before backward in one process: the cached plan must not hold
+    inference tensors (autograd refuses to save them), whichever mode built it first."""
+    q, k, v, rpb = _inputs((1, 11, 13, 2, 4), rpb_kernel=(5, 5))
+    with torch.inference_mode():
+        neighborhood_attention(q, k, v, 5, rpb=rpb, backend="torch")
+    leaves = [t.requires_grad_() for t in (q, k, v, rpb)]
+    out = neighborhood_attention(q, k, v, 5, rpb=rpb, backend="torch")
+    assert all(g is not None for g in torch.autograd.grad(out.sum(), leaves))
