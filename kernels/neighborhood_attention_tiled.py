@@ -231,7 +231,8 @@ def neighborhood_attention_tiled(
         return _banded(q, k, v, plan, bias, scale, compute)
 
     def tiles(x, idx):  # [B, *spatial, H, D] -> [B, H * tiles, Tq or Tk, D]
-        flat = x.reshape(batch, tokens, heads, -1).to(compute)
+        flat = x.reshape(batch, tokens, heads, head_dim)
+        flat = flat if flat.dtype == compute else flat.to(compute)  # a call on a small map costs ~50 us
         if idx is None:  # one tile of every token in order: a view
             return flat.transpose(1, 2)
         # index_select on the token-major layout is fast
@@ -244,20 +245,23 @@ def neighborhood_attention_tiled(
     # a 3-D one to the unfused math path)
     qt, kt, vt = tiles(q, query), tiles(k, key), tiles(v, key)
     window_mask = plan.window_mask
+    if window_mask is not None and window_mask.dtype != compute:
+        window_mask = window_mask.to(compute)
     if bias is not None:
         mask = bias if window_mask is None else bias + window_mask
         mask = mask.reshape(1, heads * n, tq, tk)
     elif window_mask is not None and n == 1:
-        mask = window_mask.to(compute)[None]  # [1, 1, Tq, Tk], broadcast over batch and heads
+        mask = window_mask[None]  # [1, 1, Tq, Tk], broadcast over batch and heads
     elif window_mask is not None:
-        mask = window_mask.to(compute).expand(heads, n, tq, tk).reshape(1, heads * n, tq, tk)
+        mask = window_mask.expand(heads, n, tq, tk).reshape(1, heads * n, tq, tk)
     else:
         mask = None  # every query sees every key of its tile
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    out = out.unflatten(1, (heads, n)).flatten(2, 3)  # [B, H, tiles * Tq, D]
+    out = out.reshape(batch, heads, n * tq, head_dim)  # [B, H, tiles * Tq, D]
     if plan.pick is not None:
         out = out[:, :, plan.pick]
-    return out.transpose(1, 2).reshape(q.shape).to(q.dtype)
+    out = out.transpose(1, 2).reshape(q.shape)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _banded(q, k, v, plan: _Plan, bias: torch.Tensor | None, scale: float, compute: torch.dtype):
