@@ -519,9 +519,26 @@ def test_benchmark_runs_on_cpu(capsys):
     rows = {
         line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines() if "7x7" in line
     }
-    for impl in ("visattn triton", "visattn torch", "sdpa dense"):
+    for impl in ("visattn triton", "visattn torch", "sdpa + window mask", "sdpa dense"):
         assert "n/a" not in rows[impl] and "skipped" not in rows[impl], rows[impl]
     assert "skipped" in rows["natten"]  # NATTEN has no rpb
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation,is_causal,use_rpb", NAIVE_CASES)
+def test_benchmark_masked_sdpa_is_exact(shape, kernel_size, dilation, is_causal, use_rpb):
+    """The benchmark's "sdpa + window mask" row computes neighborhood attention exactly (it is shown as
+    the floor of SDPA-based paths, so it must not be a cheaper, different computation)."""
+    from visattn.bench.na import Case, _masked_sdpa_fn
+    from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+
+    spatial = shape[1:-2]
+    n = len(spatial)
+    args = tuple(a if isinstance(a, tuple) else (a,) * n for a in (kernel_size, dilation, is_causal))
+    case = Case("t", shape[0], spatial, shape[-2], shape[-1], *args)
+    q, k, v, rpb = _inputs(shape, rpb_kernel=args[0] if use_rpb else None)
+    out = _masked_sdpa_fn(case, "cpu", torch.float64, rpb)(q, k, v)
+    ref = neighborhood_attention_reference(q, k, v, *args, rpb, shape[-1] ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
 def _check_tiled_against_reference(shape, args, use_rpb, tile):

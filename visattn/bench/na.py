@@ -3,12 +3,13 @@
 Times the forward and forward+backward (median ms) and the peak memory above the inputs (CUDA
 allocator, or the profiler on CPU) of: ``visattn.kernels.neighborhood_attention`` on the Triton and
 the PyTorch backends, ``torch.nn.attention.flex_attention`` with a neighborhood block mask (compiled
-on CUDA; eager on CPU unless --flex-compile), NATTEN's ``na{1,2,3}d`` when installed, and dense
-``scaled_dot_product_attention`` over the same tokens (a different, all-to-all computation, shown as
-the cost NA avoids). Shapes follow NAT-Tiny (56/28/14/7 grids, kernel 7, heads 2/4/8/16, head_dim 32),
-a DiNAT dilated stage, one 1-D and one 3-D case; --device cpu uses small sizes. The last columns give
-the speed-up of our op (Triton, else the PyTorch backend) over each row, measured in the same run. Failures
-are reported as "n/a"."""
+on CUDA; eager on CPU unless --flex-compile), NATTEN's ``na{1,2,3}d`` when installed,
+``scaled_dot_product_attention`` with the neighbourhood as a dense ``N x N`` additive mask (exact NA;
+the floor of any path through SDPA on maps about the window's size), and dense SDPA over the same
+tokens (a different, all-to-all computation, shown as the cost NA avoids). Shapes follow NAT-Tiny
+(56/28/14/7 grids, kernel 7, heads 2/4/8/16, head_dim 32), a DiNAT dilated stage, one 1-D and one 3-D
+case; --device cpu uses small sizes. The last columns give the speed-up of our op (Triton, else the
+PyTorch backend) over each row, measured in the same run. Failures are reported as "n/a"."""
 
 from __future__ import annotations
 
@@ -138,6 +139,37 @@ def _sdpa_fn(case: Case):
     return run
 
 
+def _masked_sdpa_fn(case: Case, device: str, dtype: torch.dtype, rpb: torch.Tensor | None):
+    """Dense SDPA with the exact neighbourhood (and rpb) as an additive ``[1, 1 or H, N, N]`` mask: NA
+    the simplest exact way, and the floor of any path through SDPA on maps about the window's size."""
+    allowed = torch.ones((1, 1), dtype=torch.bool)
+    rel = torch.zeros((1, 1), dtype=torch.long)
+    for length, ks, dil, causal in zip(case.spatial, case.kernel_size, case.dilation, case.causal):
+        key, valid, rel_d = window_indices(length, ks, dil, causal)
+        query = torch.arange(length)[:, None].expand_as(key)
+        allowed_d = torch.zeros((length, length), dtype=torch.bool)
+        allowed_d[query[valid], key[valid]] = True
+        # the dims so far x this dim, row-major like the flat token index
+        allowed = (allowed[:, None, :, None] & allowed_d[None, :, None, :]).flatten(0, 1).flatten(1, 2)
+        if rpb is not None:  # flat rpb index of every pair (outside the windows: masked anyway)
+            rel_pair = torch.zeros((length, length), dtype=torch.long)
+            rel_pair[query[valid], key[valid]] = rel_d[valid]
+            rel = rel[:, None, :, None] * (2 * ks - 1) + rel_pair[None, :, None, :]
+            rel = rel.flatten(0, 1).flatten(1, 2)
+    allowed, rel = allowed.to(device), rel.to(device)
+    tokens = math.prod(case.spatial)
+    window = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+    def run(q, k, v):
+        b, *_, h, d = q.shape
+        bias = window if rpb is None else window + rpb.reshape(h, -1)[:, rel].to(dtype)  # [1 or H, N, N]
+        mask = bias.reshape(1, -1, tokens, tokens)
+        qf, kf, vf = (t.reshape(b, tokens, h, d).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask).transpose(1, 2).reshape(q.shape)
+
+    return run
+
+
 def _step(fn: Callable, inputs: list[torch.Tensor], backward: bool) -> Callable[[], object]:
     grad = torch.randn_like(inputs[0])
     detached = [t.detach() for t in inputs[:3]]
@@ -223,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
                 partial(_flex_fn, case, device, flex_compiled, rpb),
             ),
             ("natten", partial(_natten_fn, case) if rpb is None else None),
+            ("sdpa + window mask", partial(_masked_sdpa_fn, case, device, dtype, rpb)),
             ("sdpa dense", partial(_sdpa_fn, case)),
         ]
         # every provider's calls take turns (forward, then forward+backward), so a slow spell of a
