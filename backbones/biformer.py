@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, get_act_layer, get_norm_layer, register_notrace_module
 from timm.models import (
+    adapt_input_conv,
     build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
@@ -385,11 +386,16 @@ class BiFormer(PooledLinearHead, nn.Module):
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
-        """Load an official (or visattn) checkpoint file; a head of another class count is left as is."""
+        """Load an official (or visattn) checkpoint file; a head of another class count is left as is, and
+        the stem's RGB weights are adapted to ``in_chans`` as timm's own loader does (timm leaves both to this
+        method for the official files, ``custom_load``)."""
         state_dict = checkpoint_filter_fn(
             torch.load(checkpoint_path, map_location="cpu", weights_only=True), self
         )
         own = self.state_dict()
+        stem = "stem.0.weight"
+        if stem in state_dict and state_dict[stem].shape[1] != own[stem].shape[1]:
+            state_dict[stem] = adapt_input_conv(self.in_chans, state_dict[stem])
         head_keys = [k for k in ("head.weight", "head.bias") if k in state_dict]
         if any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
             for k in head_keys:

@@ -139,6 +139,9 @@ def test_load_pretrained_from_official_file(tmp_path, monkeypatch):
     assert fetched[0][0].startswith("https://api.onedrive.com/") and fetched[0][1] == "biformer_tiny_in1k.pth"
     with torch.no_grad():
         torch.testing.assert_close(pretrained(x), model(x), rtol=0, atol=0)
+    # in_chans=1 from the official RGB file: the stem's input channels are summed, as timm's loader does
+    gray = timm.create_model("biformer_t", pretrained=True, **dict(TINY, in_chans=1, num_classes=3))
+    torch.testing.assert_close(gray.stem[0].weight, model.stem[0].weight.sum(1, keepdim=True))
     # A plain (unwrapped) official state_dict maps the same way.
     assert checkpoint_filter_fn(official, model).keys() == model.state_dict().keys()
 
