@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# Declared in pyproject.toml too; .ci/run tests the oldest (tests/constraints-transformers-oldest.txt) and
+# Declared in pyproject.toml too; .ci/run tests the oldest (tests/constraints-oldest.txt) and
 # the newest release a fresh install resolves.
 SUPPORTED = ("5.4.0", "5.40.0")  # [oldest, first unsupported)
 CACHE_NAMES = ("cache", "past_key_values")  # the 5.24+ name first, then the deprecated one
