@@ -64,3 +64,33 @@ def test_cpu_peak_memory_counts_what_one_call_holds_at_once():
 
     assert cpu_peak_mib(step) == pytest.approx(8.0, abs=0.01)
     assert measure(step, "cpu", warmup=1, iters=2).peak_mib == pytest.approx(8.0, abs=0.01)
+
+
+def test_side_by_side_times_a_far_slower_step_on_its_own():
+    """Steps take turns, except one ISOLATE_FACTOR times slower than the fastest: its timed calls all come
+    after the others' (a long call leaves the machine cold for the next one); failing steps get a note."""
+    import time
+
+    from visattn.bench._timing import ISOLATE_FACTOR, measure_side_by_side
+
+    calls = []
+
+    def step(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return run
+
+    def broken():
+        raise RuntimeError("no backward on CPU\nsecond line")
+
+    fast = 0.001
+    steps = [step("a", fast), step("slow", fast * ISOLATE_FACTOR * 3), None, broken, step("b", fast)]
+    results, notes = measure_side_by_side(steps, "cpu", warmup=1, iters=3)
+    assert notes == ["", "", "skipped", "n/a: RuntimeError: no backward on CPU", ""]
+    assert results[2] is None and results[3] is None
+    assert results[1].ms > results[0].ms * ISOLATE_FACTOR and results[4].ms < results[1].ms
+    # warmup (1), iters (3, every other round backwards) and one peak-memory call each: a and b in
+    # turns, then slow alone
+    assert calls[-(2 * 5 + 5) :] == ["a", "b", "a", "b", "b", "a", "a", "b", "a", "b"] + ["slow"] * 5

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+# measure_side_by_side times a step this many times slower than the fastest on its own
+ISOLATE_FACTOR = 20.0
+
 
 @dataclass
 class Measurement:
@@ -34,27 +37,34 @@ def measure(
 def measure_interleaved(
     fns: Sequence[Callable[[], object]], device: torch.device | str, warmup: int = 3, iters: int = 10
 ) -> list[Measurement]:
-    """:func:`measure` for several implementations at once, their calls taking turns, so that a slow
-    spell of a shared machine hits every one of them alike; one :class:`Measurement` per function."""
+    """:func:`measure` for several implementations at once, their calls taking turns (forwards, then
+    backwards), so that a slow spell of a shared machine hits every one of them alike; one
+    :class:`Measurement` per function."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(iters):
-        for fn, spent in zip(fns, times):
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            spent.append((time.perf_counter() - start) * 1e3)
+    for round_ in range(iters):
+        # every other round runs backwards, so no implementation always runs right after the same one
+        for i in range(len(fns)) if round_ % 2 == 0 else reversed(range(len(fns))):
+            times[i].append(_call_ms(fns[i], device))
     return [
         Measurement(ms=sorted(spent)[len(spent) // 2], peak_mib=_peak_mib(fn, device))
         for fn, spent in zip(fns, times)
     ]
+
+
+def _call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of ``fn`` in milliseconds (CUDA work synchronised on both sides)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
 
 
 def measure_side_by_side(
@@ -62,7 +72,8 @@ def measure_side_by_side(
 ) -> tuple[list[Measurement | None], list[str]]:
     """:func:`measure_interleaved` over the implementations of one case that can run it: each step is
     called once first, and one that is ``None`` or raises is left out (its measurement ``None``, the
-    error's first line as its note; a baseline that cannot run a case is reported, not fatal)."""
+    error's first line as its note; a baseline that cannot run a case is reported, not fatal). A step
+    ``ISOLATE_FACTOR`` times slower than the fastest is timed on its own, after the others."""
     notes = ["" if step is not None else "skipped" for step in steps]
     for i, step in enumerate(steps):
         if step is None:
@@ -73,9 +84,17 @@ def measure_side_by_side(
             text = str(exc).splitlines()[0][:70] if str(exc) else ""
             notes[i] = f"n/a: {type(exc).__name__}: {text}"
     running = [i for i, note in enumerate(notes) if not note]
-    timed = measure_interleaved([steps[i] for i in running], device, warmup=warmup, iters=iters)
+    # one more call each, timed, to set apart the steps far slower than the fastest: they are timed on
+    # their own, after the others, since such a call leaves the machine cold for whoever runs next (on 2
+    # CPU cores, the two calls after a 13 ms flex_attention eager call took 1.5-3x their time)
+    probe = {i: _call_ms(steps[i], torch.device(device)) for i in running}
+    fastest = min(probe.values(), default=0.0)
+    slow = [i for i in running if probe[i] > ISOLATE_FACTOR * fastest]
+    together = [i for i in running if i not in slow]
+    timed = measure_interleaved([steps[i] for i in together], device, warmup=warmup, iters=iters)
+    timed += [measure(steps[i], device, warmup=warmup, iters=iters) for i in slow]
     results: list[Measurement | None] = [None] * len(steps)
-    for i, m in zip(running, timed):
+    for i, m in zip(together + slow, timed):
         results[i] = m
     return results, notes
 
