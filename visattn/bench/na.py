@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from visattn.bench._timing import Measurement, measure_side_by_side, print_table, ratio
 from visattn.kernels import neighborhood_attention
 from visattn.kernels._dispatch import interpreter_enabled, triton_available
-from visattn.kernels.reference.neighborhood_attention import window_indices
+from visattn.kernels.reference.neighborhood_attention import neighborhood_tables, window_indices
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -128,44 +128,30 @@ def _natten_fn(case: Case):
     )
 
 
-def _sdpa_fn(case: Case):
-    tokens = math.prod(case.spatial)
-
-    def run(q, k, v):
-        b, *_, h, d = q.shape
-        qf, kf, vf = (t.reshape(b, tokens, h, d).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qf, kf, vf).transpose(1, 2).reshape(q.shape)
-
-    return run
+def _sdpa(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over all tokens of ``[B, *spatial, H, D]`` inputs, with an optional ``[1, 1 or H, N, N]`` mask."""
+    b, *_, h, d = q.shape
+    qf, kf, vf = (t.reshape(b, -1, h, d).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask).transpose(1, 2).reshape(q.shape)
 
 
 def _masked_sdpa_fn(case: Case, device: str, dtype: torch.dtype, rpb: torch.Tensor | None):
     """Dense SDPA with the exact neighbourhood (and rpb) as an additive ``[1, 1 or H, N, N]`` mask: NA
     the simplest exact way, and the floor of any path through SDPA on maps about the window's size."""
-    allowed = torch.ones((1, 1), dtype=torch.bool)
-    rel = torch.zeros((1, 1), dtype=torch.long)
-    for length, ks, dil, causal in zip(case.spatial, case.kernel_size, case.dilation, case.causal):
-        key, valid, rel_d = window_indices(length, ks, dil, causal)
-        query = torch.arange(length)[:, None].expand_as(key)
-        allowed_d = torch.zeros((length, length), dtype=torch.bool)
-        allowed_d[query[valid], key[valid]] = True
-        # the dims so far x this dim, row-major like the flat token index
-        allowed = (allowed[:, None, :, None] & allowed_d[None, :, None, :]).flatten(0, 1).flatten(1, 2)
-        if rpb is not None:  # flat rpb index of every pair (outside the windows: masked anyway)
-            rel_pair = torch.zeros((length, length), dtype=torch.long)
-            rel_pair[query[valid], key[valid]] = rel_d[valid]
-            rel = rel[:, None, :, None] * (2 * ks - 1) + rel_pair[None, :, None, :]
-            rel = rel.flatten(0, 1).flatten(1, 2)
-    allowed, rel = allowed.to(device), rel.to(device)
-    tokens = math.prod(case.spatial)
-    window = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    key, valid, rel_slot = neighborhood_tables(case.spatial, case.kernel_size, case.dilation, case.causal)
+    tokens = key.shape[0]
+    pairs = (torch.arange(tokens)[:, None].expand_as(key)[valid], key[valid])  # (query, key) in a window
+    window = torch.full((tokens, tokens), float("-inf"), dtype=dtype)
+    window[pairs] = 0
+    window = window.to(device)
+    if rpb is not None:  # flat rpb index of every pair (outside the windows: masked anyway)
+        rel = torch.zeros((tokens, tokens), dtype=torch.long)
+        rel[pairs] = rel_slot[valid]
+        rel = rel.to(device)
 
     def run(q, k, v):
-        b, *_, h, d = q.shape
-        bias = window if rpb is None else window + rpb.reshape(h, -1)[:, rel].to(dtype)  # [1 or H, N, N]
-        mask = bias.reshape(1, -1, tokens, tokens)
-        qf, kf, vf = (t.reshape(b, tokens, h, d).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask).transpose(1, 2).reshape(q.shape)
+        bias = window if rpb is None else window + rpb.reshape(q.shape[-2], -1)[:, rel].to(dtype)
+        return _sdpa(q, k, v, bias.reshape(1, -1, tokens, tokens))  # [1, 1 or H, N, N]
 
     return run
 
@@ -256,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             ),
             ("natten", partial(_natten_fn, case) if rpb is None else None),
             ("sdpa + window mask", partial(_masked_sdpa_fn, case, device, dtype, rpb)),
-            ("sdpa dense", partial(_sdpa_fn, case)),
+            ("sdpa dense", lambda: _sdpa),
         ]
         # every provider's calls take turns (forward, then forward+backward), so a slow spell of a
         # shared machine hits them alike; a provider that cannot run a case gets a note
