@@ -224,15 +224,13 @@ def neighborhood_attention_tiled(
     tile = tile or choose_tile(spatial, kernel_size, dilation, is_causal)
     plan = _plan(spatial, kernel_size, dilation, is_causal, tile, q.device)
     compute = torch.promote_types(q.dtype, torch.float32)
-    tokens = math.prod(spatial)
     n, tq, tk = plan.shape
     bias = None if rpb is None else rpb.reshape(heads, -1).to(compute)[:, plan.rel]  # [H, tiles, Tq, Tk]
     if plan.bands is not None:
         return _banded(q, k, v, plan, bias, scale, compute)
 
     def tiles(x, idx):  # [B, *spatial, H, D] -> [B, H * tiles, Tq or Tk, D]
-        flat = x.reshape(batch, tokens, heads, head_dim)
-        flat = flat if flat.dtype == compute else flat.to(compute)  # a call on a small map costs ~50 us
+        flat = _token_major(x, compute)
         if idx is None:  # one tile of every token in order: a view
             return flat.transpose(1, 2)
         # index_select on the token-major layout is fast
@@ -264,11 +262,17 @@ def neighborhood_attention_tiled(
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
+def _token_major(x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``[B, *spatial, H, D]`` -> ``[B, N, H, D]`` in ``compute``, a view when no cast is needed (a call on
+    a small map costs ~50 us, so a no-op cast is skipped)."""
+    flat = x.flatten(1, -3)
+    return flat if flat.dtype == compute else flat.to(compute)
+
+
 def _banded(q, k, v, plan: _Plan, bias: torch.Tensor | None, scale: float, compute: torch.dtype):
     """One SDPA call per band on slices of the token-major views; ``bias [H, bands, Tq, Tk]`` or None."""
-    batch, heads = q.shape[0], q.shape[-2]
     _, tq, tk = plan.shape
-    qf, kf, vf = (x.reshape(batch, -1, heads, x.shape[-1]).to(compute).transpose(1, 2) for x in (q, k, v))
+    qf, kf, vf = (_token_major(x, compute).transpose(1, 2) for x in (q, k, v))
     outs = []
     for i, (q0, k0, done) in enumerate(plan.bands):
         mask = None if plan.window_mask is None else plan.window_mask[i].to(compute)
