@@ -190,6 +190,13 @@ def fmt_ms(m: Measurement | None) -> str:
     return "n/a" if m is None else f"{m.ms:.3f}"
 
 
+def time_mem_cells(m: Measurement | None) -> list[str]:
+    """``[ms with 3 decimals, whole MiB]`` table cells, ``-`` for a provider not run."""
+    if m is None:
+        return ["-", "-"]
+    return [f"{m.ms:.3f}", f"{m.peak_mib:.0f}"]
+
+
 def fmt_mem(m: Measurement | None) -> str:
     """Peak MiB, ``n/a`` for a case that did not run."""
     return "n/a" if m is None else f"{m.peak_mib:.1f}"

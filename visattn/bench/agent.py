@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from visattn.bench._timing import Measurement, measure, print_table, ratio
+from visattn.bench._timing import Measurement, measure, print_table, ratio, time_mem_cells
 from visattn.kernels import agent_attention
 from visattn.kernels._dispatch import interpreter_enabled, triton_available
 
@@ -92,12 +92,6 @@ def _measure(fn, inputs, device, warmup, iters) -> tuple[Measurement | None, Mea
     return fwd, bwd, ""
 
 
-def _cells(m: Measurement | None) -> list[str]:
-    if m is None:
-        return ["-", "-"]
-    return [f"{m.ms:.3f}", f"{m.peak_mib:.0f}"]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
@@ -146,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
                 [
                     case.name,
                     name,
-                    *_cells(fwd),
-                    *_cells(bwd),
+                    *time_mem_cells(fwd),
+                    *time_mem_cells(bwd),
                     ratio(fwd, mine[1]) if mine else "-",
                     ratio(bwd, mine[2]) if mine else "-",
                     note,

@@ -23,7 +23,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from visattn.bench._timing import Measurement, measure_side_by_side, print_table, ratio
+from visattn.bench._timing import measure_side_by_side, print_table, ratio, time_mem_cells
 from visattn.kernels import neighborhood_attention
 from visattn.kernels._dispatch import interpreter_enabled, triton_available
 from visattn.kernels.reference.neighborhood_attention import neighborhood_tables, window_indices
@@ -192,12 +192,6 @@ def _ours(case: Case, rpb: torch.Tensor | None, backend: str):
     )
 
 
-def _cells(m: Measurement | None) -> list[str]:
-    if m is None:
-        return ["-", "-"]
-    return [f"{m.ms:.3f}", f"{m.peak_mib:.0f}"]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
@@ -259,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         mine = next((r for r in results if r[0].startswith("visattn") and r[1] is not None), None)
         for name, fwd, bwd, note in results:
             rows.append(
-                [case.name, name, *_cells(fwd), *_cells(bwd)]
+                [case.name, name, *time_mem_cells(fwd), *time_mem_cells(bwd)]
                 + [ratio(fwd, mine[1]) if mine else "-", ratio(bwd, mine[2]) if mine else "-", note]
             )
     title = (
