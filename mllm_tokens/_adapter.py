@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visattn.kernels.attention_with_key_mass import attention_with_key_mass
+from visattn.kernels.ops.attention_with_key_mass import attention_with_key_mass
 from visattn.mllm_tokens._core import (
     Prefill,
     PromptImage,

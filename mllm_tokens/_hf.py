@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 # Declared in pyproject.toml too; .ci/run tests the oldest (tests/constraints-oldest.txt) and
-# the newest release a fresh install resolves.
+# the newest release a fresh install resolves (5.25.0 on 2026-12-07, which installs the ``kernels``
+# distribution and imports it with the model classes: docs/layout.md).
 SUPPORTED = ("5.4.0", "5.40.0")  # [oldest, first unsupported)
 CACHE_NAMES = ("cache", "past_key_values")  # the 5.24+ name first, then the deprecated one
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from visattn.kernels.attention_with_key_mass import attention_with_key_mass
+from visattn.kernels.ops.attention_with_key_mass import attention_with_key_mass
 from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
 from visattn.mllm_tokens.fastv import top_visual
 

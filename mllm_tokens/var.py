@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from visattn.kernels.ops.visual_sink_attention import visual_sink_attention
 from visattn.kernels.reference.visual_sink_attention import OTHER, TEXT_SINK, VISUAL, VISUAL_SINK
-from visattn.kernels.visual_sink_attention import visual_sink_attention
 from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
 
 # Sink dimensions of the language models, from the official constants (src/logic/constants.py) and the

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from visattn.kernels import agent_attention
-from visattn.kernels.agent_attention import agent_attention_sdpa
+from visattn.kernels.ops.agent_attention import agent_attention_sdpa
 
 # Triton runs on the GPU when there is one, else under the CPU interpreter (tests/conftest.py).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,9 +151,9 @@ def test_bench_runs_on_cpu(capsys):
 
 
 def test_auto_uses_sdpa_beyond_triton_limits(monkeypatch):
-    from visattn.kernels import _dispatch as dispatch
+    from visattn.kernels.ops import _dispatch as dispatch
 
-    module = sys.modules["visattn.kernels.agent_attention"]  # the package attribute is the function
+    module = sys.modules["visattn.kernels.ops.agent_attention"]  # the package attribute is the function
     q, k, v, _, _, _ = _inputs()
     agent = torch.randn(2, 300, 2, 8)
     monkeypatch.setattr(dispatch, "cuda_tensors", lambda *tensors: True)  # as on a CUDA device
@@ -190,7 +190,7 @@ def test_triton_cuda_half_precision(dtype, shape):
 
 def test_triton_split_keys_forward():
     """Several programs per (batch, head) over the keys (as on a GPU with few heads), merged by lse."""
-    from visattn.kernels._dispatch import interpreter_enabled
+    from visattn.kernels.ops._dispatch import interpreter_enabled
     from visattn.kernels.triton.agent_attention import agent_attention_fwd
 
     q, k, v, agent, ab, qb = _inputs(nq=10, nk=300, a=6, device=TRITON_DEVICE)

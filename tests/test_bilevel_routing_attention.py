@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from visattn.kernels import bilevel_routing_attention, interpreter_enabled
-from visattn.kernels.bilevel_routing_attention import _bra_fwd
-from visattn.kernels.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
+from visattn.kernels.ops.bilevel_routing_attention import _bra_fwd
+from visattn.kernels.ops.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
     routing_indices,
@@ -275,7 +275,7 @@ def test_auto_backend_is_the_reference_on_cpu(monkeypatch):
         raise AssertionError("auto must not pick Triton for CPU tensors")
 
     # float32, which the Triton kernels would take (float64 falls back to the reference anyway)
-    monkeypatch.setattr(sys.modules["visattn.kernels.bilevel_routing_attention"], "_bra_fwd", no_triton)
+    monkeypatch.setattr(sys.modules["visattn.kernels.ops.bilevel_routing_attention"], "_bra_fwd", no_triton)
     q, k, v = _inputs(1, 4, 4, 1, 4, dtype=torch.float32)
     torch.testing.assert_close(
         bilevel_routing_attention(q, k, v, 2, 1), bilevel_routing_attention(q, k, v, 2, 1, backend="torch")
@@ -310,7 +310,7 @@ def test_errors(change, match):
 
 
 def test_triton_limits_raise_or_fall_back(monkeypatch):
-    from visattn.kernels import _dispatch as dispatch
+    from visattn.kernels.ops import _dispatch as dispatch
 
     q, k, v = _inputs(1, 4, 4, 1, 4, dv=257, dtype=torch.float32)
     # as on CUDA tensors: dispatch picks Triton for both "triton" and "auto"

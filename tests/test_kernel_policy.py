@@ -1,4 +1,4 @@
-"""One policy for every op of visattn.kernels (kernels/_dispatch.py, kernels/_checks.py).
+"""One policy for every op of visattn.kernels (kernels/ops/_dispatch.py, kernels/ops/_checks.py).
 
 - ``backend="auto"`` falls back to PyTorch at a capability limit of the Triton kernels and never
   raises for one; ``backend="triton"`` raises a ValueError naming the limit.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from visattn.kernels.attention_with_key_mass import attention_with_key_mass
+from visattn.kernels.ops.attention_with_key_mass import attention_with_key_mass
 
 
 def _dense(q, k, v, mask, causal):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from visattn.kernels import large_kernel_attention
-from visattn.kernels.large_kernel_attention import _lka_bwd, _lka_fwd
+from visattn.kernels.ops.large_kernel_attention import _lka_bwd, _lka_fwd
 from visattn.kernels.reference.large_kernel_attention import large_kernel_attention_reference
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import visattn.kernels._dispatch as dispatch
+import visattn.kernels.ops._dispatch as dispatch
 import visattn.kernels.reference.neighborhood_attention as na_reference
 from visattn.kernels import neighborhood_attention
 from visattn.kernels.reference.neighborhood_attention import window_indices
@@ -421,7 +421,7 @@ def test_rpb_grad_contraction_matches_scatter(spatial, kernel_size, dilation):
 
 
 def test_opcheck():
-    from visattn.kernels.neighborhood_attention import _na_forward
+    from visattn.kernels.ops.neighborhood_attention import _na_forward
 
     q, k, v, rpb = _inputs((1, 5, 6, 2, 8), dtype=torch.float32, rpb_kernel=(3, 3))
     for t in (q, k, v, rpb):
@@ -543,7 +543,7 @@ def test_benchmark_masked_sdpa_is_exact(shape, kernel_size, dilation, is_causal,
 
 def _check_tiled_against_reference(shape, args, use_rpb, tile):
     """The torch path at a given ``tile`` equals the reference, output and every gradient (float64)."""
-    from visattn.kernels.neighborhood_attention_tiled import neighborhood_attention_tiled
+    from visattn.kernels.ops.neighborhood_attention_tiled import neighborhood_attention_tiled
     from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
 
     q, k, v, rpb = _inputs(shape, rpb_kernel=args[0] if use_rpb else None)
@@ -581,7 +581,7 @@ def test_tiled_sdpa_path_half_precision_and_bench_shape():
 def test_tile_choice_tiles_large_maps_and_keeps_small_maps_dense():
     """The default tile: query tiles where they cut the work (here 1-D, 1024 tokens, k=9), one dense
     masked tile on maps about the window's size; both exact."""
-    from visattn.kernels.neighborhood_attention_tiled import TILE_CANDIDATES, choose_tile
+    from visattn.kernels.ops.neighborhood_attention_tiled import TILE_CANDIDATES, choose_tile
     from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
 
     assert choose_tile((1024,), (9,), (1,), (False,)) < 1024
@@ -618,7 +618,7 @@ def test_torch_path_runs_on_the_meta_device(shape, kernel_size):
 )
 def test_bands_match_reference_with_gradients(shape, kernel_size, causal, band):
     """Bands along the first dim run one SDPA call each on slices (no gather); with rpb when not causal."""
-    from visattn.kernels.neighborhood_attention_tiled import TILE_CANDIDATES, _plan
+    from visattn.kernels.ops.neighborhood_attention_tiled import TILE_CANDIDATES, _plan
 
     n = len(shape) - 3
     tile = (band,) + (TILE_CANDIDATES[-1],) * (n - 1)
@@ -628,7 +628,7 @@ def test_bands_match_reference_with_gradients(shape, kernel_size, causal, band):
 
 
 def test_tile_choice_bands_where_they_cut_the_dense_work():
-    from visattn.kernels.neighborhood_attention_tiled import choose_tile
+    from visattn.kernels.ops.neighborhood_attention_tiled import choose_tile
 
     assert choose_tile((6, 8, 8), (3, 3, 3), (1, 1, 1), (False,) * 3)[0] == 3
     assert isinstance(choose_tile((14, 14), (7, 7), (1, 1), (False, False)), int)  # 98-row bands: slower

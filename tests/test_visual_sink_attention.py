@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from visattn.kernels.attention_with_key_mass import attention_with_key_mass
+from visattn.kernels.ops.attention_with_key_mass import attention_with_key_mass
+from visattn.kernels.ops.visual_sink_attention import visual_sink_attention
 from visattn.kernels.reference.visual_sink_attention import redistribute
-from visattn.kernels.visual_sink_attention import visual_sink_attention
 
 
 def _inputs(nq=40, nk=40, dtype=torch.float32, dim=16, dv=8):

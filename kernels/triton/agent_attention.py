@@ -1,4 +1,4 @@
-"""Triton kernels of agent attention (see :mod:`visattn.kernels.agent_attention` for the maths).
+"""Triton kernels of agent attention (see :mod:`visattn.kernels.ops.agent_attention` for the maths).
 
 Forward, two kernels:
 

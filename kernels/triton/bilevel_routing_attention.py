@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from visattn.kernels._dispatch import interpreter_enabled
+from visattn.kernels.ops._dispatch import interpreter_enabled
 from visattn.kernels.reference.bilevel_routing_attention import _valid_tokens, region_grid
 from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
 

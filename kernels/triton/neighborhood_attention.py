@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from visattn.kernels._dispatch import interpreter_enabled
+from visattn.kernels.ops._dispatch import interpreter_enabled
 from visattn.kernels.reference.neighborhood_attention import window_indices
 from visattn.kernels.triton._common import (
     LOG2E,

@@ -34,7 +34,7 @@ from visattn.bench._timing import (
     ratio,
 )
 from visattn.kernels import bilevel_routing_attention
-from visattn.kernels._dispatch import interpreter_enabled, triton_available
+from visattn.kernels.ops._dispatch import interpreter_enabled, triton_available
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -142,7 +142,7 @@ def cases() -> list[tuple[str, Callable[[], None]]]:
 def measure(only: str = "") -> list[tuple[str, object]]:
     """Compile every case (whose name contains ``only``); returns ``(case, Compiled)`` per kernel."""
     from visattn.bench._sm90 import compile_only
-    from visattn.kernels import _dispatch
+    from visattn.kernels.ops import _dispatch
 
     if _dispatch.interpreter_enabled():
         raise SystemExit("visattn bench kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")

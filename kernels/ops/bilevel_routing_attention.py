@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
-from visattn.kernels._dispatch import resolve_backend, triton_limit
-from visattn.kernels.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
+from visattn.kernels.ops._checks import check_float_tensors, check_ndim, softmax_scale
+from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
+from visattn.kernels.ops.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
 from visattn.kernels.reference.bilevel_routing_attention import (
     region_grid,
     routing_indices,

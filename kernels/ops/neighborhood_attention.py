@@ -20,9 +20,15 @@ from collections.abc import Sequence
 
 import torch
 
-from visattn.kernels._checks import as_tuple, check_float_tensors, check_ndim, check_same_shape, softmax_scale
-from visattn.kernels._dispatch import resolve_backend, triton_limit
-from visattn.kernels.neighborhood_attention_tiled import neighborhood_attention_tiled
+from visattn.kernels.ops._checks import (
+    as_tuple,
+    check_float_tensors,
+    check_ndim,
+    check_same_shape,
+    softmax_scale,
+)
+from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
+from visattn.kernels.ops.neighborhood_attention_tiled import neighborhood_attention_tiled
 from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
 
 __all__ = ["neighborhood_attention"]

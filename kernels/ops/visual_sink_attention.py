@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from visattn.kernels._dispatch import resolve_backend, triton_limit
-from visattn.kernels.attention_with_key_mass import validate_attention_args
+from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
+from visattn.kernels.ops.attention_with_key_mass import validate_attention_args
 from visattn.kernels.reference.attention_with_key_mass import additive_mask
 from visattn.kernels.reference.visual_sink_attention import visual_sink_attention_reference
 

@@ -21,10 +21,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from visattn.kernels.agent_attention import agent_attention
-from visattn.kernels.bilevel_routing_attention import bilevel_routing_attention
-from visattn.kernels.large_kernel_attention import large_kernel_attention
-from visattn.kernels.neighborhood_attention import neighborhood_attention
+from visattn.kernels.ops.agent_attention import agent_attention
+from visattn.kernels.ops.bilevel_routing_attention import bilevel_routing_attention
+from visattn.kernels.ops.large_kernel_attention import large_kernel_attention
+from visattn.kernels.ops.neighborhood_attention import neighborhood_attention
 
 __all__: list[str] = []
 

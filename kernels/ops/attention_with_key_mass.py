@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
-from visattn.kernels._dispatch import resolve_backend, triton_limit
+from visattn.kernels.ops._checks import check_float_tensors, check_ndim, softmax_scale
+from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.attention_with_key_mass import (
     additive_mask,
     attention_with_key_mass_reference,

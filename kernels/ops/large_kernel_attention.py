@@ -7,7 +7,7 @@ dilation 3, padding 9), a 1x1 convolution, and the product with the input.
 Layout: channels-first ``[B, C, H, W]`` like VAN (not the ``[batch, *spatial, heads, head_dim]``
 of the attention ops: LKA has no heads and its convolutions run over channel planes).
 
-Backends (``visattn.kernels._dispatch``): ``"torch"`` runs the ``F.conv2d`` reference;
+Backends (``visattn.kernels.ops._dispatch``): ``"torch"`` runs the ``F.conv2d`` reference;
 ``"triton"`` runs the fused kernels of :mod:`visattn.kernels.triton.large_kernel_attention`
 through the ``visattn::large_kernel_attention_fwd`` / ``_bwd`` custom ops (fake
 implementations and autograd registered, so they trace under ``torch.compile``). Both directions
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels._checks import check_float_tensors, check_ndim
-from visattn.kernels._dispatch import resolve_backend, triton_limit
+from visattn.kernels.ops._checks import check_float_tensors, check_ndim
+from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.large_kernel_attention import large_kernel_attention_reference
 
 _OP = "large_kernel_attention"
@@ -218,7 +218,7 @@ def large_kernel_attention(
             or None, applied with ``dilation`` and padding ``dilation * (k2 // 2)``.
         pw_weight, pw_bias: 1x1 conv ``[C, C, 1, 1]`` and ``[C]`` bias or None.
         dilation: dilation of the second depthwise conv (VAN: 3).
-        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see :mod:`visattn.kernels._dispatch`).
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see :mod:`visattn.kernels.ops._dispatch`).
 
     Returns:
         ``[B, C, H, W]``, same dtype as ``x`` (under ``torch.autocast``: the autocast dtype, to which every

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from visattn.kernels import _dispatch
-from visattn.kernels._checks import check_float_tensors, check_ndim, softmax_scale
-from visattn.kernels._dispatch import interpreter_enabled, resolve_backend
+from visattn.kernels.ops import _dispatch
+from visattn.kernels.ops._checks import check_float_tensors, check_ndim, softmax_scale
+from visattn.kernels.ops._dispatch import interpreter_enabled, resolve_backend
 from visattn.kernels.reference.agent_attention import agent_attention_reference
 
 OP = "agent_attention"
