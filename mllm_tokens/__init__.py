@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from visattn.mllm_tokens._core import ModelInfo, Reducer
+from visattn.mllm_tokens.cdpruner import CDPruner
 from visattn.mllm_tokens.dart import DART
 from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
@@ -116,6 +117,7 @@ def attach(model: nn.Module, reducer: Reducer) -> Handle:
 
 
 __all__ = [
+    "CDPruner",
     "DART",
     "DivPrune",
     "DyVTE",

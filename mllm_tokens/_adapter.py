@@ -269,7 +269,7 @@ class Adapter:
                 "attention_mask has padding after real tokens"
             )
         image_id, patch_id, images_per_sample = self.segment(ids, visual, outer_kwargs)
-        visual = visual & (image_id >= 0)
+        media, visual = visual, visual & (image_id >= 0)
         image_tokens = torch.bincount(image_id[visual], minlength=int(images_per_sample.sum()))
         arange = torch.arange(length, device=visual.device).expand(b, length)
         state = Prefill(
@@ -277,7 +277,8 @@ class Adapter:
             images_per_sample=images_per_sample, image_tokens=image_tokens,
             original_real=real.sum(1), original_visual=visual.sum(1), index=arange,
             valid=torch.ones_like(visual), cls_scores=self._expanded(self._cls_buffer, images_per_sample),
-            embeds=embeds, ops=self, cls_keys=self._expanded(self._key_buffer, images_per_sample),
+            embeds=embeds, ops=self, media=media,
+            cls_keys=self._expanded(self._key_buffer, images_per_sample),
             vision_hidden=next(iter(self._expanded(self._vision_hidden, images_per_sample)), None),
         )  # fmt: skip
         self.orig_len = length

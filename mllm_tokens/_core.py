@@ -90,6 +90,9 @@ class Prefill:
     # scattered in) as the prefill starts, before any pre-LLM reduction: what pre_llm may score (DivPrune)
     embeds: torch.Tensor | None = None
     ops: ModelOps | None = None  # the adapter's model computations (PyramidDrop, DART)
+    # [B, L0] bool every image / video placeholder of input_ids as the prefill starts (row-end newlines
+    # too): ``real & ~media`` is the prompt's text (CDPruner's instruction)
+    media: torch.Tensor | None = None
     # needs_vision_features only: [images, 1 + patches, Dv] the vision features the projector takes (the
     # LLM's feature layer), [CLS] first; and per vision_cls_layers layer [images, 1 + patches, Dh] keys
     # averaged over heads
