@@ -21,6 +21,7 @@ from visattn.mllm_tokens.pyramiddrop import PyramidDrop
 from visattn.mllm_tokens.sparsevlm import SparseVLM
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.visionzip import VisionZip
+from visattn.mllm_tokens.vispruner import VisPruner
 from visattn.mllm_tokens.vtc_cls import VTCCLS
 
 # Model families: ADAPTERS[name] = (probe, adapter class); probe(model) -> bool, the class subclasses
@@ -126,6 +127,7 @@ __all__ = [
     "VAR",
     "VTCCLS",
     "VisionZip",
+    "VisPruner",
     "FastV",
     "PyramidDrop",
     "Handle",
