@@ -31,6 +31,8 @@ def test_bench_mllm_llava_cpu_size(capsys):
         "FastV K=2 keep=64",
         "VTC-CLS keep=64",
         "DivPrune keep=64",
+        "CDPruner keep=64",
+        "VisPruner keep=64",
         "DART K=2 keep=64",
         "VisionZip 54+10",
         "DyVTE exit after layer 2",
