@@ -17,6 +17,7 @@ from visattn.mllm_tokens.dart import DART
 from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
+from visattn.mllm_tokens.hiprune import HiPrune
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
 from visattn.mllm_tokens.sparsevlm import SparseVLM
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
@@ -129,6 +130,7 @@ __all__ = [
     "VisionZip",
     "VisPruner",
     "FastV",
+    "HiPrune",
     "PyramidDrop",
     "Handle",
     "ModelInfo",

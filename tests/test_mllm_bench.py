@@ -33,6 +33,7 @@ def test_bench_mllm_llava_cpu_size(capsys):
         "DivPrune keep=64",
         "CDPruner keep=64",
         "VisPruner keep=64",
+        "HiPrune keep=64",
         "DART K=2 keep=64",
         "VisionZip 54+10",
         "DyVTE exit after layer 2",
