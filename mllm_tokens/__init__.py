@@ -19,6 +19,7 @@ from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.hiprune import HiPrune
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
+from visattn.mllm_tokens.scope import SCOPE
 from visattn.mllm_tokens.sparsevlm import SparseVLM
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.visionzip import VisionZip
@@ -135,6 +136,7 @@ __all__ = [
     "Handle",
     "ModelInfo",
     "Reducer",
+    "SCOPE",
     "SparseVLM",
     "attach",
     "calibrate_sink_dims",

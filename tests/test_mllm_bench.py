@@ -34,6 +34,7 @@ def test_bench_mllm_llava_cpu_size(capsys):
         "CDPruner keep=64",
         "VisPruner keep=64",
         "HiPrune keep=64",
+        "SCOPE keep=64",
         "DART K=2 keep=64",
         "VisionZip 54+10",
         "DyVTE exit after layer 2",
