@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
-from visattn.mllm_tokens.divprune import image_groups
-from visattn.mllm_tokens.fastv import keep_budgets, keep_count
+from visattn.mllm_tokens.cls_selection import ClsFeatureSelection
+from visattn.mllm_tokens.fastv import keep_count
 
 
 def scope_select(saliency: torch.Tensor, features: torch.Tensor, count: int, alpha: float) -> torch.Tensor:
@@ -61,7 +60,7 @@ def scope_select(saliency: torch.Tensor, features: torch.Tensor, count: int, alp
     return torch.stack(picks, 1)
 
 
-class SCOPE(Reducer):
+class SCOPE(ClsFeatureSelection):
     """Keep, per image, the ``keep`` patches picked greedily by coverage gain x [CLS] saliency.
 
     Args:
@@ -69,43 +68,14 @@ class SCOPE(Reducer):
         alpha: saliency exponent (official 1.0), a number >= 0.
     """
 
-    needs_vision_features = True
-
     def __init__(self, keep: int | float = 64, alpha: float = 1.0):
         keep_count(keep, 1 << 30, "SCOPE")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"SCOPE: alpha must be a number >= 0, got {alpha!r}")
         self.keep, self.alpha = keep, float(alpha)
-        self._patches = 0
 
     def __repr__(self) -> str:
         return f"SCOPE(keep={self.keep}, alpha={self.alpha})"
 
-    def check(self, info: ModelInfo) -> None:
-        keep_count(self.keep, info.patches_per_image or 1 << 30, "SCOPE")
-        if info.vision_layers < 2:
-            raise ValueError(
-                "SCOPE: the vision encoder needs at least 2 layers (it scores the second-to-last)"
-            )
-        self._patches = info.patches_per_image
-
-    def vision_cls_layers(self, info: ModelInfo) -> list[int]:
-        return [info.vision_layers - 2]
-
-    def pre_llm(self, state: Prefill) -> torch.Tensor | None:
-        hidden, scores = state.vision_hidden, state.cls_scores[0]  # [units, 1 + P, Dv], [units, P]
-        if hidden is None or hidden.shape[1] != scores.shape[1] + 1:
-            raise ValueError(
-                "SCOPE: the vision features must be one [CLS] token plus one token per patch "
-                "(vision_feature_select_strategy='default' on a ViT with a [CLS] token)"
-            )
-        unit, patch = state.image_id[state.visual], state.patch_id[state.visual]  # [Nv] each
-        budgets = keep_budgets(self.keep, state.image_tokens, self._patches)
-        chosen = torch.zeros(unit.shape[0], dtype=torch.bool, device=unit.device)
-        for slots, count in image_groups(state, budgets):
-            u, p = unit[slots], patch[slots]  # [G, n]
-            picks = scope_select(scores[u, p], hidden[u, p + 1], count, self.alpha)
-            chosen[slots.gather(1, picks).flatten()] = True
-        keep = ~state.visual
-        keep[state.visual] = chosen
-        return keep
+    def select(self, scores: torch.Tensor, features: torch.Tensor, count: int) -> torch.Tensor:
+        return scope_select(scores, features, count, self.alpha)

@@ -32,9 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
-from visattn.mllm_tokens.divprune import image_groups
-from visattn.mllm_tokens.fastv import keep_budgets, keep_count
+from visattn.mllm_tokens.cls_selection import ClsFeatureSelection
+from visattn.mllm_tokens.fastv import keep_count
 
 
 def vispruner_select(
@@ -64,7 +63,7 @@ def vispruner_select(
     return torch.cat([kept, residual], dim=1) if diverse > 0 else kept
 
 
-class VisPruner(Reducer):
+class VisPruner(ClsFeatureSelection):
     """Keep, per image, ``keep`` patches: the most [CLS]-attended ones and a diverse rest.
 
     Args:
@@ -72,8 +71,6 @@ class VisPruner(Reducer):
             fraction in (0, 1] of the image's tokens.
         important_ratio: the share of ``keep`` chosen by [CLS] attention (official 0.5), in [0, 1].
     """
-
-    needs_vision_features = True
 
     def __init__(self, keep: int | float = 64, important_ratio: float = 0.5):
         keep_count(keep, 1 << 30, "VisPruner")
@@ -84,37 +81,10 @@ class VisPruner(Reducer):
         if not 0.0 <= important_ratio <= 1.0:
             raise ValueError(f"VisPruner: important_ratio must be in [0, 1], got {important_ratio}")
         self.keep, self.important_ratio = keep, float(important_ratio)
-        self._patches = 0
 
     def __repr__(self) -> str:
         return f"VisPruner(keep={self.keep}, important_ratio={self.important_ratio})"
 
-    def check(self, info: ModelInfo) -> None:
-        keep_count(self.keep, info.patches_per_image or 1 << 30, "VisPruner")
-        if info.vision_layers < 2:
-            raise ValueError(
-                "VisPruner: the vision encoder needs at least 2 layers (it scores the second-to-last)"
-            )
-        self._patches = info.patches_per_image
-
-    def vision_cls_layers(self, info: ModelInfo) -> list[int]:
-        return [info.vision_layers - 2]
-
-    def pre_llm(self, state: Prefill) -> torch.Tensor | None:
-        hidden, scores = state.vision_hidden, state.cls_scores[0]  # [units, 1 + P, Dv], [units, P]
-        if hidden is None or hidden.shape[1] != scores.shape[1] + 1:
-            raise ValueError(
-                "VisPruner: the vision features must be one [CLS] token plus one token per patch "
-                "(vision_feature_select_strategy='default' on a ViT with a [CLS] token)"
-            )
-        unit, patch = state.image_id[state.visual], state.patch_id[state.visual]  # [Nv] each
-        budgets = keep_budgets(self.keep, state.image_tokens, self._patches)
-        chosen = torch.zeros(unit.shape[0], dtype=torch.bool, device=unit.device)
-        for slots, count in image_groups(state, budgets):
-            important = int(count * self.important_ratio)
-            u, p = unit[slots], patch[slots]  # [G, n]
-            picks = vispruner_select(scores[u, p], hidden[u, p + 1], important, count - important)
-            chosen[slots.gather(1, picks).flatten()] = True
-        keep = ~state.visual
-        keep[state.visual] = chosen
-        return keep
+    def select(self, scores: torch.Tensor, features: torch.Tensor, count: int) -> torch.Tensor:
+        important = int(count * self.important_ratio)
+        return vispruner_select(scores, features, important, count - important)
