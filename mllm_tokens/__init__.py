@@ -17,6 +17,7 @@ from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
+from visattn.mllm_tokens.random_prune import Random
 from visattn.mllm_tokens.sparsevlm import SparseVLM
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.visionzip import VisionZip
@@ -126,6 +127,7 @@ __all__ = [
     "VisionZip",
     "FastV",
     "PyramidDrop",
+    "Random",
     "Handle",
     "ModelInfo",
     "Reducer",
