@@ -16,6 +16,7 @@ from visattn.mllm_tokens.dart import DART
 from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
+from visattn.mllm_tokens.pooling import Pooling
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
 from visattn.mllm_tokens.random_prune import Random
 from visattn.mllm_tokens.sparsevlm import SparseVLM
@@ -126,6 +127,7 @@ __all__ = [
     "VTCCLS",
     "VisionZip",
     "FastV",
+    "Pooling",
     "PyramidDrop",
     "Random",
     "Handle",

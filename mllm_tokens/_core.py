@@ -30,6 +30,10 @@ class ModelInfo:
     # M-RoPE (Qwen2-VL): ``(t, h, w)`` position ids that have no contiguous renumbering; every kept token
     # keeps its ids after any drop (``Reducer.renumber_positions`` does not apply)
     multi_axis_positions: bool = False
+    # every reducer image is one ``side x side`` view and ``Prefill.patch_id`` its raster index there (a
+    # LLaVA-NeXT tile that lost rows to unpadding has fewer tokens); False where units mix views or
+    # pooled frames (LLaVA-OneVision) or have no common grid (Qwen2-VL)
+    patch_grid: bool = True
 
 
 @dataclass

@@ -75,6 +75,7 @@ class LlavaOnevisionAdapter(Adapter):
         self.patches = side * side
         self.frame_tokens = math.ceil(side / 2) ** 2  # transformers' apply_pooling: 2x bilinear
         self.info = llava_info(model, self.patches, self.text_config._attn_implementation)
+        self.info.patch_grid = False  # a unit is an image's views together, or a pooled frame
         self._calls: dict[str, dict] = {}
         self.setup()
 

@@ -131,6 +131,7 @@ class Qwen2VLAdapter(Adapter):
             patches_per_image=0,
             attn_implementation=tcfg._attn_implementation,
             multi_axis_positions=True,
+            patch_grid=False,
         )
         self.setup()
 
