@@ -15,6 +15,7 @@ from visattn.mllm_tokens._core import ModelInfo, Reducer
 from visattn.mllm_tokens.dart import DART
 from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
+from visattn.mllm_tokens.fastervlm import FasterVLM
 from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.pooling import Pooling
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
@@ -127,6 +128,7 @@ __all__ = [
     "VTCCLS",
     "VisionZip",
     "FastV",
+    "FasterVLM",
     "Pooling",
     "PyramidDrop",
     "Random",
