@@ -23,6 +23,10 @@ table. A second table times FastV's scoring attention at ``--score-tokens`` toke
 that returns the probabilities (what ``output_attentions`` costs), plain SDPA, and visattn's
 ``attention_with_key_mass``: last-query scoring (``auto``: SDPA output + the scored row; on CUDA also
 the fused Triton kernels) and all-query scoring (Triton on CUDA, reference on CPU).
+
+Issue-24 rows at each ``--keep`` k: FasterVLM keeping k patches per image (per crop on LLaVA-NeXT),
+Random keeping k of LLaVA-1.5's 576 tokens and the same fraction on the other families (its official
+budget is a ratio), Pooling with the dividing window whose grid is nearest to k tokens per view.
 """
 
 from __future__ import annotations
@@ -277,15 +281,18 @@ def decode_tokens_per_s(model, inputs: dict, tokens: int, device: torch.device, 
     return sorted(rates)[len(rates) // 2]
 
 
-def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str):
+def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str, family: str = "llava"):
     from visattn.mllm_tokens import (
         DART,
         VAR,
         VTCCLS,
         DivPrune,
         DyVTE,
+        FasterVLM,
         FastV,
+        Pooling,
         PyramidDrop,
+        Random,
         SparseVLM,
         VisionZip,
     )
@@ -307,6 +314,11 @@ def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str):
             shallow = SparseVLM(counts=counts[: layers - 1], layers=range(layers - 1))
             reducer = SparseVLM(k) if layers >= 4 else shallow
             rows.append((f"SparseVLM {k} ({'/'.join(map(str, counts))})", reducer))
+        # Random's official budget is a ratio: LLaVA-1.5's k of 576 tokens, the same fraction elsewhere
+        random_keep = k if family == "llava" else round(k / 576, 4)
+        rows.append((f"Random keep={random_keep} seed=0", Random(keep=random_keep)))
+        rows.append((f"Pooling tokens~{k}", Pooling(tokens=k)))
+        rows.append((f"FasterVLM keep={k}", FasterVLM(keep=k, layer=-2)))
     if layers >= 4:  # the official stage layers 8/16/24 of 32 as depth fractions
         rows.append(("PyramidDrop 1/4,1/2,3/4 lambda=0.5", PyramidDrop()))
     else:
@@ -404,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     for batch in batches:
         inputs = bench.inputs(batch)
         base_prefill = base_decode = None
-        for name, reducer in _reducers(keeps, layers, full, sink):
+        for name, reducer in _reducers(keeps, layers, full, sink, args.family):
             try:
                 prefill, tok_s, stats = _row(bench.model, reducer, inputs, device, decode, warmup, iters)
             except ValueError as e:
