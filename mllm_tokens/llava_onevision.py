@@ -62,6 +62,7 @@ class LlavaOnevisionAdapter(Adapter):
     """LLaVA-OneVision: anyres or multi-image ``<image>`` tokens and pooled ``<video>`` frames."""
 
     family = "LLaVA-OneVision"
+    vision_merge_refusal = "SigLIP has no [CLS] token, and the anyres grids need every view's patches"
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         super().__init__(model, reducer)
