@@ -21,6 +21,7 @@ from visattn.mllm_tokens.pooling import Pooling
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
 from visattn.mllm_tokens.random_prune import Random
 from visattn.mllm_tokens.sparsevlm import SparseVLM
+from visattn.mllm_tokens.tome import ToMe
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.visionzip import VisionZip
 from visattn.mllm_tokens.vtc_cls import VTCCLS
@@ -136,6 +137,7 @@ __all__ = [
     "ModelInfo",
     "Reducer",
     "SparseVLM",
+    "ToMe",
     "attach",
     "calibrate_sink_dims",
 ]
