@@ -26,7 +26,8 @@ the fused Triton kernels) and all-query scoring (Triton on CUDA, reference on CP
 
 Issue-24 rows at each ``--keep`` k: FasterVLM keeping k patches per image (per crop on LLaVA-NeXT),
 Random keeping k of LLaVA-1.5's 576 tokens and the same fraction on the other families (its official
-budget is a ratio), Pooling with the dividing window whose grid is nearest to k tokens per view.
+budget is a ratio), Pooling with the dividing window whose grid is nearest to k tokens per view; and
+ToMe at the official r=16 per CLIP layer (on the CPU towers r=123, about as many merges in 3 layers).
 """
 
 from __future__ import annotations
@@ -294,6 +295,7 @@ def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str, family:
         PyramidDrop,
         Random,
         SparseVLM,
+        ToMe,
         VisionZip,
     )
     from visattn.mllm_tokens.sparsevlm import PRESETS as SPARSEVLM_PRESETS
@@ -324,6 +326,9 @@ def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str, family:
     else:
         rows.append((f"PyramidDrop 1..{layers - 1} lambda=0.5", PyramidDrop(layers=range(1, layers))))
     rows.append(("DyVTE exit after layer 2", DyVTE(exit_layer=min(2, layers - 1))))
+    # ToMe: the official r=16 in CLIP-L's 23 layers up to the feature layer (576 -> 208 tokens); the
+    # 4-layer CPU tower merges about as many in its 3 (r=123: 576 -> 207)
+    rows.append(("ToMe r=16" if full else "ToMe r=123 (~16 x 23 layers)", ToMe(r=16 if full else 123)))
     rows.append(("VAR (no pruning)", VAR(sink_dims=sink_dims if full else (0, 1))))
     return rows
 
