@@ -16,11 +16,15 @@ from visattn.mllm_tokens.cdpruner import CDPruner
 from visattn.mllm_tokens.dart import DART
 from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
+from visattn.mllm_tokens.fastervlm import FasterVLM
 from visattn.mllm_tokens.fastv import FastV
 from visattn.mllm_tokens.hiprune import HiPrune
+from visattn.mllm_tokens.pooling import Pooling
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
+from visattn.mllm_tokens.random_prune import Random
 from visattn.mllm_tokens.scope import SCOPE
 from visattn.mllm_tokens.sparsevlm import SparseVLM
+from visattn.mllm_tokens.tome import ToMe
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.visionzip import VisionZip
 from visattn.mllm_tokens.vispruner import VisPruner
@@ -132,12 +136,16 @@ __all__ = [
     "VisPruner",
     "FastV",
     "HiPrune",
+    "FasterVLM",
+    "Pooling",
     "PyramidDrop",
+    "Random",
     "Handle",
     "ModelInfo",
     "Reducer",
     "SCOPE",
     "SparseVLM",
+    "ToMe",
     "attach",
     "calibrate_sink_dims",
 ]

@@ -18,6 +18,8 @@ language model, the vision tower and the visual tokens are; this module does the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -26,6 +28,7 @@ from visattn.mllm_tokens._core import (
     Prefill,
     PromptImage,
     Reducer,
+    VisionPass,
     additive_causal_mask,
     gather_tokens,
     layer_flops,
@@ -70,6 +73,8 @@ class Adapter:
     """
 
     family = "?"
+    # why reducers that merge inside the vision tower cannot act here (when vision_merge_points is None)
+    vision_merge_refusal = "no merge points are known for its vision tower"
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         check_version()
@@ -91,6 +96,12 @@ class Adapter:
     def vision_cls_attentions(self) -> list[nn.Module] | None:
         """The vision encoder's attention modules (one per layer) whose [CLS] row VTC-CLS scores, or
         None when the vision tower has no [CLS] token."""
+        return None
+
+    def vision_merge_points(self) -> list[nn.Module] | None:
+        """Per vision-encoder layer the module whose input is the residual stream right after the
+        attention (CLIP's ``layer_norm2``: the stream is also the residual the MLP adds to), for reducers
+        with ``vision_merge_layers``; None where the family does not support them."""
         return None
 
     def prefill_positions(self, kwargs: dict, index: torch.Tensor, new_real: torch.Tensor) -> torch.Tensor:
@@ -127,6 +138,13 @@ class Adapter:
                 f"which the adapters record only for CLIP-style towers with one prompt token per patch; the "
                 f"{self.family} tower is not one"
             )
+        if self.reducer.vision_merge_layers(self.info) and (
+            self.vision_merge_points() is None or self.vision_cls_attentions() is None
+        ):
+            raise ValueError(
+                f"attach: {type(self.reducer).__name__} merges tokens inside the vision tower, which the "
+                f"{self.family} adapter does not support: {self.vision_merge_refusal}"
+            )
         self.stats: list[dict] = []
         self.state: Prefill | None = None
         self.in_prefill = False
@@ -143,16 +161,18 @@ class Adapter:
         hook(self.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
         cls_layers = self.reducer.vision_cls_layers(self.info)
         global_layers = self.reducer.vision_global_layers(self.info)
-        if cls_layers or global_layers or self.reducer.needs_vision_features:
+        merge_layers = self.reducer.vision_merge_layers(self.info)
+        scored_layers = {*cls_layers, *global_layers, *merge_layers}
+        if scored_layers or self.reducer.needs_vision_features:
             hook(self.vision_tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
         if self.reducer.needs_vision_features:
             hook(self.vision_tower.register_forward_hook(self._vision_post))
-        if cls_layers or global_layers:
+        for i in merge_layers:
+            merge = functools.partial(self._vision_merge, i)
+            hook(self.vision_merge_points()[i].register_forward_pre_hook(merge))
+        if scored_layers:
             attentions = self.vision_cls_attentions()
-            self._vision_scored = {
-                attentions[i]: (i, i in cls_layers, i in global_layers) for i in {*cls_layers, *global_layers}
-            }
-            handlers = {module: self._vision_attention for module in self._vision_scored}
+            handlers = {attentions[i]: functools.partial(self._vision_attention, i) for i in scored_layers}
             self._undo.append(route_attention(attentions[0].config, handlers))
         hook(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         hook(self.lm.register_forward_hook(self._lm_post))
@@ -192,6 +212,7 @@ class Adapter:
         self._global_buffer: dict[int, torch.Tensor] = {}  # vision layer -> [images, 1 + patches] key mass
         self._key_buffer: list[torch.Tensor] = []  # needs_vision_features: [images, 1 + patches, Dh] keys
         self._vision_hidden: list[torch.Tensor] = []  # needs_vision_features: the projector's input
+        self._vision_pass = VisionPass()  # vision_merge_layers: the state of the tower's pass
 
     # ------------------------------------------------------------------ model-level hooks
     def _model_pre(self, module, args, kwargs):
@@ -228,19 +249,25 @@ class Adapter:
         reducers with ``needs_vision_features``)."""
         raise ValueError(f"attach: the {self.family} adapter does not expose the vision features")
 
-    def _vision_attention(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        """Records the [CLS] query's attention over the patches and / or every key's attention mass from
-        all queries (``vision_global_layers``), then lets the layer run unchanged."""
-        layer, cls_row, all_rows = self._vision_scored[module]
-        if cls_row:
+    def _vision_attention(self, layer, module, query, key, value, attention_mask, scaling, **kwargs):
+        """Records what reducers need of a vision layer's attention (the [CLS] row, every key's attention mass
+        from all queries for ``vision_global_layers``, the keys for a merge), then lets the layer run
+        unchanged."""
+        if layer in self.reducer.vision_merge_layers(self.info):
+            self._vision_pass.keys[layer] = key.mean(1)
+        if layer in self.reducer.vision_cls_layers(self.info):
             q, k = to_token_major(query[:, :, :1], key)
             _, mass = attention_with_key_mass(q, k, k, scale=scaling, query_set="all")
             self._cls_buffer.append(mass[:, 1:])
             if self.reducer.needs_vision_features:
                 self._key_buffer.append(key.mean(1))
-        if all_rows:
+        if layer in self.reducer.vision_global_layers(self.info):
             q, k = to_token_major(query, key)
             self._global_buffer[layer] = attention_with_key_mass(q, k, k, scale=scaling, query_set="all")[1]
+        return None
+
+    def _vision_merge(self, layer, module, args):
+        self.reducer.vision_merge(layer, args[0], self._vision_pass)
         return None
 
     # ------------------------------------------------------------------ language model
@@ -299,6 +326,7 @@ class Adapter:
             )),
             cls_keys=self._expanded(self._key_buffer, images_per_sample),
             vision_hidden=next(iter(self._expanded(self._vision_hidden, images_per_sample)), None),
+            vision_findings=self._expanded(self._vision_pass.findings, images_per_sample),
         )  # fmt: skip
         self.orig_len = length
         keep = self.reducer.pre_llm(state)

@@ -30,6 +30,10 @@ class ModelInfo:
     # M-RoPE (Qwen2-VL): ``(t, h, w)`` position ids that have no contiguous renumbering; every kept token
     # keeps its ids after any drop (``Reducer.renumber_positions`` does not apply)
     multi_axis_positions: bool = False
+    # every reducer image is one ``side x side`` view and ``Prefill.patch_id`` its raster index there (a
+    # LLaVA-NeXT tile that lost rows to unpadding has fewer tokens); False where units mix views or
+    # pooled frames (LLaVA-OneVision) or have no common grid (Qwen2-VL)
+    patch_grid: bool = True
 
 
 @dataclass
@@ -62,6 +66,17 @@ class ModelOps(Protocol):
     def prompt_images(self, state: Prefill) -> list[PromptImage]:
         """The prompt's images, sample after sample, in prompt order."""
         ...
+
+
+@dataclass
+class VisionPass:
+    """State of one vision-tower pass for reducers that merge tokens inside the encoder
+    (``Reducer.vision_merge_layers``): created when the tower starts, passed to every merge step."""
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [views, n, Dh] head-mean keys
+    extra: dict = field(default_factory=dict)  # the reducer's running state (groups, sizes, order)
+    # per-view findings for the prefill, ``[views, ...]`` each (``Prefill.vision_findings``)
+    findings: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +119,8 @@ class Prefill:
     # [B, L] bool query sets over the LLM input that a reducer registers during the prefill (before the
     # layer that needs them); key_mass_query may return one's name (SparseVLM's text raters)
     query_sets: dict[str, torch.Tensor] = field(default_factory=dict)
+    # VisionPass.findings of the vision pass, one row per image of the batch (beams repeat them)
+    vision_findings: list[torch.Tensor] = field(default_factory=list)
 
     def per_sample(self, per_image: torch.Tensor) -> torch.Tensor:
         """Sum a per-image ``[images]`` tensor over each sample's images: ``[B]`` long."""
@@ -132,6 +149,10 @@ class Reducer:
       taken (SparseVLM puts its recycled tokens in slots it keeps).
     * ``attention_layers(info)`` / ``attention(...)``: replace the attention of some layers (VAR).
     * ``before_layer(layer, hidden, state)``: look at a layer's input during prefill.
+    * ``vision_merge_layers(info)`` / ``vision_merge(layer, hidden, vision)``: after the attention of
+      those vision-encoder layers, rewrite the residual stream ``hidden [views, n, Dv]`` in place
+      (before the layer's MLP; ``VisionPass.keys[layer]`` holds that attention's keys). The stream keeps
+      its length: merged tokens are represented by their members all holding the merged value (ToMe).
 
     ``removes_tokens`` is False for reducers that never shorten the sequence (VAR): only those accept
     ``labels``, because a shortened prefill returns fewer logits rows than the labels have.
@@ -173,6 +194,12 @@ class Reducer:
         return set()
 
     def before_layer(self, layer: int, hidden: torch.Tensor, state: Prefill) -> None:
+        return None
+
+    def vision_merge_layers(self, info: ModelInfo) -> list[int]:
+        return []
+
+    def vision_merge(self, layer: int, hidden: torch.Tensor, vision: VisionPass) -> None:
         return None
 
 

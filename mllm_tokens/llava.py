@@ -40,10 +40,14 @@ def fixed_segments(visual: torch.Tensor, per_image: int) -> tuple[torch.Tensor, 
     return image_id, patch_id, counts // per_image
 
 
+def clip_layers(tower: nn.Module) -> list[nn.Module]:
+    """The encoder layers of a CLIP / SigLIP vision tower."""
+    return list((tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers)
+
+
 def clip_attentions(tower: nn.Module) -> list[nn.Module]:
     """The self-attention module of every layer of a CLIP / SigLIP vision tower."""
-    encoder = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder
-    return [layer.self_attn for layer in encoder.layers]
+    return [layer.self_attn for layer in clip_layers(tower)]
 
 
 def check_feature_layer(model: nn.Module, reducer: Reducer) -> None:
@@ -98,6 +102,14 @@ class LlavaAdapter(Adapter):
         self.patches = (vcfg.image_size // vcfg.patch_size) ** 2
         self.info = llava_info(model, self.patches, self.text_config._attn_implementation)
         self.setup()
+        merging, layer = reducer.vision_merge_layers(self.info), cfg.vision_feature_layer
+        # hidden_states[i] is the output of vision layer i - 1: the features must follow the last merge
+        features_of = layer % (vcfg.num_hidden_layers + 1) - 1 if isinstance(layer, int) else None
+        if merging and features_of != merging[-1]:
+            raise ValueError(
+                f"attach: {type(reducer).__name__} merges in vision layers 0..{merging[-1]}, but the "
+                f"language model takes vision_feature_layer={layer!r}; merge up to the layer it takes"
+            )
 
     def visual_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return ids == self.image_token_id
@@ -110,3 +122,6 @@ class LlavaAdapter(Adapter):
 
     def vision_features(self, tower_output) -> torch.Tensor:
         return feature_layer_output(self.model, tower_output)
+
+    def vision_merge_points(self) -> list[nn.Module]:
+        return [layer.layer_norm2 for layer in clip_layers(self.vision_tower)]

@@ -134,6 +134,7 @@ class LlavaNextAdapter(Adapter):
     """LLaVA-NeXT: per image a base crop plus unpadded tiles with row-end newline tokens."""
 
     family = "LLaVA-NeXT"
+    vision_merge_refusal = "merged tokens have no place on the anyres grid (unpadding, row-end newlines)"
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         super().__init__(model, reducer)

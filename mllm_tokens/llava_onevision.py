@@ -62,6 +62,7 @@ class LlavaOnevisionAdapter(Adapter):
     """LLaVA-OneVision: anyres or multi-image ``<image>`` tokens and pooled ``<video>`` frames."""
 
     family = "LLaVA-OneVision"
+    vision_merge_refusal = "SigLIP has no [CLS] token, and the anyres grids need every view's patches"
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         super().__init__(model, reducer)
@@ -75,6 +76,7 @@ class LlavaOnevisionAdapter(Adapter):
         self.patches = side * side
         self.frame_tokens = math.ceil(side / 2) ** 2  # transformers' apply_pooling: 2x bilinear
         self.info = llava_info(model, self.patches, self.text_config._attn_implementation)
+        self.info.patch_grid = False  # a unit is an image's views together, or a pooled frame
         self._calls: dict[str, dict] = {}
         self.setup()
 

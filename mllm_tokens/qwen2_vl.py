@@ -99,6 +99,7 @@ class Qwen2VLAdapter(Adapter):
     """Qwen2-VL: dynamic resolution images (``image_grid_thw``) and videos (``video_grid_thw``)."""
 
     family = "Qwen2-VL"
+    vision_merge_refusal = "its patch merger joins fixed 2 x 2 patch groups after the blocks"
 
     def __init__(self, model: nn.Module, reducer: Reducer):
         super().__init__(model, reducer)
@@ -131,6 +132,7 @@ class Qwen2VLAdapter(Adapter):
             patches_per_image=0,
             attn_implementation=tcfg._attn_implementation,
             multi_axis_positions=True,
+            patch_grid=False,
         )
         self.setup()
 

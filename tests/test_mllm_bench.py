@@ -39,20 +39,29 @@ def test_bench_mllm_llava_cpu_size(capsys):
         "VisionZip 54+10",
         "DyVTE exit after layer 2",
         "VAR (no pruning)",
+        "Random keep=64 seed=0",
+        "Pooling tokens~64",
+        "FasterVLM keep=64",
+        "ToMe r=123 (~16 x 23 layers)",
     ):
         assert method in rows and not rows[method][0].startswith("refused"), method
     assert any(m.startswith("SparseVLM 64") for m in rows) and any(m.startswith("PyramidDrop") for m in rows)
     assert rows["FastV K=2 keep=64"][5] == "576"  # visual tokens in, from handle.stats
+    # Pooling's 3 x 3 windows of the 24 x 24 grid, Random's and FasterVLM's 64 in every layer
+    ours = ("Pooling tokens~64", "Random keep=64 seed=0", "FasterVLM keep=64")
+    assert [rows[m][6] for m in ours] == ["64"] * 3
+    assert rows["ToMe r=123 (~16 x 23 layers)"][6] == "207"  # 577 tokens - 3 x 123, [CLS] dropped
     assert "key-mass last" in rows["__out__"]
 
 
+TOME = "ToMe r=123 (~16 x 23 layers)"
 # reducers each family must refuse (a row "refused [n]" and its reason, not a crash)
 REFUSED = {
     "llava": (),
-    "llava_next": (),
-    "llava_onevision": ("VTC-CLS keep=8", "VisionZip 7+1"),
-    "qwen2_vl": ("VTC-CLS keep=8", "VisionZip 7+1"),
-    "qwen2_5_vl": ("VTC-CLS keep=8", "VisionZip 7+1"),
+    "llava_next": (TOME,),
+    "llava_onevision": ("VTC-CLS keep=8", "VisionZip 7+1", "Pooling tokens~8", "FasterVLM keep=8", TOME),
+    "qwen2_vl": ("VTC-CLS keep=8", "VisionZip 7+1", "Pooling tokens~8", "FasterVLM keep=8", TOME),
+    "qwen2_5_vl": ("VTC-CLS keep=8", "VisionZip 7+1", "Pooling tokens~8", "FasterVLM keep=8", TOME),
 }
 
 

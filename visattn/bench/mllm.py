@@ -9,22 +9,23 @@ Qwen2-VL-7B / Qwen2.5-VL-7B their 32-block ViTs (width 1280), all three on a Qwe
 towers' image and patch sizes, hence the visual-token counts, with narrow towers and a small decoder
 (``--hidden``/``--layers``); ``--size tiny`` shrinks the images too (a dry run for tests).
 
-One prompt per sample: 5 text tokens, one image, 59 text tokens. The images: LLaVA 336x336 (576
-tokens); LLaVA-NeXT an anyres 672x672 image (full; 336x672 on CPU) in 336 tiles with row-end newline
-tokens; OneVision an anyres 768x768 (full; 384x768 on CPU) image in 384 tiles; Qwen2-VL / 2.5-VL a
-784x784 image at dynamic resolution (784 tokens). For the unreduced model and each reducer (FastV K=2,
-VTC-CLS, DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens per image, CDPruner, VisPruner,
-HiPrune and SCOPE at 64/128/192 on LLaVA-1.5 and the fractions k / 576 elsewhere, PyramidDrop at its
-official stages, DyVTE with a fixed exit after layer 2 standing in for trained routers, VAR with the
-decoder's known sink dims) it reports prefill latency, peak memory, decode tokens/s (greedy, KV
-cache), and from ``handle.stats`` the visual tokens per sample, the mean kept per decoder layer and the
+One prompt per sample: 5 text tokens, one image, 59 text tokens. The images: LLaVA 336x336 (576 tokens);
+LLaVA-NeXT an anyres 672x672 image (full; 336x672 on CPU) in 336 tiles with row-end newline tokens;
+OneVision an anyres 768x768 (full; 384x768 on CPU) image in 384 tiles; Qwen2-VL / 2.5-VL a 784x784 image
+at dynamic resolution (784 tokens). For the unreduced model and each reducer (FastV K=2, VTC-CLS,
+DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens per image, CDPruner, VisPruner, HiPrune,
+SCOPE and Random at 64/128/192 on LLaVA-1.5 and the fractions k / 576 elsewhere, Pooling with the dividing
+window whose grid is nearest to k tokens per view, FasterVLM at k per image (per crop on LLaVA-NeXT), ToMe
+at the official r=16 per CLIP layer (on the CPU towers r=123, about as many merges in 3 layers),
+PyramidDrop at its official stages, DyVTE with a fixed exit after layer 2 standing in for trained routers,
+VAR with the decoder's known sink dims) it reports prefill latency, peak memory, decode tokens/s (greedy,
+KV cache), and from ``handle.stats`` the visual tokens per sample, the mean kept per decoder layer and the
 estimated prefill FLOPs saved; speed-ups are against the unreduced model of the same run. A reducer the
-family refuses (``attach`` raises ValueError) is a row "refused [n]", its reason printed below the
-table. A second table times FastV's scoring attention at ``--score-tokens`` tokens: eager attention
-that returns the probabilities (what ``output_attentions`` costs), plain SDPA, and visattn's
-``attention_with_key_mass``: last-query scoring (``auto``: SDPA output + the scored row; on CUDA also
-the fused Triton kernels) and all-query scoring (Triton on CUDA, reference on CPU).
-"""
+family refuses (``attach`` raises ValueError) is a row "refused [n]", its reason printed below the table.
+A second table times FastV's scoring attention at ``--score-tokens`` tokens: eager attention that returns
+the probabilities (what ``output_attentions`` costs), plain SDPA, and visattn's
+``attention_with_key_mass``: last-query scoring (``auto``: SDPA output + the scored row; on CUDA also the
+fused Triton kernels) and all-query scoring (Triton on CUDA, reference on CPU)."""
 
 from __future__ import annotations
 
@@ -278,11 +279,13 @@ def decode_tokens_per_s(model, inputs: dict, tokens: int, device: torch.device, 
     return sorted(rates)[len(rates) // 2]
 
 
-def _issue24_rows(k: int, family: str, full: bool) -> list[tuple]:
-    """CDPruner and VisPruner at ``k`` kept tokens per LLaVA-1.5 image; on the other families at the
-    matching fraction ``k / 576`` of each image's tokens (64 / 128 / 192 -> 11.1 / 22.2 / 33.3 %, the
-    budgets the papers use on Qwen2.5-VL)."""
-    from visattn.mllm_tokens import SCOPE, CDPruner, HiPrune, VisPruner
+def _pre_llm_rows(k: int, family: str, full: bool) -> list[tuple]:
+    """CDPruner, VisPruner, HiPrune, SCOPE and Random at ``k`` kept tokens per LLaVA-1.5 image; on the
+    other families at the matching fraction ``k / 576`` of each image's tokens (64 / 128 / 192 -> 11.1 /
+    22.2 / 33.3 %, the budgets the papers use on Qwen2.5-VL; Random's official budget is a ratio too).
+    Pooling with the dividing window nearest to ``k`` tokens per view, FasterVLM at ``k`` per image
+    (per crop on LLaVA-NeXT)."""
+    from visattn.mllm_tokens import SCOPE, CDPruner, FasterVLM, HiPrune, Pooling, Random, VisPruner
 
     keep = k if family == "llava" else round(k / 576, 3)
     return [
@@ -291,6 +294,9 @@ def _issue24_rows(k: int, family: str, full: bool) -> list[tuple]:
         # the official object layer 9 of CLIP-L's 24; the CPU / tiny towers' 4 layers: layer 2 (9/24 x 4)
         (f"HiPrune keep={keep}", HiPrune(keep=keep, object_layer=9 if full else 2)),
         (f"SCOPE keep={keep}", SCOPE(keep=keep)),
+        (f"Random keep={keep} seed=0", Random(keep=keep)),
+        (f"Pooling tokens~{k}", Pooling(tokens=k)),
+        (f"FasterVLM keep={k}", FasterVLM(keep=k, layer=-2)),
     ]
 
 
@@ -304,6 +310,7 @@ def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str, family:
         FastV,
         PyramidDrop,
         SparseVLM,
+        ToMe,
         VisionZip,
     )
     from visattn.mllm_tokens.sparsevlm import PRESETS as SPARSEVLM_PRESETS
@@ -314,7 +321,7 @@ def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str, family:
         rows.append((f"FastV K=2 keep={k}", FastV(layer=2, keep=k)))
         rows.append((f"VTC-CLS keep={k}", VTCCLS(keep=k, start_layer=16 if full else 1)))
         rows.append((f"DivPrune keep={k}", DivPrune(keep=k)))
-        rows.extend(_issue24_rows(k, family, full))
+        rows.extend(_pre_llm_rows(k, family, full))
         rows.append((f"DART K=2 keep={k}", DART(layer=min(2, layers - 1), keep=k)))
         dominant, contextual = VISIONZIP_PRESETS.get(k, (k - k // 6, k // 6))
         rows.append(
@@ -330,6 +337,9 @@ def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str, family:
     else:
         rows.append((f"PyramidDrop 1..{layers - 1} lambda=0.5", PyramidDrop(layers=range(1, layers))))
     rows.append(("DyVTE exit after layer 2", DyVTE(exit_layer=min(2, layers - 1))))
+    # ToMe: the official r=16 in CLIP-L's 23 layers up to the feature layer (576 -> 208 tokens); the
+    # 4-layer CPU tower merges about as many in its 3 (r=123: 576 -> 207)
+    rows.append(("ToMe r=16" if full else "ToMe r=123 (~16 x 23 layers)", ToMe(r=16 if full else 123)))
     rows.append(("VAR (no pruning)", VAR(sink_dims=sink_dims if full else (0, 1))))
     return rows
 
