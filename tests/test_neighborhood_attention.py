@@ -509,6 +509,25 @@ def test_torch_path_compiles_to_the_tiled_sdpa_path(
     torch._dynamo.reset()
 
 
+def test_torch_path_under_dynamic_shapes_specializes_each_map_size():
+    """dynamic=True with an explicit scale: the tiled path needs its map sizes as ints (``static_sizes``), so
+    each size gets its own guarded graph with that size's plan, one graph each, equal to the reference."""
+    import visattn.kernels.ops.neighborhood_attention as na_op
+
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda q, k, v: neighborhood_attention(q, k, v, 3, scale=0.25, backend="torch"),
+        backend="aot_eager",
+        dynamic=True,
+        fullgraph=True,
+    )
+    for shape in [(1, 8, 8, 2, 16), (1, 9, 7, 2, 16)]:
+        q, k, v, _ = _inputs(shape, dtype=torch.float32)
+        ref = na_op.neighborhood_attention_reference(q, k, v, (3, 3), (1, 1), (False, False), None, 0.25)
+        torch.testing.assert_close(fn(q, k, v), ref, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- GPU
 
 
