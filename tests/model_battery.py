@@ -94,12 +94,15 @@ def run_battery(
     img_size: int | None = None,
     alt_img_size: int | None = None,
     compile_check: bool = True,
+    inductor_check: bool = False,
     **kwargs,
 ) -> None:
     """Run the whole battery on ``timm.create_model(name, **kwargs)``.
 
     ``img_size`` defaults to the pretrained cfg's input size; ``alt_img_size`` is
-    a second size the model must accept (skipped when None).
+    a second size the model must accept (skipped when None). ``compile_check`` traces the model as one
+    graph (dynamo, ``backend="eager"``); ``inductor_check`` also compiles it with inductor
+    (``fullgraph=True``, slow: one model per family) and compares the logits with eager.
     """
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
@@ -233,3 +236,9 @@ def run_battery(
         compiled = torch.compile(fresh, backend="eager", fullgraph=True)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), logits, rtol=1e-5, atol=1e-5)
+    if inductor_check:
+        torch._dynamo.reset()
+        compiled = torch.compile(fresh, backend="inductor", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), logits, rtol=1e-4, atol=1e-4)
+        torch._dynamo.reset()

@@ -47,3 +47,18 @@ def test_cli_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "swin_tiny_patch4_window7_224" in out and "official-style" in out
     assert "n/a (NATTEN not installed)" in out or "NATTEN na2d" in out
+
+
+def test_cli_compile_table_has_both_peers_and_the_model(capsys):
+    """``--compile``: one row per timm peer and per model, eager and inductor-compiled speeds, compile
+    seconds, and the compiled logits equal to eager."""
+    argv = ["bench", "models", "--compile", "--model", "nat_tiny", "--tiny", "--img-size", "32",
+            "--batch", "1", "--warmup", "0", "--iters", "1"]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "compiled img/s" in lines[1] and "compile s" in lines[1]
+    rows = {line.split()[0]: line.split() for line in lines[3:] if line.strip()}
+    assert list(rows) == ["swin_tiny_patch4_window7_224", "convnext_tiny", "nat_tiny"]
+    for cells in rows.values():
+        eager, compiled, _, seconds, diff = map(lambda c: float(c.rstrip("x")), cells[2:])
+        assert eager > 0 and compiled > 0 and seconds > 0 and diff < 1e-4

@@ -47,6 +47,8 @@ TINY = dict(embed_dim=16, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), kernel_si
 TINY_DILATIONS = [[1, 2], [1], [1, 2], [1]]
 # torch.compile is checked once per distinct code path (NAT, NAT + layer scale, DiNAT_s layout).
 COMPILE_CHECKED = {"nat_mini", "nat_small", "dinat_s_tiny"}
+# inductor (slow) compiles one model of each family: NAT and DiNAT (dilated windows)
+INDUCTOR_CHECKED = {"nat_mini", "dinat_mini"}
 
 
 @pytest.mark.parametrize("name", battery_names(NAMES))
@@ -54,7 +56,14 @@ def test_battery(name):
     kwargs = dict(TINY)
     if name.startswith("dinat"):
         kwargs["dilations"] = TINY_DILATIONS
-    run_battery(name, img_size=64, alt_img_size=56, compile_check=name in COMPILE_CHECKED, **kwargs)
+    run_battery(
+        name,
+        img_size=64,
+        alt_img_size=56,
+        compile_check=name in COMPILE_CHECKED,
+        inductor_check=name in INDUCTOR_CHECKED,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -466,6 +466,68 @@ def test_compiles_with_dynamic_shapes_and_default_scale(backend):
         torch.testing.assert_close(fn(q, k, v), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "backend,shape,kernel_size,dilation,use_rpb",
+    [
+        ("aot_eager", (2, 14, 14, 2, 8), 7, 1, True),  # one dense masked tile (NAT's small maps)
+        ("aot_eager", (1, 40, 40, 1, 4), 5, 1, True),  # gathered query tiles
+        ("aot_eager", (1, 12, 10, 2, 4), 3, 2, True),  # dilation groups (DiNAT)
+        ("aot_eager", (2, 6, 8, 8, 2, 4), 3, 1, False),  # bands along the first dim
+        ("inductor", (1, 12, 10, 2, 8), 3, 2, True),
+    ],
+)
+def test_torch_path_compiles_to_the_tiled_sdpa_path(
+    monkeypatch, backend, shape, kernel_size, dilation, use_rpb
+):
+    """Under torch.compile with static shapes backend='torch' keeps the tiled SDPA path (its per-shape plan
+    enters the graph as constants) instead of the reference's per-query gather, as one graph, with the
+    reference's output and gradients."""
+    import visattn.kernels.ops.neighborhood_attention as na_op
+
+    q, k, v, rpb = _inputs(shape, dtype=torch.float32, rpb_kernel=(kernel_size,) * (len(shape) - 3))
+    rpb = rpb if use_rpb else None
+    leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
+    n = len(shape) - 3
+    args = ((kernel_size,) * n, (dilation,) * n, (False,) * n, rpb, shape[-1] ** -0.5)
+    ref = na_op.neighborhood_attention_reference(q, k, v, *args)
+    ref_grads = torch.autograd.grad(ref.sum(), leaves)
+
+    def refuse(*args):
+        raise AssertionError("the reference ran under torch.compile")
+
+    monkeypatch.setattr(na_op, "neighborhood_attention_reference", refuse)
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda q, k, v, rpb: neighborhood_attention(q, k, v, kernel_size, dilation, rpb=rpb, backend="torch"),
+        backend=backend,
+        fullgraph=True,
+    )
+    out = fn(q, k, v, rpb)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out.sum(), leaves), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_torch_path_under_dynamic_shapes_specializes_each_map_size():
+    """dynamic=True with an explicit scale: the tiled path needs its map sizes as ints (``static_sizes``), so
+    each size gets its own guarded graph with that size's plan, one graph each, equal to the reference."""
+    import visattn.kernels.ops.neighborhood_attention as na_op
+
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda q, k, v: neighborhood_attention(q, k, v, 3, scale=0.25, backend="torch"),
+        backend="aot_eager",
+        dynamic=True,
+        fullgraph=True,
+    )
+    for shape in [(1, 8, 8, 2, 16), (1, 9, 7, 2, 16)]:
+        q, k, v, _ = _inputs(shape, dtype=torch.float32)
+        ref = na_op.neighborhood_attention_reference(q, k, v, (3, 3), (1, 1), (False, False), None, 0.25)
+        torch.testing.assert_close(fn(q, k, v), ref, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- GPU
 
 

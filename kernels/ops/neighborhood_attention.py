@@ -113,8 +113,8 @@ def neighborhood_attention(
     backend = resolve_backend(backend, *tensors, op=_OP, limit=limit)
     if backend == "torch":
         args = (q, k, v, kernel_size, dilation, is_causal, rpb, scale)
-        if torch.compiler.is_compiling() or not isinstance(scale, float) or scale > MAX_TILED_SCALE:
-            return neighborhood_attention_reference(*args)  # traces with symbolic shapes; saturates logits
+        if not isinstance(scale, float) or scale > MAX_TILED_SCALE:
+            return neighborhood_attention_reference(*args)  # saturates the logits of a huge scale
         return neighborhood_attention_tiled(*args)
     out, _ = torch.ops.visattn.na_forward(
         q, k, v, rpb, list(kernel_size), list(dilation), list(is_causal), scale

@@ -192,6 +192,31 @@ def _plan(
     )
 
 
+def static_sizes(sizes) -> tuple[int, ...]:
+    """``sizes`` as Python ints. Under ``torch.compile`` with dynamic shapes a symbolic size is
+    specialized to its value (dynamo guards on it: one graph per map size, as the plan is per size);
+    ``range`` is the builtin whose arguments dynamo specializes that way."""
+    return tuple(range(n).stop for n in sizes)
+
+
+@torch.compiler.assume_constant_result
+def shape_plan(
+    spatial: tuple,
+    kernel_size: tuple,
+    dilation: tuple,
+    is_causal: tuple,
+    tile: int | tuple | None,
+    device: torch.device,
+) -> _Plan:
+    """The cached ``_Plan`` of one shape (``tile`` None: ``choose_tile``'s pick).
+
+    Under ``torch.compile`` dynamo runs this for real instead of tracing the planning (Python loops,
+    ``lru_cache``, reads of CPU tensors), and the plan's index tensors and masks enter the graph as
+    constants; the spatial sizes must be ints (``static_sizes``)."""
+    tile = tile or choose_tile(spatial, kernel_size, dilation, is_causal)
+    return _plan(spatial, kernel_size, dilation, is_causal, tile, device)
+
+
 def _bands(query: torch.Tensor, key: torch.Tensor, tokens: int) -> tuple[tuple[int, int, int], ...] | None:
     """``(first query, first key, rows already done)`` per tile when every tile's queries and keys are
     contiguous token ranges that cover the tokens in order (overlaps allowed); else None."""
@@ -220,9 +245,7 @@ def neighborhood_attention_tiled(
     """Same arguments and result as ``neighborhood_attention_reference`` (validated inputs); ``tile``
     (query positions per dim, or one per dim as a tuple) defaults to ``choose_tile``'s pick for the shape."""
     batch, *spatial, heads, head_dim = q.shape
-    spatial = tuple(spatial)
-    tile = tile or choose_tile(spatial, kernel_size, dilation, is_causal)
-    plan = _plan(spatial, kernel_size, dilation, is_causal, tile, q.device)
+    plan = shape_plan(static_sizes(spatial), kernel_size, dilation, is_causal, tile, q.device)
     compute = torch.promote_types(q.dtype, torch.float32)
     n, tq, tk = plan.shape
     bias = None if rpb is None else rpb.reshape(heads, -1).to(compute)[:, plan.rel]  # [H, tiles, Tq, Tk]

@@ -9,9 +9,11 @@ relative position bias, so that row is an upper bound for the official speed) an
 otherwise. ``timm``'s ``swin_tiny_patch4_window7_224`` is the peer every row is also compared with.
 
 Each twin's logits are checked against the visattn model's before timing (``max |diff|`` column),
-so a row can only be fast by computing the same thing. Defaults follow the CPU goal of the project:
-batch 4, 224x224, 2 threads, fp32, ``torch.no_grad``; ``--tiny`` shrinks every model to a toy for
-smoke runs (not for numbers).
+so a row can only be fast by computing the same thing. ``--compile`` prints another table instead:
+every model eager and under ``torch.compile`` (inductor, :mod:`visattn.bench._compile`), beside
+timm's Swin-T and ConvNeXt-T compiled the same way, with the compile seconds. Defaults follow the CPU
+goal of the project: batch 4, 224x224, 2 threads, fp32, ``torch.no_grad``; ``--tiny`` shrinks every
+model to a toy for smoke runs (not for numbers).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+from functools import partial
 
 import timm
 import torch
@@ -28,12 +31,13 @@ from visattn.backbones.agent_common import AgentAttentionBase
 from visattn.backbones.biformer import BiLevelRoutingAttention
 from visattn.backbones.nat import NeighborhoodAttention2D
 from visattn.backbones.van import LargeKernelAttention
+from visattn.bench._compile import COMPILE_HEADERS, compare_compiled
 from visattn.bench._timing import measure, measure_interleaved, print_table, ratio
 from visattn.bench.agent import official_style as official_style_agent
 from visattn.bench.bra import _OfficialStyleBRA
-from visattn.bench.train import tiny_kwargs
+from visattn.bench.train import COMPILE_PEERS, tiny_kwargs
 
-PEER = "swin_tiny_patch4_window7_224"
+PEER = COMPILE_PEERS[0]
 MODELS = ("nat_tiny", "dinat_tiny", "biformer_s", "van_b2", "agent_swin_tiny")
 
 
@@ -111,13 +115,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="toy-size models (smoke runs, not numbers)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="eager vs torch.compile (inductor) of every model and of swin_tiny / convnext_tiny",
+    )
 
 
 def _build(name: str, args: argparse.Namespace, device: str) -> torch.nn.Module:
-    kwargs = tiny_kwargs(name, args.img_size) if args.tiny and name != PEER else {}
-    if name == PEER and args.tiny:
-        kwargs = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), img_size=args.img_size,
-                      window_size=args.img_size // 32)  # fmt: skip
+    kwargs = tiny_kwargs(name, args.img_size) if args.tiny else {}
     torch.manual_seed(0)
     return timm.create_model(name, **kwargs).to(device).eval()
 
@@ -130,6 +136,30 @@ def _forward(model: torch.nn.Module, images: torch.Tensor):
     return step
 
 
+def _where(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _run_compile(args: argparse.Namespace, images: torch.Tensor, timing: dict) -> int:
+    """The ``--compile`` table: eager vs inductor for the timm peers, then every model asked for."""
+    rows = []
+    for name in (*COMPILE_PEERS, *args.model):
+        build = partial(_build, name, args, args.device)
+        result = compare_compiled(build, partial(_forward, images=images), **timing)
+        source = "timm" if name in COMPILE_PEERS else "visattn"
+        rows.append([name, source, *result.cells(args.batch), f"{result.max_diff:.1e}"])
+    print_table(
+        ["model", "from", *COMPILE_HEADERS, "max |diff|"],
+        rows,
+        title=f"model forward{' (tiny models)' if args.tiny else ''}, eager vs torch.compile (inductor), "
+        f"batch {args.batch}, {args.img_size}x{args.img_size}, fp32, no_grad, on {_where(args.device)} "
+        "(compile s: the compiled copy's first call)",
+    )  # fmt: skip
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "cpu":
@@ -137,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
     timing = {"device": device, "warmup": args.warmup, "iters": args.iters}
+    if args.compile:
+        return _run_compile(args, images, timing)
     peer = measure(_forward(_build(PEER, args, device), images), **timing)
     rows = [[PEER, "timm", f"{args.batch / (peer.ms / 1e3):.1f}", f"{peer.ms:.1f}", "-", "1.00x", "-"]]
     for name in args.model:
@@ -155,11 +187,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append([name, impl, f"{args.batch / (m.ms / 1e3):.1f}", f"{m.ms:.1f}", vs, ratio(peer, m),
                          f"{diff:.1e}"])  # fmt: skip
         del model, twin
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.startswith("cuda")
-        else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    where = _where(device)
     print_table(
         ["model", "implementation", "img/s", "ms/batch", "vs official", f"vs {PEER.split('_patch')[0]}",
          "max |diff|"],

@@ -40,7 +40,11 @@ TINY_KWARGS: dict[str, dict] = {
         embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], agent_num=[4, 4, 4, 1]
     ),
     "agent_deit": dict(embed_dim=64, depth=2, num_heads=2, agent_num=[4, 4, 4, 4]),
+    # timm's peers of the `bench models --compile` table
+    "swin": dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)),
+    "convnext": dict(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256)),
 }
+COMPILE_PEERS = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 
 
 def tiny_kwargs(name: str, img_size: int) -> dict:
@@ -54,6 +58,8 @@ def tiny_kwargs(name: str, img_size: int) -> dict:
                     kwargs["window_size"] = img_size // 4
                 if prefix == "agent_deit":
                     kwargs["patch_size"] = 4
+            if prefix == "swin":
+                kwargs.update(img_size=img_size, window_size=img_size // 32)
             return kwargs
     raise ValueError(f"no tiny configuration for {name!r}; known families: {', '.join(TINY_KWARGS)}")
 
