@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from visattn.integrations.reducer_args import (
     build_reducer,
@@ -39,7 +38,7 @@ from visattn.integrations.reducer_args import (
 )
 from visattn.mllm_tokens import attach
 
-__all__ = ["BASES", "MANIFEST", "VisattnModel", "summarize"]
+__all__ = ["BASES", "VisattnModel", "manifest", "summarize"]
 
 # lmms-eval model id -> the transformers families its class loads that visattn.mllm_tokens supports, and
 # the largest batch_size its generate_until accepts (None: any)
@@ -208,4 +207,10 @@ def format_means(reducer: str, means: dict) -> str:
     return "\n".join(lines)
 
 
-MANIFEST = ModelManifest(model_id="visattn", simple_class_path="visattn.integrations.lmms_eval.VisattnModel")
+def manifest():
+    """The entry point's payload: the ``visattn`` model's lmms-eval manifest. A function, so that this module
+    imports no ``lmms_eval.models``: that package loads the entry points while it initializes, and would
+    find this module half-imported if importing it had started that."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="visattn", simple_class_path=f"{__name__}.VisattnModel")
