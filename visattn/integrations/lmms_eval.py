@@ -107,6 +107,11 @@ class VisattnModel(lmms):
         self._visattn_base = base
         self._visattn_stats_path = stats_path
         super().__init__(**kwargs)
+        if base == "qwen2_vl":
+            # generate continues each row of a batch from its last position, so a batch must pad on the
+            # left; lmms-eval's llava_hf sets that and its qwen2_5_vl passes it per call, its qwen2_vl
+            # pads on the checkpoint tokenizer's side (right by default), which corrupts the shorter rows
+            self.processor.tokenizer.padding_side = "left"
         self._visattn_handle = attach(self.model, self._visattn_reducer)
         self._visattn_samples: dict[str, list[dict]] = {}
         self._visattn_task = ""
