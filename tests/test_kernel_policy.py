@@ -102,7 +102,7 @@ def test_one_scale_rule(op, scale):
         SCALED[op](scale)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference", "triton"])
 def test_huge_finite_scale_saturates_instead_of_nan(backend):
     q, k, v = (torch.randn(1, 10, 9, 2, 8) for _ in range(3))
     out = neighborhood_attention(q, k, v, 3, scale=1e38, backend=backend)
@@ -166,3 +166,76 @@ def test_fully_masked_rows_one_row_mask_and_sink(causal):
     sink = [_sink(q, k, v, attn_mask=keep, causal=causal, backend=b) for b in ("torch", "triton")]
     assert sink[0][1, :dead].abs().max() == 0
     torch.testing.assert_close(sink[1], sink[0], atol=1e-5, rtol=1e-5)
+
+
+def _out_and_mass(out, mass):  # [B, Nq, H, Dv], [B, Nk] -> [B, Nq * H * Dv + Nk]
+    return torch.cat([out.flatten(1), mass], 1)
+
+
+# op name -> (call with backend=..., float32 inputs, the name of the op module's reference function)
+VOCABULARY = {
+    "neighborhood_attention": (
+        lambda a, **kw: neighborhood_attention(*a, 3, **kw),
+        lambda: tuple(torch.randn(1, 6, 6, 2, 8) for _ in range(3)),
+        "neighborhood_attention_reference",
+    ),
+    "bilevel_routing_attention": (
+        lambda a, **kw: bilevel_routing_attention(*a, 2, 1, **kw),
+        lambda: tuple(torch.randn(1, 4, 4, 2, 8) for _ in range(3)),
+        "bilevel_routing_attention_reference",
+    ),
+    "agent_attention": (
+        lambda a, **kw: agent_attention(*a, **kw),
+        lambda: (*_attn(), torch.randn(2, 4, 2, 8)),
+        "agent_attention_reference",
+    ),
+    "attention_with_key_mass": (
+        lambda a, **kw: _out_and_mass(*attention_with_key_mass(*a, query_set="last", **kw)),
+        _attn,
+        "attention_with_key_mass_reference",
+    ),
+    "visual_sink_attention": (lambda a, **kw: _sink(*a, **kw), _attn, "visual_sink_attention_reference"),
+    "large_kernel_attention": (
+        lambda a, **kw: large_kernel_attention(*a, **kw),
+        lambda: _lka_args(torch.float32),
+        "large_kernel_attention_reference",
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(VOCABULARY))
+def test_every_op_answers_to_the_four_backend_names(op, monkeypatch):
+    """``reference`` runs the op's reference function (and only it), ``torch`` and ``auto`` (CPU) agree
+    with it, ``triton`` runs the kernels (interpreter), and a bad name lists all four."""
+    import importlib
+
+    call, inputs, reference_name = VOCABULARY[op]
+    args = inputs()
+    module = importlib.import_module(f"visattn.kernels.ops.{op}")
+    reference = getattr(module, reference_name)
+    calls = []
+    monkeypatch.setattr(module, reference_name, lambda *a, **kw: calls.append(1) or reference(*a, **kw))
+    want = call(args, backend="reference")
+    assert calls, f"backend='reference' did not run {reference_name}"
+    for backend in ("torch", "auto", "triton"):
+        torch.testing.assert_close(call(args, backend=backend), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \('auto', 'reference', 'torch', 'triton'\)"
+    ):
+        call(args, backend="naive")
+
+
+def test_torch_key_mass_scores_a_short_suffix_through_sdpa(monkeypatch):
+    """backend='torch' on a short suffix of selected queries takes SDPA's output and scores only those rows
+    (formerly reachable only through 'auto'), with the reference's result."""
+    from visattn.kernels.ops import attention_with_key_mass as op
+
+    q, k, v = _attn(nq=12, nk=12)
+    want = attention_with_key_mass(q, k, v, query_set="last", backend="reference")
+    suffix = []
+    real = op.sdpa_with_suffix_mass
+    monkeypatch.setattr(op, "sdpa_with_suffix_mass", lambda *a: suffix.append(1) or real(*a))
+    got = attention_with_key_mass(q, k, v, query_set="last", backend="torch")
+    assert suffix
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

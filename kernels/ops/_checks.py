@@ -10,6 +10,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Attention logits saturate at +-LOGIT_LIMIT (every backend), so any finite scale gives finite outputs.
 LOGIT_LIMIT = 1.0e30
+# The SDPA-based ``torch`` paths run up to this scale; beyond it their unclamped logits could overflow,
+# and the reference, which saturates them at LOGIT_LIMIT, runs instead.
+MAX_SDPA_SCALE = 1.0e4
 
 
 def as_tuple(value, n: int, name: str, kind: type = int) -> tuple:

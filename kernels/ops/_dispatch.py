@@ -1,7 +1,10 @@
 """Backend selection shared by every op in :mod:`visattn.kernels`: one policy for all of them.
 
-- ``backend="torch"`` always runs the PyTorch path.
-- ``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch path everywhere else, and
+- ``backend="reference"`` runs the op's readable PyTorch computation in ``visattn.kernels.reference``
+  (the oracle the other backends are tested against).
+- ``backend="torch"`` runs the op's fastest pure-PyTorch path (SDPA-based where one exists, else the
+  reference; docs/kernels.md has the table).
+- ``backend="auto"`` runs the Triton kernels on CUDA tensors and the ``torch`` path everywhere else, and
   also falls back to PyTorch when the inputs hit a capability limit of the kernels (a dtype, a head dim,
   a grid size): ``auto`` never raises for a limit.
 - ``backend="triton"`` runs the kernels or raises a ``ValueError`` naming the limit or the missing
@@ -20,8 +23,8 @@ from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+Backend = Literal["auto", "reference", "torch", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_AXIS = 65535  # CUDA's limit on grid axes 1 and 2
 
@@ -62,15 +65,16 @@ def triton_limit(
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor, op: str, limit: str | None = None) -> str:
-    """Turn a user ``backend`` argument into ``"triton"`` or ``"torch"`` (policy in the module docstring).
+    """Turn a user ``backend`` argument into ``"triton"``, ``"torch"`` or ``"reference"`` (policy in the
+    module docstring; ``auto`` never picks ``reference``).
 
     ``limit``: why the op's Triton kernels cannot take these inputs (from :func:`triton_limit` or the
     op's own check), or None. Raises ``ValueError`` naming the reason when ``backend="triton"`` cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
+    if backend in ("reference", "torch"):
+        return backend
     if backend == "auto":
         return "triton" if cuda_tensors(*tensors) and triton_available() and not limit else "torch"
     if not triton_available():
@@ -83,8 +87,8 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str, limit: str | 
         raise ValueError(
             f"{op}: backend='triton' needs CUDA tensors (got {', '.join(devices)}); on CPU it runs only "
             "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton), otherwise use "
-            "backend='torch' or 'auto'"
+            "backend='torch', 'reference' or 'auto'"
         )
     if limit:
-        raise ValueError(f"{op}: backend='triton' {limit}; use backend='auto' or 'torch'")
+        raise ValueError(f"{op}: backend='triton' {limit}; use backend='auto', 'torch' or 'reference'")
     return "triton"

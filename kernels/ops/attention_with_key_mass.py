@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels.ops._checks import check_float_tensors, check_ndim, softmax_scale
+from visattn.kernels.ops._checks import MAX_SDPA_SCALE, check_float_tensors, check_ndim, softmax_scale
 from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.attention_with_key_mass import (
     additive_mask,
@@ -180,7 +180,11 @@ def attention_with_key_mass(
         causal: causal mask aligned bottom-right (queries are the last ``Nq`` of the ``Nk`` positions).
         scale: default ``D ** -0.5``.
         query_set: ``"all"``, ``"last"`` or a bool ``[B, Nq]`` tensor of the queries to count.
-        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        backend: ``"auto"`` (a short suffix of selected queries: ``"torch"``; else Triton on CUDA,
+            ``"torch"`` elsewhere), ``"triton"``, ``"torch"`` (SDPA output + the selected rows scored
+            directly when they are a suffix of at most ``SUFFIX_ROWS`` = 128 queries and ``scale`` is at most
+            ``MAX_SDPA_SCALE``, else the reference)
+            or ``"reference"``.
 
     Returns:
         ``out [B, Nq, H, Dv]`` (dtype of q) and ``mass [B, Nk]`` float32, the mean over the selected
@@ -194,7 +198,7 @@ def attention_with_key_mass(
     nz = weight.sum(0).nonzero()
     q_lo = int(nz[0]) if nz.numel() else q.shape[1]
     bias = additive_mask(attn_mask)
-    if backend == "auto" and q.shape[1] - q_lo <= SUFFIX_ROWS:
+    if backend in ("auto", "torch") and q.shape[1] - q_lo <= SUFFIX_ROWS and scale <= MAX_SDPA_SCALE:
         mode = MODE_SDPA_SUFFIX
     else:
         mode = MODE_TRITON if which == "triton" else MODE_REFERENCE

@@ -20,6 +20,7 @@ from visattn.kernels.ops._checks import check_float_tensors, check_ndim, softmax
 from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
 from visattn.kernels.ops.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
 from visattn.kernels.reference.bilevel_routing_attention import (
+    bilevel_routing_attention_reference,
     region_grid,
     routing_indices,
 )
@@ -134,7 +135,8 @@ def bilevel_routing_attention(
             The routing affinity is ``(q_r * scale) @ k_r^T`` over all heads' channels.
         return_routing: also return the routing indices ``[batch, S*S, min(topk, S*S)]``
             (regions numbered row-major, ordered by decreasing affinity).
-        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"triton"`` or ``"torch"`` (SDPA).
+        backend: ``"auto"`` (Triton on CUDA, else ``"torch"``), ``"triton"``, ``"torch"`` (one batched
+        SDPA) or ``"reference"``.
 
     H, W need not be multiples of ``S`` and may be smaller than ``S``: the map is padded
     to ``S * ceil(H / S)`` (resp. W), and padded tokens neither count in the region means
@@ -150,7 +152,9 @@ def bilevel_routing_attention(
         limit = f"supports batch * heads * padded H * W < 2**31, got {rows}"
     chosen = resolve_backend(backend, q, k, v, op=_OP, limit=limit)
     routing = routing_indices(q, k, num_regions, topk, scale)
-    if chosen == "torch":
+    if chosen == "reference":
+        out = bilevel_routing_attention_reference(q, k, v, routing, num_regions, scale)
+    elif chosen == "torch":
         out = bilevel_routing_attention_sdpa(q, k, v, routing, num_regions, scale)
     else:
         out = _bra_fwd(q, k, v, routing, num_regions, scale)[0]

@@ -7,8 +7,8 @@ dilation 3, padding 9), a 1x1 convolution, and the product with the input.
 Layout: channels-first ``[B, C, H, W]`` like VAN (not the ``[batch, *spatial, heads, head_dim]``
 of the attention ops: LKA has no heads and its convolutions run over channel planes).
 
-Backends (``visattn.kernels.ops._dispatch``): ``"torch"`` runs the ``F.conv2d`` reference;
-``"triton"`` runs the fused kernels of :mod:`visattn.kernels.triton.large_kernel_attention`
+Backends (``visattn.kernels.ops._dispatch``): ``"torch"`` and ``"reference"`` run the ``F.conv2d``
+reference; ``"triton"`` runs the fused kernels of :mod:`visattn.kernels.triton.large_kernel_attention`
 through the ``visattn::large_kernel_attention_fwd`` / ``_bwd`` custom ops (fake
 implementations and autograd registered, so they trace under ``torch.compile``). Both directions
 fuse the two depthwise convolutions into one kernel: the forward chain ``dwconv -> dwconv_dilated``,
@@ -218,7 +218,9 @@ def large_kernel_attention(
             or None, applied with ``dilation`` and padding ``dilation * (k2 // 2)``.
         pw_weight, pw_bias: 1x1 conv ``[C, C, 1, 1]`` and ``[C]`` bias or None.
         dilation: dilation of the second depthwise conv (VAN: 3).
-        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see :mod:`visattn.kernels.ops._dispatch`).
+        backend: ``"auto"`` (Triton on CUDA, ``"torch"`` elsewhere), ``"triton"``, ``"torch"`` or
+            ``"reference"`` (both the ``F.conv2d`` chain: cuDNN / oneDNN convolutions are the fastest
+            PyTorch path).
 
     Returns:
         ``[B, C, H, W]``, same dtype as ``x`` (under ``torch.autocast``: the autocast dtype, to which every
@@ -233,7 +235,7 @@ def large_kernel_attention(
         )
     _check_args(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)
     tensors = [t for t in (x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias) if t is not None]
-    if resolve_backend(backend, *tensors, op=_OP, limit=triton_limit(x.dtype)) == "torch":
+    if resolve_backend(backend, *tensors, op=_OP, limit=triton_limit(x.dtype)) != "triton":
         return large_kernel_attention_reference(
             x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation
         )

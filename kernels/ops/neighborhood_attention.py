@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from visattn.kernels.ops._checks import (
+    MAX_SDPA_SCALE,
     as_tuple,
     check_float_tensors,
     check_ndim,
@@ -36,9 +37,6 @@ __all__ = ["neighborhood_attention"]
 _OP = "neighborhood_attention"
 _LAYOUT = "[batch, *spatial, heads, head_dim] with 1-3 spatial dims"
 MAX_TRITON_HEAD_DIM = 256
-# backend="torch" runs query tiles through SDPA (neighborhood_attention_tiled) up to this scale; beyond
-# it logits could overflow, and the reference, which saturates them at LOGIT_LIMIT, runs instead.
-MAX_TILED_SCALE = 1.0e4
 
 
 def _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
@@ -101,8 +99,9 @@ def neighborhood_attention(
         rpb: optional NAT relative positional bias ``[heads, 2k_1 - 1, ...]`` (odd kernels,
             not causal); any float dtype, cast to the compute precision.
         scale: multiplies ``q . k`` before ``rpb`` is added; defaults to ``head_dim ** -0.5``.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"`` (query tiles
-            with their key halo through SDPA, :mod:`.neighborhood_attention_tiled`; exact).
+        backend: ``"auto"`` (Triton on CUDA, ``"torch"`` elsewhere), ``"triton"``, ``"torch"`` (query
+            tiles with their key halo through SDPA, :mod:`.neighborhood_attention_tiled`; exact) or
+            ``"reference"`` (one gathered window per query).
 
     Returns:
         ``[batch, *spatial, heads, head_dim]`` in the dtype of ``q``.
@@ -111,9 +110,9 @@ def neighborhood_attention(
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     limit = triton_limit(q.dtype, (q.shape[-1],), MAX_TRITON_HEAD_DIM, grid_axis=q.shape[0] * q.shape[-2])
     backend = resolve_backend(backend, *tensors, op=_OP, limit=limit)
-    if backend == "torch":
+    if backend in ("torch", "reference"):
         args = (q, k, v, kernel_size, dilation, is_causal, rpb, scale)
-        if not isinstance(scale, float) or scale > MAX_TILED_SCALE:
+        if backend == "reference" or not isinstance(scale, float) or scale > MAX_SDPA_SCALE:
             return neighborhood_attention_reference(*args)  # saturates the logits of a huge scale
         return neighborhood_attention_tiled(*args)
     out, _ = torch.ops.visattn.na_forward(

@@ -88,6 +88,8 @@ def visual_sink_attention(
             i.e. moves 0.4). rho: minimum non-sink share of the image attention (0.5).
         min_image_attention: minimum attention to image tokens of a row (official ``summ=0.2``).
         attn_mask / causal / scale: as in :func:`attention_with_key_mass`.
+        backend: ``"auto"`` (Triton on CUDA, ``"torch"`` elsewhere), ``"triton"``, ``"torch"`` or
+            ``"reference"`` (both the chunked reference: no faster PyTorch path exists).
 
     Returns:
         ``[B, Nq, H, Dv]`` in q's dtype.

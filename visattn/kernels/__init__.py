@@ -8,8 +8,9 @@ is also the top-level package of a distribution that transformers imports, and a
 ``__init__.py`` on ``sys.path`` is only a namespace portion, which any installed regular package of that
 name wins over (docs/layout.md).
 
-Every op takes ``backend="auto" | "triton" | "torch"`` (see :mod:`visattn.kernels.ops._dispatch`) and
-uses the layout ``[batch, *spatial, heads, head_dim]`` unless its docstring says otherwise.
+Every op takes ``backend="auto" | "reference" | "torch" | "triton"`` (see
+:mod:`visattn.kernels.ops._dispatch`; docs/kernels.md says what each runs per op) and uses the layout
+``[batch, *spatial, heads, head_dim]`` unless its docstring says otherwise.
 """
 
 from visattn.kernels.ops import scriptable  # noqa: F401  (registers torch.ops.visattn.* for TorchScript)
