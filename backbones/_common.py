@@ -6,9 +6,10 @@ import math
 
 import torch
 from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
+from timm.models import load_pretrained
 from torch import nn
 
-__all__ = ["PooledLinearHead", "check_image", "factory_kwargs", "init_weights"]
+__all__ = ["PooledLinearHead", "check_image", "factory_kwargs", "init_weights", "load_pretrained_file"]
 
 
 @register_notrace_function  # FX records the call (the check runs with the graph) instead of tracing into it
@@ -38,6 +39,15 @@ def factory_kwargs(init):
             self.to(dtype=dtype)
 
     return wrapper
+
+
+def load_pretrained_file(model: nn.Module, path: str, filter_fn) -> None:
+    """Load the checkpoint file at ``path`` into a timm-built ``model`` through timm's own loader, as a
+    cfg ``file`` would: ``filter_fn`` maps the keys, a head of another class count keeps its fresh init and
+    the ``first_conv`` weights adapt to ``in_chans``. For cfgs with ``custom_load``, whose loader timm
+    calls with the downloaded file only."""
+    cfg = dict(model.pretrained_cfg, file=str(path), custom_load=False)
+    load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=model.in_chans, filter_fn=filter_fn)
 
 
 def init_weights(module: nn.Module, conv_fan_out: bool = False) -> None:

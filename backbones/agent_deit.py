@@ -34,13 +34,13 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from visattn.backbones._common import check_image, factory_kwargs, init_weights
+from visattn.backbones._common import check_image, factory_kwargs, init_weights, load_pretrained_file
 from visattn.backbones.agent_common import (
-    TSINGHUA_URL,
     AgentAttentionBase,
     agent_cfg,
     resize_pos_embed,
     resize_to_model,
+    tsinghua_file,
     unwrap_checkpoint,
 )
 
@@ -293,6 +293,11 @@ class AgentVisionTransformer(nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official (or visattn) checkpoint file: timm calls this for the cfgs' ``custom_load``."""
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised tokens ``[B, 1 + H*W/patch**2, C]`` (class token first)."""
         x, grid = self._embed(x)
@@ -334,12 +339,13 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
 _cfg = partial(agent_cfg, pool_size=None, first_conv="patch_embed.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_deit_tiny.in1k": _cfg(url=TSINGHUA_URL.format("57e0904221824ee7b7af")),
-        "agent_deit_small.in1k": _cfg(url=TSINGHUA_URL.format("fdd43304372541db8ea7")),
+        "agent_deit_tiny.in1k": _cfg(url=tsinghua_file("57e0904221824ee7b7af", "agent_deit_tiny_in1k.pth")),
+        "agent_deit_small.in1k": _cfg(url=tsinghua_file("fdd43304372541db8ea7", "agent_deit_small_in1k.pth")),
         "agent_deit_small_448.in1k": _cfg(
-            url=TSINGHUA_URL.format("a228f86241c445f1969b"), input_size=(3, 448, 448)
+            url=tsinghua_file("a228f86241c445f1969b", "agent_deit_small_448_in1k.pth"),
+            input_size=(3, 448, 448),
         ),
-        "agent_deit_base.in1k": _cfg(url=TSINGHUA_URL.format("5115f15fdd7e4ab58fbc")),
+        "agent_deit_base.in1k": _cfg(url=tsinghua_file("5115f15fdd7e4ab58fbc", "agent_deit_base_in1k.pth")),
     }
 )
 

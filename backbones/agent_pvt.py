@@ -31,13 +31,19 @@ from timm.models._features import feature_take_indices
 from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 
-from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
+from visattn.backbones._common import (
+    PooledLinearHead,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    load_pretrained_file,
+)
 from visattn.backbones.agent_common import (
-    TSINGHUA_URL,
     AgentAttentionBase,
     agent_cfg,
     resize_pos_embed,
     resize_to_model,
+    tsinghua_file,
     unwrap_checkpoint,
 )
 
@@ -294,6 +300,11 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official (or visattn) checkpoint file: timm calls this for the cfgs' ``custom_load``."""
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> last-stage features ``[B, C, H/32, W/32]`` (no final norm in PVT-v1)."""
         x = check_image(x, self.in_chans)
@@ -367,13 +378,15 @@ def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> Agent
 _cfg = partial(agent_cfg, pool_size=(7, 7), first_conv="patch_embed1.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_pvt_tiny.in1k": _cfg(url=TSINGHUA_URL.format("13fdf0e0a7c5498c934f")),
-        "agent_pvt_small.in1k": _cfg(url=TSINGHUA_URL.format("36b8be9a8863456685a3")),
-        "agent_pvt_medium.in1k": _cfg(url=TSINGHUA_URL.format("4d00ecacf18b45f9b88c")),
+        "agent_pvt_tiny.in1k": _cfg(url=tsinghua_file("13fdf0e0a7c5498c934f", "agent_pvt_tiny_in1k.pth")),
+        "agent_pvt_small.in1k": _cfg(url=tsinghua_file("36b8be9a8863456685a3", "agent_pvt_small_in1k.pth")),
+        "agent_pvt_medium.in1k": _cfg(url=tsinghua_file("4d00ecacf18b45f9b88c", "agent_pvt_medium_in1k.pth")),
         "agent_pvt_medium_256.in1k": _cfg(
-            url=TSINGHUA_URL.format("654df734121643b19c52"), input_size=(3, 256, 256), pool_size=(8, 8)
+            url=tsinghua_file("654df734121643b19c52", "agent_pvt_medium_256_in1k.pth"),
+            input_size=(3, 256, 256),
+            pool_size=(8, 8),
         ),
-        "agent_pvt_large.in1k": _cfg(url=TSINGHUA_URL.format("040cfe0cfbbe4762ad09")),
+        "agent_pvt_large.in1k": _cfg(url=tsinghua_file("040cfe0cfbbe4762ad09", "agent_pvt_large_in1k.pth")),
     }
 )
 

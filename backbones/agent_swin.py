@@ -47,13 +47,19 @@ from timm.models.swin_transformer import (
 from torch import nn
 from torch.nn import functional as F
 
-from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
+from visattn.backbones._common import (
+    PooledLinearHead,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    load_pretrained_file,
+)
 from visattn.backbones.agent_common import (
-    TSINGHUA_URL,
     AgentAttentionBase,
     agent_cfg,
     resize_rel_table,
     resize_to_model,
+    tsinghua_file,
     unwrap_checkpoint,
 )
 
@@ -435,6 +441,11 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official (or visattn) checkpoint file: timm calls this for the cfgs' ``custom_load``."""
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised last-stage tokens ``[B, H/32, W/32, C]``."""
         x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
@@ -482,17 +493,17 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
 _cfg = partial(agent_cfg, pool_size=(7, 7), first_conv="patch_embed.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_swin_tiny.in1k": _cfg(url=TSINGHUA_URL.format("a2ddc1190c224f768a41")),
-        "agent_swin_small.in1k": _cfg(url=TSINGHUA_URL.format("f607172c9fea4d6e99bb")),
+        "agent_swin_tiny.in1k": _cfg(url=tsinghua_file("a2ddc1190c224f768a41", "agent_swin_tiny_in1k.pth")),
+        "agent_swin_small.in1k": _cfg(url=tsinghua_file("f607172c9fea4d6e99bb", "agent_swin_small_in1k.pth")),
         "agent_swin_small_288.in1k": _cfg(
-            url=TSINGHUA_URL.format("09760394e93b4046a25e"),
+            url=tsinghua_file("09760394e93b4046a25e", "agent_swin_small_288_in1k.pth"),
             input_size=(3, 288, 288),
             pool_size=(9, 9),
             crop_pct=1.0,
         ),
-        "agent_swin_base.in1k": _cfg(url=TSINGHUA_URL.format("4fcd2d0114bb490483c3")),
+        "agent_swin_base.in1k": _cfg(url=tsinghua_file("4fcd2d0114bb490483c3", "agent_swin_base_in1k.pth")),
         "agent_swin_base_384.in1k": _cfg(
-            url=TSINGHUA_URL.format("bb84ee9058954706a557"),
+            url=tsinghua_file("bb84ee9058954706a557", "agent_swin_base_384_in1k.pth"),
             input_size=(3, 384, 384),
             pool_size=(12, 12),
             crop_pct=1.0,
