@@ -30,6 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         progress=False if args.no_progress else None,
         max_steps=args.max_steps,
+        overrides=args.set,
     )
     if args.summary_json and summary.get("run_dir"):
         with open(args.summary_json, "w") as f:

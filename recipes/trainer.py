@@ -43,7 +43,7 @@ from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
 from torch import nn
 
 from visattn.recipes import checkpoint as ckpt
-from visattn.recipes.config import Recipe, dump_recipe, is_run_name
+from visattn.recipes.config import Recipe, dump_recipe, is_run_name, recipe_from_dict, resumed_recipe
 from visattn.recipes.data import SeededStream, build_datasets, build_loaders, build_mixup, dataset_size
 
 CKPT_FORMAT = "visattn-train-v1"
@@ -425,11 +425,16 @@ def train(
     device: str | None = None,
     progress: bool | None = None,
     max_steps: int | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``recipe``; return a summary (run dir, best/final top-1, steps, wall time).
 
     ``resume``: ``"auto"`` (newest checkpoint in the run dir, or a fresh start when there is
-    none) or a checkpoint path. ``progress``: tqdm bars (default: only on a TTY, rank 0).
+    none) or a checkpoint path. A resumed run continues with the recipe of its checkpoint: with the
+    ``--set`` ``overrides`` that made ``recipe`` applied to it (the CLI), or ``recipe`` itself when
+    ``overrides`` is None; either may change only ``config.RESUMABLE`` keys (``ValueError`` naming any
+    other), and a changed ``epochs``/``cooldown_epochs`` re-plans the schedule from the current step
+    and is written to the run's ``recipe.yaml``. ``progress``: tqdm bars (default: only on a TTY, rank 0).
     ``max_steps`` stops after that many optimizer steps in total (checkpointing first), as if the
     run were interrupted there.
     """
@@ -439,7 +444,7 @@ def train(
     threads = torch.get_num_threads()
     created: list[Path] = []  # folders this call made, removed again if it fails before a checkpoint
     try:
-        return _train(recipe, data_dir, output, resume, info, progress, max_steps, created)
+        return _train(recipe, data_dir, output, resume, info, progress, max_steps, created, overrides)
     except BaseException:
         if info.is_main:
             _remove_failed_run(created)
@@ -461,12 +466,19 @@ def _remove_failed_run(created: list[Path]) -> None:
             parent.rmdir()
 
 
-def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps, created) -> dict[str, Any]:
+def _train(
+    recipe, data_dir, output, resume, info: DistInfo, progress, max_steps, created, overrides
+) -> dict[str, Any]:
     start_time = time.perf_counter()
     check_model_name(recipe.model)
+    run_dir = resolve_run_dir(recipe, output, resume, info)
+    loaded = _load_resume(resume, run_dir)
+    saved = None
+    if loaded is not None:
+        saved = recipe_from_dict(loaded[1]["recipe"], where=f"the recipe in {loaded[0]}")
+        recipe = resumed_recipe(saved, recipe, overrides, where=str(loaded[0].parent))
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    run_dir = resolve_run_dir(recipe, output, resume, info)
     if info.is_main:
         created.extend(p for p in (run_dir, *run_dir.parents)[:2] if not p.exists())
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -488,7 +500,6 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
     global_batch = recipe.global_batch(info.world)
     lr, warmup_lr, min_lr = recipe.scaled_lrs(info.world)
 
-    loaded = _load_resume(resume, run_dir)
     model = create_model(recipe, num_classes)
     if recipe.init_checkpoint and loaded is None:
         dropped = load_init_checkpoint(model, recipe.model, recipe.init_checkpoint, recipe.init_strict)
@@ -530,7 +541,18 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
         _check_same_model(state, recipe.model, str(path))
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
+        replanned = (recipe.epochs, recipe.cooldown_epochs) != (saved.epochs, saved.cooldown_epochs)
+        if replanned and total_epochs < state["epoch"]:
+            raise ValueError(
+                f"epochs={recipe.epochs}, cooldown_epochs={recipe.cooldown_epochs} ({total_epochs} in all): "
+                f"the run has trained {state['epoch']} epochs already; a resumed schedule cannot end before"
+            )
+        if scheduler is not None and replanned:  # the new schedule, at the point the run has reached
+            if recipe.sched_on_updates:
+                scheduler.step_update(num_updates=state["step"])
+            else:
+                scheduler.step(state["epoch"])
+        elif scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -548,7 +570,10 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
             )
         metrics.truncate_after(step)
         if info.is_main:
-            print(f"resumed from {path} (epoch {epoch}, step {step})", flush=True)
+            if recipe != saved:
+                dump_recipe(recipe, run_dir / "recipe.yaml")
+            plan = f"; re-planned for {total_epochs} epochs" if replanned else ""
+            print(f"resumed from {path} (epoch {epoch}, step {step}){plan}", flush=True)
     elif info.is_main:
         dump_recipe(recipe, run_dir / "recipe.yaml")
 
