@@ -42,6 +42,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
 from torch import nn
 
+from visattn.devices import parse_device
 from visattn.recipes import checkpoint as ckpt
 from visattn.recipes.config import Recipe, dump_recipe, is_run_name, recipe_from_dict, resumed_recipe
 from visattn.recipes.data import SeededStream, build_datasets, build_loaders, build_mixup, dataset_size
@@ -83,20 +84,17 @@ class DistInfo:
 def setup_distributed(device: str | None = None) -> DistInfo:
     """Read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); init the process group.
 
-    ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). The backend is NCCL on
-    CUDA and gloo on CPU.
+    ``device``: what :func:`~visattn.devices.parse_device` takes (``None``: CUDA when available); under
+    torchrun a CUDA process uses the GPU of its ``LOCAL_RANK``. The backend is NCCL on CUDA, else gloo.
     """
-    use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    dev = torch.device(parse_device(device))
+    use_cuda = dev.type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+        dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)

@@ -115,6 +115,35 @@ def test_cuda_without_a_gpu_is_one_line(capsys):
     _fails(["train", "--device", "cuda"], capsys, "use --device cpu")
 
 
+@pytest.mark.parametrize("device", ["tpu", "gpu", "cuda:x", "cpu:0", "CUDA"])
+def test_unknown_devices_are_one_line_for_every_command(device, capsys, tmp_path):
+    """One parser for every --device: ``tpu`` or ``gpu`` once trained on CPU (exit 0) or ended in a
+    PyTorch traceback (bench)."""
+    for argv in (
+        ["train", "--output", str(tmp_path / "run"), "--no-progress"],
+        ["bench", "na"],
+        ["eval", "--model", "van_b0", "--checkpoint", "x.pth"],
+    ):
+        _fails([*argv, "--device", device], capsys, f"--device {device}", "cpu, cuda, cuda:N")
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_parser_accepts_the_torch_forms():
+    import torch
+
+    from visattn.devices import parse_device
+
+    assert parse_device("cpu") == "cpu"
+    assert parse_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert parse_device("cuda:0") == "cuda:0"
+        with pytest.raises(ValueError, match="cuda:99"):
+            parse_device("cuda:99")
+    else:
+        with pytest.raises(ValueError, match="no CUDA device"):
+            parse_device("cuda:0")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         main(["--debug", "plot", str(tmp_path)])

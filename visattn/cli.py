@@ -12,6 +12,7 @@ import re
 import sys
 
 import visattn
+from visattn.devices import parse_device
 
 # What a user can cause (bad names, values, files, devices, a full disk): one line, exit status 2.
 # Anything else is a bug of visattn and keeps its traceback.
@@ -74,18 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_device(device: str | None) -> None:
-    if device and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _check_device(getattr(args, "device", None))
+        if getattr(args, "device", None) is not None:
+            args.device = parse_device(args.device)
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         if args.debug:
