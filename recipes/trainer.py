@@ -28,7 +28,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +143,22 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(recipe: Recipe, num_classes: int) -> nn.Module:
-    """``timm.create_model`` with the recipe's drop path / drop rate and ``model_kwargs``."""
+    """``timm.create_model`` with the recipe's drop path / drop rate and ``model_kwargs``; a ``ValueError``
+    naming the model and ``model_kwargs`` when those do not build it (an unknown keyword, an argument
+    timm's blocks assert on)."""
     check_model_name(recipe.model)
     kwargs = dict(recipe.model_kwargs)
     if recipe.drop_path is not None:
         kwargs.setdefault("drop_path_rate", recipe.drop_path)
     if recipe.drop_rate:
         kwargs.setdefault("drop_rate", recipe.drop_rate)
-    return timm.create_model(recipe.model, num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(recipe.model, num_classes=num_classes, **kwargs)
+    except (TypeError, AssertionError) as exc:
+        raise ValueError(
+            f"model {recipe.model!r} cannot be built with model_kwargs {recipe.model_kwargs}: "
+            f"{exc or type(exc).__name__}; fix model_kwargs (--set model_kwargs=...)"
+        ) from exc
 
 
 def classifier_keys(model: nn.Module) -> set[str]:
@@ -440,16 +448,42 @@ def train(
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     info = setup_distributed(device)
     threads = torch.get_num_threads()
-    created: list[Path] = []  # folders this call made, removed again if it fails before a checkpoint
+    attempt = _Attempt()
     try:
-        return _train(recipe, data_dir, output, resume, info, progress, max_steps, created, overrides)
+        return _train(recipe, data_dir, output, resume, info, progress, max_steps, attempt, overrides)
+    except KeyboardInterrupt as exc:
+        if info.is_main:
+            _remove_failed_run(attempt.created)
+        raise TrainingInterrupted(attempt) from exc
     except BaseException:
         if info.is_main:
-            _remove_failed_run(created)
+            _remove_failed_run(attempt.created)
         raise
     finally:
         torch.set_num_threads(threads)
         cleanup_distributed()
+
+
+@dataclass
+class _Attempt:
+    """What one ``train`` call has done so far, for the clean-up or report when it fails."""
+
+    created: list[Path] = field(default_factory=list)  # folders it made (removed if no checkpoint)
+    run_dir: Path | None = None
+    step: int = 0
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: says the step it stopped at and what ``--resume auto`` continues from."""
+
+    def __init__(self, attempt: _Attempt) -> None:
+        newest = ckpt.list_checkpoints(attempt.run_dir) if attempt.run_dir else []
+        where = (
+            f"resume with --resume auto (from {newest[0][1]})"
+            if newest
+            else "no checkpoint was written yet, so nothing is kept to resume"
+        )
+        super().__init__(f"stopped at step {attempt.step} (Ctrl-C); {where}")
 
 
 def _remove_failed_run(created: list[Path]) -> None:
@@ -465,7 +499,7 @@ def _remove_failed_run(created: list[Path]) -> None:
 
 
 def _train(
-    recipe, data_dir, output, resume, info: DistInfo, progress, max_steps, created, overrides
+    recipe, data_dir, output, resume, info: DistInfo, progress, max_steps, attempt: _Attempt, overrides
 ) -> dict[str, Any]:
     start_time = time.perf_counter()
     check_model_name(recipe.model)
@@ -478,8 +512,9 @@ def _train(
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     if info.is_main:
-        created.extend(p for p in (run_dir, *run_dir.parents)[:2] if not p.exists())
+        attempt.created.extend(p for p in (run_dir, *run_dir.parents)[:2] if not p.exists())
         run_dir.mkdir(parents=True, exist_ok=True)
+    attempt.run_dir = run_dir
     _seed_all(recipe.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
 
     train_ds, val_ds, num_classes = build_datasets(recipe, data_dir)
@@ -557,6 +592,7 @@ def _train(
         if ema is not None and state.get("model_ema") is not None:
             ema.load_state_dict(state["model_ema"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        attempt.step = step
         best_top1 = state.get("best_top1", -1.0)
         rngs = state["rng"]
         if len(rngs) == info.world:
@@ -667,6 +703,7 @@ def _train(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            attempt.step = step
             if ema is not None:
                 ema.update(core, step=step)
             if scheduler is not None and recipe.sched_on_updates:

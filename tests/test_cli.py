@@ -187,3 +187,56 @@ def test_full_disk_during_training_is_one_line_and_leaves_no_run(tmp_path, capsy
     ]
     _fails(argv, capsys, "cannot write checkpoint", "ckpt-00000001.pth", "No space left on device")
     assert not run.exists()
+
+
+def test_model_kwargs_that_do_not_build_the_model_are_one_line(capsys, tmp_path):
+    _fails(
+        ["train", "--output", str(tmp_path / "run"), "--set", "model_kwargs={embed_dims: 8}"],
+        capsys,
+        "agent_swin_tiny",
+        "embed_dims",
+        "model_kwargs",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_is_one_line_with_the_step_and_keeps_the_newest_checkpoint(tmp_path, capsys, monkeypatch):
+    """Ctrl-C inside ``torch.save`` of the step-3 checkpoint (once a C++ ``inline_container.cc`` error and
+    a traceback): one line with the step and the resume hint; checkpoints 1 and 2 stay, no temp file."""
+    import builtins
+
+    from visattn.recipes import checkpoint
+
+    class InterruptedFile:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(path, *args, **kwargs):
+        f = builtins.open(path, *args, **kwargs)  # noqa: SIM115  (closed by the caller)
+        return InterruptedFile(f) if "ckpt-00000003" in str(path) else f
+
+    monkeypatch.setattr(checkpoint, "open", open_, raising=False)
+    run = tmp_path / "run"
+    argv = ["train", "--output", str(run), "--no-progress", "--set", "batch_size=16", "workers=0"]
+    assert main([*argv, "ckpt_interval_steps=1"]) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "inline_container" not in captured.err
+    (line,) = captured.err.strip().splitlines()
+    newest = run / "ckpt-00000002.pth"
+    assert line == f"visattn train: stopped at step 3 (Ctrl-C); resume with --resume auto (from {newest})"
+    assert sorted(p.name for p in run.iterdir() if ".pth" in p.name) == [
+        "ckpt-00000001.pth",
+        "ckpt-00000002.pth",
+    ]

@@ -1,8 +1,9 @@
 """The visattn command line. Run "visattn COMMAND --help" for the options of a command.
 
 A mistake in the arguments, a missing or unreadable file, or a full disk ends the command with
-exit status 2 and one line "visattn COMMAND: error: ..." that says what to change; --debug shows
-the full traceback instead.
+exit status 2 and one line "visattn COMMAND: error: ..." that says what to change; Ctrl-C ends it
+with exit status 130 and one line (for train: the step it stopped at and how to resume); --debug
+shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "device", None) is not None:
             args.device = parse_device(args.device)
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        print(f"visattn {args.command}: {exc or 'stopped (Ctrl-C)'}", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
         if args.debug:
             raise
