@@ -800,22 +800,20 @@ def _train(
         "global_batch": global_batch,
         "lr": lr,
     }
-    if info.is_main and (run_dir / "metrics.jsonl").exists():
-        from visattn.recipes.plot import plot_run
-
-        png = plot_run(run_dir)
+    if info.is_main:
         if epoch >= total_epochs:
             head = f"finished in {wall:.0f}s | best top-1 {best_top1:.2f}"
         else:
             head = (
                 f"stopped at step {step} (epoch {epoch + 1}) after {wall:.0f}s; continue with --resume auto"
             )
-        best = f" | best weights: {run_dir / 'best.pth'}" if best_top1 >= 0 else ""
-        print(
-            f"{head} | run dir {run_dir}\n"
-            f"  metrics: {run_dir / 'metrics.jsonl'} (+ metrics.csv) | plot: {png}{best}",
-            flush=True,
-        )
+        print(f"{head} | run dir {run_dir}", flush=True)
+        if (run_dir / "metrics.jsonl").exists():  # none yet when it stops before the first log step
+            from visattn.recipes.plot import plot_run
+
+            png = plot_run(run_dir)
+            best = f" | best weights: {run_dir / 'best.pth'}" if best_top1 >= 0 else ""
+            print(f"  metrics: {run_dir / 'metrics.jsonl'} (+ metrics.csv) | plot: {png}{best}", flush=True)
     return summary
 
 

@@ -824,3 +824,12 @@ def test_resume_refuses_other_changes_in_one_line(image_folder, tmp_path, capsys
     assert line.startswith("visattn train: error: ")
     assert "batch_size=4" in line and "lr=0.5" in line and "epochs" in line
     assert _cli_train(image_folder, tmp_path, "--resume", "auto", "--set", "epochs=0") == 2
+
+
+def test_a_run_stopped_before_any_metric_prints_its_closing_line(tmp_path, capsys):
+    """``--max-steps 1`` with ``log_interval`` 5 logs no metric yet; it once printed the header only."""
+    recipe = load_recipe("digits", ["batch_size=16", "workers=0"])
+    train(recipe, output=str(tmp_path / "run"), progress=False, max_steps=1)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("stopped at step 1 (epoch 1) after ")
+    assert out[-1].endswith(f"; continue with --resume auto | run dir {tmp_path / 'run'}")
