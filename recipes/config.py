@@ -215,8 +215,12 @@ _HINTS = typing.get_type_hints(Recipe)
 
 
 def _unknown_key_error(keys: list[str], where: str) -> ValueError:
+    import difflib
+
+    close = [m for k in sorted(keys) for m in difflib.get_close_matches(k, FIELDS, n=1)]
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
     valid = ", ".join(sorted(FIELDS))
-    return ValueError(f"{where}: unknown recipe key(s) {', '.join(sorted(keys))}. Valid keys: {valid}")
+    return ValueError(f"{where}: unknown recipe key(s) {', '.join(sorted(keys))}; {hint}Valid keys: {valid}")
 
 
 _TRUE = {"true", "yes", "on", "1"}

@@ -117,6 +117,11 @@ def run_eval(
         )
     if data_dir is not None and obj_recipe.dataset == "digits":
         obj_recipe.dataset = ""
+    if data_dir is None and obj_recipe.dataset != "digits":
+        raise ValueError(
+            f"{checkpoint} is not a run on the embedded digits dataset: pass --data-dir DIR, the dataset "
+            "root with the val/ split to evaluate on"
+        )
     val_ds, num_classes = build_eval_dataset(obj_recipe, data_dir)
     model, _ = load_model_from_checkpoint(model_name, checkpoint, use_ema=use_ema)
     head_classes = getattr(model, "num_classes", num_classes)

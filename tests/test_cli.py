@@ -240,3 +240,20 @@ def test_ctrl_c_is_one_line_with_the_step_and_keeps_the_newest_checkpoint(tmp_pa
         "ckpt-00000001.pth",
         "ckpt-00000002.pth",
     ]
+
+
+def test_unknown_recipe_key_suggests_the_closest(capsys):
+    line = _fails(["train", "--set", "epoch=3"], capsys, "unknown recipe key(s) epoch")
+    assert "did you mean epochs?" in line
+
+
+def test_eval_without_data_dir_names_its_own_option(tmp_path, capsys):
+    """An ImageNet checkpoint evaluated without --data-dir: eval has no --recipe option to suggest."""
+    import timm
+    import torch
+
+    torch.save(timm.create_model("van_b0", num_classes=3).state_dict(), tmp_path / "van.pth")
+    line = _fails(
+        ["eval", "--model", "van_b0", "--checkpoint", str(tmp_path / "van.pth")], capsys, "--data-dir"
+    )
+    assert "--recipe" not in line
