@@ -10,11 +10,11 @@ python3 -m venv .venv-oldest
 main_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 old_site=$(.venv-oldest/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "import site; site.addsitedir('$main_site')" > "$old_site/zz_visattn_main_env.pth"
-packages=(transformers huggingface_hub tokenizers diffusers open_clip_torch)
+packages=(transformers huggingface_hub tokenizers kernels diffusers open_clip_torch)
 .venv-oldest/bin/pip install -q -c tests/constraints-oldest.txt "${packages[@]}"
 .venv-oldest/bin/python - <<'PY'
-import diffusers, open_clip, transformers
-for module in (transformers, diffusers, open_clip):
+import diffusers, kernels, open_clip, transformers
+for module in (transformers, kernels, diffusers, open_clip):
     print(module.__name__, module.__version__, "at", module.__file__)
 PY
 .venv-oldest/bin/python -m pytest -n 2 -q -p no:cacheprovider tests/test_mllm_*.py tests/test_diffusers_agent.py \

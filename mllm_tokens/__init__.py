@@ -12,14 +12,18 @@ import torch
 from torch import nn
 
 from visattn.mllm_tokens._core import ModelInfo, Reducer
+from visattn.mllm_tokens.cdpruner import CDPruner
 from visattn.mllm_tokens.dart import DART
 from visattn.mllm_tokens.divprune import DivPrune
 from visattn.mllm_tokens.dyvte import DyVTE, DyVTERouters
 from visattn.mllm_tokens.fastv import FastV
+from visattn.mllm_tokens.hiprune import HiPrune
 from visattn.mllm_tokens.pyramiddrop import PyramidDrop
+from visattn.mllm_tokens.scope import SCOPE
 from visattn.mllm_tokens.sparsevlm import SparseVLM
 from visattn.mllm_tokens.var import KNOWN_SINK_DIMS, VAR, calibrate_sink_dims
 from visattn.mllm_tokens.visionzip import VisionZip
+from visattn.mllm_tokens.vispruner import VisPruner
 from visattn.mllm_tokens.vtc_cls import VTCCLS
 
 # Model families: ADAPTERS[name] = (probe, adapter class); probe(model) -> bool, the class subclasses
@@ -120,6 +124,7 @@ def attach(model: nn.Module, reducer: Reducer) -> Handle:
 
 
 __all__ = [
+    "CDPruner",
     "DART",
     "DivPrune",
     "DyVTE",
@@ -128,11 +133,14 @@ __all__ = [
     "VAR",
     "VTCCLS",
     "VisionZip",
+    "VisPruner",
     "FastV",
+    "HiPrune",
     "PyramidDrop",
     "Handle",
     "ModelInfo",
     "Reducer",
+    "SCOPE",
     "SparseVLM",
     "attach",
     "calibrate_sink_dims",

@@ -121,6 +121,12 @@ class Adapter:
                 f"attach: {type(self.reducer).__name__} ranks patches by the vision tower's [CLS] attention, "
                 f"and the {self.family} vision tower has no [CLS] token"
             )
+        if self.reducer.vision_global_layers(self.info) and self.vision_cls_attentions() is None:
+            raise ValueError(
+                f"attach: {type(self.reducer).__name__} ranks patches by the vision tower's attention maps, "
+                f"which the adapters record only for CLIP-style towers with one prompt token per patch; the "
+                f"{self.family} tower is not one"
+            )
         self.stats: list[dict] = []
         self.state: Prefill | None = None
         self.in_prefill = False
@@ -136,13 +142,17 @@ class Adapter:
         hook(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         hook(self.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
         cls_layers = self.reducer.vision_cls_layers(self.info)
-        if cls_layers or self.reducer.needs_vision_features:
+        global_layers = self.reducer.vision_global_layers(self.info)
+        if cls_layers or global_layers or self.reducer.needs_vision_features:
             hook(self.vision_tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
         if self.reducer.needs_vision_features:
             hook(self.vision_tower.register_forward_hook(self._vision_post))
-        if cls_layers:
+        if cls_layers or global_layers:
             attentions = self.vision_cls_attentions()
-            handlers = {attentions[i]: self._cls_attention for i in cls_layers}
+            self._vision_scored = {
+                attentions[i]: (i, i in cls_layers, i in global_layers) for i in {*cls_layers, *global_layers}
+            }
+            handlers = {module: self._vision_attention for module in self._vision_scored}
             self._undo.append(route_attention(attentions[0].config, handlers))
         hook(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         hook(self.lm.register_forward_hook(self._lm_post))
@@ -179,6 +189,7 @@ class Adapter:
 
     def _clear_vision_findings(self) -> None:
         self._cls_buffer: list[torch.Tensor] = []  # per scored vision layer: [images, patches] [CLS] mass
+        self._global_buffer: dict[int, torch.Tensor] = {}  # vision layer -> [images, 1 + patches] key mass
         self._key_buffer: list[torch.Tensor] = []  # needs_vision_features: [images, 1 + patches, Dh] keys
         self._vision_hidden: list[torch.Tensor] = []  # needs_vision_features: the projector's input
 
@@ -217,13 +228,19 @@ class Adapter:
         reducers with ``needs_vision_features``)."""
         raise ValueError(f"attach: the {self.family} adapter does not expose the vision features")
 
-    def _cls_attention(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        """Records the [CLS] query's attention over the patches, then lets the layer run unchanged."""
-        q, k = to_token_major(query[:, :, :1], key)
-        _, mass = attention_with_key_mass(q, k, k, scale=scaling, query_set="all")
-        self._cls_buffer.append(mass[:, 1:])
-        if self.reducer.needs_vision_features:
-            self._key_buffer.append(key.mean(1))
+    def _vision_attention(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        """Records the [CLS] query's attention over the patches and / or every key's attention mass from
+        all queries (``vision_global_layers``), then lets the layer run unchanged."""
+        layer, cls_row, all_rows = self._vision_scored[module]
+        if cls_row:
+            q, k = to_token_major(query[:, :, :1], key)
+            _, mass = attention_with_key_mass(q, k, k, scale=scaling, query_set="all")
+            self._cls_buffer.append(mass[:, 1:])
+            if self.reducer.needs_vision_features:
+                self._key_buffer.append(key.mean(1))
+        if all_rows:
+            q, k = to_token_major(query, key)
+            self._global_buffer[layer] = attention_with_key_mass(q, k, k, scale=scaling, query_set="all")[1]
         return None
 
     # ------------------------------------------------------------------ language model
@@ -269,7 +286,7 @@ class Adapter:
                 "attention_mask has padding after real tokens"
             )
         image_id, patch_id, images_per_sample = self.segment(ids, visual, outer_kwargs)
-        visual = visual & (image_id >= 0)
+        media, visual = visual, visual & (image_id >= 0)
         image_tokens = torch.bincount(image_id[visual], minlength=int(images_per_sample.sum()))
         arange = torch.arange(length, device=visual.device).expand(b, length)
         state = Prefill(
@@ -277,7 +294,10 @@ class Adapter:
             images_per_sample=images_per_sample, image_tokens=image_tokens,
             original_real=real.sum(1), original_visual=visual.sum(1), index=arange,
             valid=torch.ones_like(visual), cls_scores=self._expanded(self._cls_buffer, images_per_sample),
-            embeds=embeds, ops=self, cls_keys=self._expanded(self._key_buffer, images_per_sample),
+            embeds=embeds, ops=self, media=media, global_scores=dict(zip(
+                self._global_buffer, self._expanded(list(self._global_buffer.values()), images_per_sample)
+            )),
+            cls_keys=self._expanded(self._key_buffer, images_per_sample),
             vision_hidden=next(iter(self._expanded(self._vision_hidden, images_per_sample)), None),
         )  # fmt: skip
         self.orig_len = length

@@ -90,11 +90,17 @@ class Prefill:
     # scattered in) as the prefill starts, before any pre-LLM reduction: what pre_llm may score (DivPrune)
     embeds: torch.Tensor | None = None
     ops: ModelOps | None = None  # the adapter's model computations (PyramidDrop, DART)
+    # [B, L0] bool every image / video placeholder of input_ids as the prefill starts (row-end newlines
+    # too): ``real & ~media`` is the prompt's text (CDPruner's instruction)
+    media: torch.Tensor | None = None
     # needs_vision_features only: [images, 1 + patches, Dv] the vision features the projector takes (the
     # LLM's feature layer), [CLS] first; and per vision_cls_layers layer [images, 1 + patches, Dh] keys
     # averaged over heads
     vision_hidden: torch.Tensor | None = None
     cls_keys: list[torch.Tensor] = field(default_factory=list)
+    # vision_global_layers: layer -> [images, 1 + patches] float32 attention mass each token of the vision
+    # tower received, averaged over heads and all queries ([CLS] first)
+    global_scores: dict[int, torch.Tensor] = field(default_factory=dict)
     # [B, L] bool query sets over the LLM input that a reducer registers during the prefill (before the
     # layer that needs them); key_mass_query may return one's name (SparseVLM's text raters)
     query_sets: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -116,6 +122,8 @@ class Reducer:
 
     * ``check(info)`` raises ``ValueError`` when the reducer cannot act on this model.
     * ``vision_cls_layers(info)``: vision-encoder layers whose [CLS] attention row must be scored.
+    * ``vision_global_layers(info)``: vision-encoder layers whose per-key attention mass from all queries
+      must be recorded (``Prefill.global_scores``).
     * ``pre_llm(state)``: ``[B, L]`` bool keep mask applied before the language model, or None.
     * ``key_mass_query(layer)``: query set for which ``layer`` must report per-key attention mass:
       ``"all"``, ``"text"``, ``"last"`` or the name of one of ``Prefill.query_sets``.
@@ -147,6 +155,9 @@ class Reducer:
         return None
 
     def vision_cls_layers(self, info: ModelInfo) -> list[int]:
+        return []
+
+    def vision_global_layers(self, info: ModelInfo) -> list[int]:
         return []
 
     def pre_llm(self, state: Prefill) -> torch.Tensor | None:

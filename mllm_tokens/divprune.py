@@ -58,6 +58,31 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.stack(picks, 1)
 
 
+def image_groups(state: Prefill, budgets: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """The images of a prefill grouped for batched per-image selection.
+
+    Args:
+        state: the prefill; its visual tokens ``state.embeds[state.visual]`` are numbered ``0..Nv-1``
+            in (sample, position) order.
+        budgets: ``[images]`` tokens to keep per image.
+
+    Returns:
+        ``(slots [G, n], count)`` per group of images with ``n`` tokens and budget ``count`` each:
+        ``slots`` indexes the ``Nv`` visual tokens, one row per image, in the image's token order.
+    """
+    image = state.image_id[state.visual]
+    order = image.argsort(stable=True)  # token slots grouped by image (anyres tiles interleave)
+    starts = (state.image_tokens.cumsum(0) - state.image_tokens).tolist()
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for img, (n, count) in enumerate(zip(state.image_tokens.tolist(), budgets.tolist())):
+        if n:
+            by_shape.setdefault((n, count), []).append(img)
+    return [
+        (torch.stack([order[starts[i] : starts[i] + n] for i in images]), count)
+        for (n, count), images in by_shape.items()
+    ]
+
+
 class DivPrune(Reducer):
     """Keep, per image, the ``keep`` most diverse visual tokens (greedy max-min, cosine distance).
 
@@ -79,22 +104,12 @@ class DivPrune(Reducer):
         self._patches = info.patches_per_image
 
     def pre_llm(self, state: Prefill) -> torch.Tensor | None:
-        visual = state.visual
-        features = state.embeds[visual]  # [Nv, D], the visual tokens in (sample, position) order
-        image = state.image_id[visual]
-        budgets = keep_budgets(self.keep, state.image_tokens, self._patches).tolist()
-        chosen = torch.zeros_like(image, dtype=torch.bool)
-        # one max-min selection per image; images of one size share a batched call
-        order = image.argsort(stable=True)  # token slots grouped by image (anyres tiles interleave)
-        starts = (state.image_tokens.cumsum(0) - state.image_tokens).tolist()
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for img, (n, count) in enumerate(zip(state.image_tokens.tolist(), budgets)):
-            if n:
-                by_shape.setdefault((n, count), []).append(img)
-        for (n, count), images in by_shape.items():
-            slots = torch.stack([order[starts[i] : starts[i] + n] for i in images])  # [G, n]
+        features = state.embeds[state.visual]  # [Nv, D], the visual tokens in (sample, position) order
+        budgets = keep_budgets(self.keep, state.image_tokens, self._patches)
+        chosen = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+        for slots, count in image_groups(state, budgets):
             picks = max_min_diverse(features[slots], count)
             chosen[slots.gather(1, picks).flatten()] = True
-        keep = ~visual
-        keep[visual] = chosen
+        keep = ~state.visual
+        keep[state.visual] = chosen
         return keep

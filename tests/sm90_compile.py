@@ -89,7 +89,7 @@ def main(op: str) -> None:
     record = []
     compile_only(record)
     # outside the interpreter the ops refuse Triton on CPU tensors; here those only carry shapes/dtypes
-    module = importlib.import_module(f"visattn.kernels.{op}")
+    module = importlib.import_module(f"visattn.kernels.ops.{op}")
     module.resolve_backend = lambda backend, *tensors, op, limit=None: "triton"
     for dtype in (torch.bfloat16, torch.float32):
         print("dtype", str(dtype).removeprefix("torch."), flush=True)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from visattn.kernels import (
-    _dispatch,
     agent_attention,
     attention_with_key_mass,
     bilevel_routing_attention,
@@ -19,6 +18,7 @@ from visattn.kernels import (
     neighborhood_attention,
     visual_sink_attention,
 )
+from visattn.kernels.ops import _dispatch
 
 
 def _attn(dtype=torch.float32, nq=12, nk=12, d=8):

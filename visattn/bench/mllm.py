@@ -13,7 +13,8 @@ One prompt per sample: 5 text tokens, one image, 59 text tokens. The images: LLa
 tokens); LLaVA-NeXT an anyres 672x672 image (full; 336x672 on CPU) in 336 tiles with row-end newline
 tokens; OneVision an anyres 768x768 (full; 384x768 on CPU) image in 384 tiles; Qwen2-VL / 2.5-VL a
 784x784 image at dynamic resolution (784 tokens). For the unreduced model and each reducer (FastV K=2,
-VTC-CLS, DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens per image, PyramidDrop at its
+VTC-CLS, DivPrune, DART, VisionZip, SparseVLM at 64/128/192 kept tokens per image, CDPruner, VisPruner,
+HiPrune and SCOPE at 64/128/192 on LLaVA-1.5 and the fractions k / 576 elsewhere, PyramidDrop at its
 official stages, DyVTE with a fixed exit after layer 2 standing in for trained routers, VAR with the
 decoder's known sink dims) it reports prefill latency, peak memory, decode tokens/s (greedy, KV
 cache), and from ``handle.stats`` the visual tokens per sample, the mean kept per decoder layer and the
@@ -277,7 +278,23 @@ def decode_tokens_per_s(model, inputs: dict, tokens: int, device: torch.device, 
     return sorted(rates)[len(rates) // 2]
 
 
-def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str):
+def _issue24_rows(k: int, family: str, full: bool) -> list[tuple]:
+    """CDPruner and VisPruner at ``k`` kept tokens per LLaVA-1.5 image; on the other families at the
+    matching fraction ``k / 576`` of each image's tokens (64 / 128 / 192 -> 11.1 / 22.2 / 33.3 %, the
+    budgets the papers use on Qwen2.5-VL)."""
+    from visattn.mllm_tokens import SCOPE, CDPruner, HiPrune, VisPruner
+
+    keep = k if family == "llava" else round(k / 576, 3)
+    return [
+        (f"CDPruner keep={keep}", CDPruner(keep=keep)),
+        (f"VisPruner keep={keep}", VisPruner(keep=keep)),
+        # the official object layer 9 of CLIP-L's 24; the CPU / tiny towers' 4 layers: layer 2 (9/24 x 4)
+        (f"HiPrune keep={keep}", HiPrune(keep=keep, object_layer=9 if full else 2)),
+        (f"SCOPE keep={keep}", SCOPE(keep=keep)),
+    ]
+
+
+def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str, family: str = "llava"):
     from visattn.mllm_tokens import (
         DART,
         VAR,
@@ -297,6 +314,7 @@ def _reducers(keeps: list[int], layers: int, full: bool, sink_dims: str):
         rows.append((f"FastV K=2 keep={k}", FastV(layer=2, keep=k)))
         rows.append((f"VTC-CLS keep={k}", VTCCLS(keep=k, start_layer=16 if full else 1)))
         rows.append((f"DivPrune keep={k}", DivPrune(keep=k)))
+        rows.extend(_issue24_rows(k, family, full))
         rows.append((f"DART K=2 keep={k}", DART(layer=min(2, layers - 1), keep=k)))
         dominant, contextual = VISIONZIP_PRESETS.get(k, (k - k // 6, k // 6))
         rows.append(
@@ -404,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     for batch in batches:
         inputs = bench.inputs(batch)
         base_prefill = base_decode = None
-        for name, reducer in _reducers(keeps, layers, full, sink):
+        for name, reducer in _reducers(keeps, layers, full, sink, args.family):
             try:
                 prefill, tok_s, stats = _row(bench.model, reducer, inputs, device, decode, warmup, iters)
             except ValueError as e:
