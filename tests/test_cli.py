@@ -257,3 +257,14 @@ def test_eval_without_data_dir_names_its_own_option(tmp_path, capsys):
         ["eval", "--model", "van_b0", "--checkpoint", str(tmp_path / "van.pth")], capsys, "--data-dir"
     )
     assert "--recipe" not in line
+
+
+def test_plot_prints_the_absolute_path_of_the_png(tmp_path, capsys, monkeypatch):
+    """As ``train`` prints its paths: ``visattn plot runs/x`` from anywhere names the file it wrote."""
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 2.0, "lr": 0.1}\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", "runs/x"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(run.resolve() / "curves.png") and (run / "curves.png").is_file()
