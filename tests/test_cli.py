@@ -268,3 +268,37 @@ def test_plot_prints_the_absolute_path_of_the_png(tmp_path, capsys, monkeypatch)
     assert main(["plot", "runs/x"]) == 0
     printed = capsys.readouterr().out.strip()
     assert printed == str(run.resolve() / "curves.png") and (run / "curves.png").is_file()
+
+
+_PROBE = """
+import sys
+from visattn.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "timm", "transformers", "visattn.bench.na") if m in sys.modules)
+print("exit", code, "heavy", heavy)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["bench", "--help"]])
+def test_help_and_version_import_neither_torch_nor_the_benchmarks(argv):
+    """The top-level help lists every command and benchmark without importing them (it took ~4 s)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "exit 0 heavy []", done.stdout + done.stderr
+    if argv != ["--version"]:
+        assert "    train " in done.stdout or "    na " in done.stdout, done.stdout
+
+
+def test_a_benchmark_help_still_shows_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "na", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--iters" in text and "--flex-compile" in text and "neighborhood" in text.lower(), text

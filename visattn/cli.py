@@ -9,6 +9,7 @@ shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 
@@ -44,16 +45,32 @@ def _debug_flag() -> argparse.ArgumentParser:
     return parent
 
 
+class _BenchParser(argparse.ArgumentParser):
+    """The parser of one benchmark: its module (and with it torch) is imported, and its options added,
+    only when the command line names it, so ``visattn --help`` and ``visattn bench --help`` stay fast."""
+
+    def __init__(self, *args, module: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._module = module
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._module:
+            module, self._module = importlib.import_module(self._module), ""
+            module.add_arguments(self)
+            self.set_defaults(func=module.run)
+        return super().parse_known_args(args, namespace)
+
+
 def _add_bench(sub: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
     from visattn import bench
 
     parser = sub.add_parser("bench", help="run a benchmark and print its table", parents=common)
-    kinds = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
-    for name, module in sorted(bench.available().items()):
-        doc = plain((module.__doc__ or name).strip())
-        p = kinds.add_parser(name, help=doc.splitlines()[0], description=doc, parents=common)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+    kinds = parser.add_subparsers(dest="bench", required=True, metavar="NAME", parser_class=_BenchParser)
+    for name, doc in sorted(bench.described().items()):
+        doc = plain(doc.strip())
+        kinds.add_parser(
+            name, help=doc.splitlines()[0], description=doc, parents=common, module=f"{bench.__name__}.{name}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
