@@ -162,6 +162,9 @@ class AgentVisionTransformer(nn.Module):
         dynamic = dict(strict_img_size=False, output_fmt="NHWC") if dynamic_img_size else {}
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, **dynamic)
         grid = self.patch_embed.grid_size
+        # the input sizes it takes (check_image): the built one, or (dynamic_img_size) multiples of the patch
+        self.fixed_img_size = None if dynamic_img_size else tuple(self.patch_embed.img_size)
+        self.size_multiple = patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -232,7 +235,7 @@ class AgentVisionTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image -> ``([B, 1 + h*w, C]`` tokens with position embedding, patch grid ``(h, w))``."""
-        x = self.patch_embed(check_image(x, self.in_chans))
+        x = self.patch_embed(check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple))
         if self.dynamic_img_size:
             grid = (x.shape[1], x.shape[2])
             x, pos_embed = x.flatten(1, 2), resize_pos_embed(self.pos_embed, grid, prefix=1)

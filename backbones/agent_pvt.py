@@ -176,6 +176,10 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
         self.grad_checkpointing = False
         self.feature_info = []
         img_hw = to_2tuple(img_size)
+        # the input sizes it takes (check_image): the built one, or with dynamic_img_size multiples of the
+        # total stride (each stage's patch embedding asserts that its input divides by its patch)
+        self.fixed_img_size = None if dynamic_img_size else tuple(img_hw)
+        self.patch_size = patch_size
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         cur = 0
         for i in range(num_stages):
@@ -225,6 +229,11 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
         for i in range(num_stages):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
         self.apply(init_weights)
+
+    @property
+    def size_multiple(self) -> int:
+        """With ``dynamic_img_size``, input sides must be multiples of this: the stride of the last stage."""
+        return self.patch_size * 2 ** (self.num_stages - 1)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -279,7 +288,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
-        x = check_image(x, self.in_chans)
+        x = check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple)
         for i in range(max_index + 1 if stop_early else self.num_stages):
             x = self._stage(i, x)
             if i in take_indices:
@@ -307,7 +316,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> last-stage features ``[B, C, H/32, W/32]`` (no final norm in PVT-v1)."""
-        x = check_image(x, self.in_chans)
+        x = check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
@@ -346,10 +355,11 @@ class _ScriptableAgentPVT(PooledLinearHead, nn.Module):
         self.stages = nn.ModuleList([_PVTStage(model, i + 1) for i in range(model.num_stages)])
         self.global_pool, self.head_drop, self.head = model.global_pool, model.head_drop, model.head
         self.output_fmt, self.in_chans = model.output_fmt, model.in_chans
+        self.fixed_img_size, self.size_multiple = model.fixed_img_size, model.size_multiple
         self.train(model.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_image(x, self.in_chans)
+        x = check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple)
         for stage in self.stages:
             x = stage(x)
         return x

@@ -338,6 +338,9 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
             strict_img_size=not dynamic_img_size,
         )
         grid = self.patch_embed.grid_size
+        # the input sizes it takes (check_image): the built one, or (dynamic_img_size) multiples of the patch
+        self.fixed_img_size = None if dynamic_img_size else tuple(self.patch_embed.img_size)
+        self.size_multiple = patch_size
         self.pos_drop = nn.Dropout(drop_rate)
         block_types = parse_attn_type(attn_type, tuple(depths))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu")
@@ -415,7 +418,9 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
         last = len(self.layers) - 1
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
-        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
+        x = self.pos_drop(
+            self.patch_embed(check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple))
+        )
         for i, stage in enumerate(stages):
             x = stage.forward_blocks(x)
             if i in take_indices:
@@ -448,7 +453,9 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised last-stage tokens ``[B, H/32, W/32, C]``."""
-        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
+        x = self.pos_drop(
+            self.patch_embed(check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple))
+        )
         x = self.layers(x)
         return self.norm(x)
 
