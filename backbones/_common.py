@@ -6,21 +6,52 @@ import math
 
 import torch
 from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
+from timm.models import load_pretrained
 from torch import nn
 
-__all__ = ["PooledLinearHead", "check_image", "factory_kwargs", "init_weights"]
+__all__ = ["PooledLinearHead", "check_image", "factory_kwargs", "init_weights", "load_pretrained_file"]
 
 
 @register_notrace_function  # FX records the call (the check runs with the graph) instead of tracing into it
-def check_image(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """``x`` unchanged if it is a non-empty image batch ``[B, in_chans, H, W]``, else a ValueError."""
+def check_image(
+    x: torch.Tensor, in_chans: int, fixed_size: tuple[int, int] | None = None, multiple: int = 1
+) -> torch.Tensor:
+    """``x`` unchanged if it is a non-empty image batch ``[B, in_chans, H, W]`` of a size the model takes,
+    else a ValueError that says which sizes work: ``fixed_size`` only (a model built without
+    ``dynamic_img_size``), or sides that are multiples of ``multiple`` (with it)."""
     if x.dim() != 4:
         raise ValueError(f"expected an image batch [B, {in_chans}, H, W], got a {x.dim()}-D tensor")
     if x.shape[1] != in_chans:
         raise ValueError(f"expected {in_chans} input channels [B, {in_chans}, H, W], got {x.shape[1]}")
     if x.shape[0] == 0:
         raise ValueError("the image batch is empty (batch size 0)")
+    h, w = x.shape[2], x.shape[3]
+    fits = h % multiple == 0 and w % multiple == 0
+    if fixed_size is not None and (h != fixed_size[0] or w != fixed_size[1]):
+        built = f"input {h}x{w}, but this model was built for {fixed_size[0]}x{fixed_size[1]}"
+        if fits:
+            raise ValueError(
+                f"{built}: create it with dynamic_img_size=True (timm.create_model(..., "
+                f"dynamic_img_size=True)) to take any size whose sides are multiples of {multiple}"
+            )
+        raise ValueError(
+            f"{built}: resize the input to {fixed_size[0]}x{fixed_size[1]}, or create the model with "
+            f"dynamic_img_size=True and give sides that are multiples of {multiple}, "
+            f"{_nearest(h, w, multiple)}"
+        )
+    if not fits:
+        raise ValueError(
+            f"input {h}x{w}: this model takes sides that are multiples of {multiple}; resize or crop the "
+            f"input, {_nearest(h, w, multiple)}"
+        )
     return x
+
+
+def _nearest(h: int, w: int, multiple: int) -> str:
+    """``"e.g. AxB or CxD"``: the sizes of sides rounded down and up to multiples of ``multiple``."""
+    down = f"{max(h // multiple, 1) * multiple}x{max(w // multiple, 1) * multiple}"
+    up = f"{(h + multiple - 1) // multiple * multiple}x{(w + multiple - 1) // multiple * multiple}"
+    return f"e.g. {down}" if down == up else f"e.g. {down} or {up}"
 
 
 def factory_kwargs(init):
@@ -38,6 +69,15 @@ def factory_kwargs(init):
             self.to(dtype=dtype)
 
     return wrapper
+
+
+def load_pretrained_file(model: nn.Module, path: str, filter_fn) -> None:
+    """Load the checkpoint file at ``path`` into a timm-built ``model`` through timm's own loader, as a
+    cfg ``file`` would: ``filter_fn`` maps the keys, a head of another class count keeps its fresh init and
+    the ``first_conv`` weights adapt to ``in_chans``. For cfgs with ``custom_load``, whose loader timm
+    calls with the downloaded file only."""
+    cfg = dict(model.pretrained_cfg, file=str(path), custom_load=False)
+    load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=model.in_chans, filter_fn=filter_fn)
 
 
 def init_weights(module: nn.Module, conv_fan_out: bool = False) -> None:

@@ -14,8 +14,8 @@ mechanics, collected in :class:`AgentAttentionBase`:
 - the attention itself, :func:`visattn.kernels.agent_attention` (one scale ``head_dim ** -0.5``);
 - ``dwc``: a depthwise 3x3 convolution of V added to the output ("diversity restoration"), then ``proj``.
 
-It also holds what the three families' pretrained cfgs share: :func:`agent_cfg` and the
-``TSINGHUA_URL`` template of the official checkpoints (Tsinghua cloud share links).
+It also holds what the three families' pretrained cfgs share: :func:`agent_cfg` and
+:func:`tsinghua_file`, the official checkpoints' Tsinghua cloud share links with a cache file name each.
 """
 
 from __future__ import annotations
@@ -222,14 +222,20 @@ def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> di
     return out
 
 
-TSINGHUA_URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+def tsinghua_file(share_id: str, file_name: str) -> tuple[str, str]:
+    """timm's ``(url, file name)`` form of an official checkpoint: the share links
+    (``.../f/<id>/?dl=1``) end in no file name, from which timm would take its cache folder for the file."""
+    return f"https://cloud.tsinghua.edu.cn/f/{share_id}/?dl=1", file_name
 
 
-def agent_cfg(url: str = "", **kwargs) -> dict:
+def agent_cfg(url: tuple[str, str] | str = "", **kwargs) -> dict:
     """Pretrained cfg fields common to every Agent model (ImageNet-1k, 224px, bicubic, MIT);
-    each family passes what differs (``pool_size``, ``first_conv``) and variants override the rest."""
+    each family passes what differs (``pool_size``, ``first_conv``) and variants override the rest.
+    ``custom_load``: timm takes the ``(url, file name)`` form only on that route; the model's
+    ``load_pretrained`` hands the file back to timm's loader (see ``load_pretrained_file``)."""
     return {
         "url": url,
+        "custom_load": True,
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "crop_pct": 0.875,

@@ -34,13 +34,13 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from visattn.backbones._common import check_image, factory_kwargs, init_weights
+from visattn.backbones._common import check_image, factory_kwargs, init_weights, load_pretrained_file
 from visattn.backbones.agent_common import (
-    TSINGHUA_URL,
     AgentAttentionBase,
     agent_cfg,
     resize_pos_embed,
     resize_to_model,
+    tsinghua_file,
     unwrap_checkpoint,
 )
 
@@ -162,6 +162,9 @@ class AgentVisionTransformer(nn.Module):
         dynamic = dict(strict_img_size=False, output_fmt="NHWC") if dynamic_img_size else {}
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, **dynamic)
         grid = self.patch_embed.grid_size
+        # the input sizes it takes (check_image): the built one, or (dynamic_img_size) multiples of the patch
+        self.fixed_img_size = None if dynamic_img_size else tuple(self.patch_embed.img_size)
+        self.size_multiple = patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -232,7 +235,7 @@ class AgentVisionTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image -> ``([B, 1 + h*w, C]`` tokens with position embedding, patch grid ``(h, w))``."""
-        x = self.patch_embed(check_image(x, self.in_chans))
+        x = self.patch_embed(check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple))
         if self.dynamic_img_size:
             grid = (x.shape[1], x.shape[2])
             x, pos_embed = x.flatten(1, 2), resize_pos_embed(self.pos_embed, grid, prefix=1)
@@ -293,6 +296,11 @@ class AgentVisionTransformer(nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official (or visattn) checkpoint file: timm calls this for the cfgs' ``custom_load``."""
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised tokens ``[B, 1 + H*W/patch**2, C]`` (class token first)."""
         x, grid = self._embed(x)
@@ -334,12 +342,13 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
 _cfg = partial(agent_cfg, pool_size=None, first_conv="patch_embed.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_deit_tiny.in1k": _cfg(url=TSINGHUA_URL.format("57e0904221824ee7b7af")),
-        "agent_deit_small.in1k": _cfg(url=TSINGHUA_URL.format("fdd43304372541db8ea7")),
+        "agent_deit_tiny.in1k": _cfg(url=tsinghua_file("57e0904221824ee7b7af", "agent_deit_tiny_in1k.pth")),
+        "agent_deit_small.in1k": _cfg(url=tsinghua_file("fdd43304372541db8ea7", "agent_deit_small_in1k.pth")),
         "agent_deit_small_448.in1k": _cfg(
-            url=TSINGHUA_URL.format("a228f86241c445f1969b"), input_size=(3, 448, 448)
+            url=tsinghua_file("a228f86241c445f1969b", "agent_deit_small_448_in1k.pth"),
+            input_size=(3, 448, 448),
         ),
-        "agent_deit_base.in1k": _cfg(url=TSINGHUA_URL.format("5115f15fdd7e4ab58fbc")),
+        "agent_deit_base.in1k": _cfg(url=tsinghua_file("5115f15fdd7e4ab58fbc", "agent_deit_base_in1k.pth")),
     }
 )
 

@@ -31,13 +31,19 @@ from timm.models._features import feature_take_indices
 from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 
-from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
+from visattn.backbones._common import (
+    PooledLinearHead,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    load_pretrained_file,
+)
 from visattn.backbones.agent_common import (
-    TSINGHUA_URL,
     AgentAttentionBase,
     agent_cfg,
     resize_pos_embed,
     resize_to_model,
+    tsinghua_file,
     unwrap_checkpoint,
 )
 
@@ -170,6 +176,10 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
         self.grad_checkpointing = False
         self.feature_info = []
         img_hw = to_2tuple(img_size)
+        # the input sizes it takes (check_image): the built one, or with dynamic_img_size multiples of the
+        # total stride (each stage's patch embedding asserts that its input divides by its patch)
+        self.fixed_img_size = None if dynamic_img_size else tuple(img_hw)
+        self.patch_size = patch_size
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         cur = 0
         for i in range(num_stages):
@@ -219,6 +229,11 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
         for i in range(num_stages):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
         self.apply(init_weights)
+
+    @property
+    def size_multiple(self) -> int:
+        """With ``dynamic_img_size``, input sides must be multiples of this: the stride of the last stage."""
+        return self.patch_size * 2 ** (self.num_stages - 1)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -273,7 +288,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
-        x = check_image(x, self.in_chans)
+        x = check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple)
         for i in range(max_index + 1 if stop_early else self.num_stages):
             x = self._stage(i, x)
             if i in take_indices:
@@ -294,9 +309,14 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official (or visattn) checkpoint file: timm calls this for the cfgs' ``custom_load``."""
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> last-stage features ``[B, C, H/32, W/32]`` (no final norm in PVT-v1)."""
-        x = check_image(x, self.in_chans)
+        x = check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
@@ -335,10 +355,11 @@ class _ScriptableAgentPVT(PooledLinearHead, nn.Module):
         self.stages = nn.ModuleList([_PVTStage(model, i + 1) for i in range(model.num_stages)])
         self.global_pool, self.head_drop, self.head = model.global_pool, model.head_drop, model.head
         self.output_fmt, self.in_chans = model.output_fmt, model.in_chans
+        self.fixed_img_size, self.size_multiple = model.fixed_img_size, model.size_multiple
         self.train(model.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_image(x, self.in_chans)
+        x = check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple)
         for stage in self.stages:
             x = stage(x)
         return x
@@ -367,13 +388,15 @@ def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> Agent
 _cfg = partial(agent_cfg, pool_size=(7, 7), first_conv="patch_embed1.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_pvt_tiny.in1k": _cfg(url=TSINGHUA_URL.format("13fdf0e0a7c5498c934f")),
-        "agent_pvt_small.in1k": _cfg(url=TSINGHUA_URL.format("36b8be9a8863456685a3")),
-        "agent_pvt_medium.in1k": _cfg(url=TSINGHUA_URL.format("4d00ecacf18b45f9b88c")),
+        "agent_pvt_tiny.in1k": _cfg(url=tsinghua_file("13fdf0e0a7c5498c934f", "agent_pvt_tiny_in1k.pth")),
+        "agent_pvt_small.in1k": _cfg(url=tsinghua_file("36b8be9a8863456685a3", "agent_pvt_small_in1k.pth")),
+        "agent_pvt_medium.in1k": _cfg(url=tsinghua_file("4d00ecacf18b45f9b88c", "agent_pvt_medium_in1k.pth")),
         "agent_pvt_medium_256.in1k": _cfg(
-            url=TSINGHUA_URL.format("654df734121643b19c52"), input_size=(3, 256, 256), pool_size=(8, 8)
+            url=tsinghua_file("654df734121643b19c52", "agent_pvt_medium_256_in1k.pth"),
+            input_size=(3, 256, 256),
+            pool_size=(8, 8),
         ),
-        "agent_pvt_large.in1k": _cfg(url=TSINGHUA_URL.format("040cfe0cfbbe4762ad09")),
+        "agent_pvt_large.in1k": _cfg(url=tsinghua_file("040cfe0cfbbe4762ad09", "agent_pvt_large_in1k.pth")),
     }
 )
 

@@ -47,13 +47,19 @@ from timm.models.swin_transformer import (
 from torch import nn
 from torch.nn import functional as F
 
-from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
+from visattn.backbones._common import (
+    PooledLinearHead,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    load_pretrained_file,
+)
 from visattn.backbones.agent_common import (
-    TSINGHUA_URL,
     AgentAttentionBase,
     agent_cfg,
     resize_rel_table,
     resize_to_model,
+    tsinghua_file,
     unwrap_checkpoint,
 )
 
@@ -332,6 +338,9 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
             strict_img_size=not dynamic_img_size,
         )
         grid = self.patch_embed.grid_size
+        # the input sizes it takes (check_image): the built one, or (dynamic_img_size) multiples of the patch
+        self.fixed_img_size = None if dynamic_img_size else tuple(self.patch_embed.img_size)
+        self.size_multiple = patch_size
         self.pos_drop = nn.Dropout(drop_rate)
         block_types = parse_attn_type(attn_type, tuple(depths))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu")
@@ -409,7 +418,9 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
         last = len(self.layers) - 1
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
-        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
+        x = self.pos_drop(
+            self.patch_embed(check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple))
+        )
         for i, stage in enumerate(stages):
             x = stage.forward_blocks(x)
             if i in take_indices:
@@ -435,9 +446,16 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load an official (or visattn) checkpoint file: timm calls this for the cfgs' ``custom_load``."""
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> normalised last-stage tokens ``[B, H/32, W/32, C]``."""
-        x = self.pos_drop(self.patch_embed(check_image(x, self.in_chans)))
+        x = self.pos_drop(
+            self.patch_embed(check_image(x, self.in_chans, self.fixed_img_size, self.size_multiple))
+        )
         x = self.layers(x)
         return self.norm(x)
 
@@ -482,17 +500,17 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
 _cfg = partial(agent_cfg, pool_size=(7, 7), first_conv="patch_embed.proj")
 default_cfgs = generate_default_cfgs(
     {
-        "agent_swin_tiny.in1k": _cfg(url=TSINGHUA_URL.format("a2ddc1190c224f768a41")),
-        "agent_swin_small.in1k": _cfg(url=TSINGHUA_URL.format("f607172c9fea4d6e99bb")),
+        "agent_swin_tiny.in1k": _cfg(url=tsinghua_file("a2ddc1190c224f768a41", "agent_swin_tiny_in1k.pth")),
+        "agent_swin_small.in1k": _cfg(url=tsinghua_file("f607172c9fea4d6e99bb", "agent_swin_small_in1k.pth")),
         "agent_swin_small_288.in1k": _cfg(
-            url=TSINGHUA_URL.format("09760394e93b4046a25e"),
+            url=tsinghua_file("09760394e93b4046a25e", "agent_swin_small_288_in1k.pth"),
             input_size=(3, 288, 288),
             pool_size=(9, 9),
             crop_pct=1.0,
         ),
-        "agent_swin_base.in1k": _cfg(url=TSINGHUA_URL.format("4fcd2d0114bb490483c3")),
+        "agent_swin_base.in1k": _cfg(url=tsinghua_file("4fcd2d0114bb490483c3", "agent_swin_base_in1k.pth")),
         "agent_swin_base_384.in1k": _cfg(
-            url=TSINGHUA_URL.format("bb84ee9058954706a557"),
+            url=tsinghua_file("bb84ee9058954706a557", "agent_swin_base_384_in1k.pth"),
             input_size=(3, 384, 384),
             pool_size=(12, 12),
             crop_pct=1.0,

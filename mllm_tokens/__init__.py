@@ -97,6 +97,10 @@ class Handle:
             del self.model._visattn_handle
 
     def __enter__(self) -> Handle:
+        if getattr(self.model, "_visattn_handle", None) is not self:
+            raise ValueError(
+                f"this handle of {self.reducer!r} was removed; attach(model, reducer) again for a new one"
+            )
         return self
 
     def __exit__(self, *exc) -> None:

@@ -203,6 +203,17 @@ class Reducer:
         return None
 
 
+def check_budget(reducer: str, budget: str, tokens: int, patches: int) -> None:
+    """The one error of every reducer whose ``budget`` (its arguments, e.g. ``"keep=64"``) keeps ``tokens``
+    visual tokens per image, more than the ``patches`` of an image (``ModelInfo.patches_per_image``; 0, no
+    common size, is checked per image at the prefill)."""
+    if 0 < patches < tokens:
+        raise ValueError(
+            f"{reducer}: {budget} keeps {tokens} tokens per image, which is more than the {patches} visual "
+            f"tokens per image; lower it to at most {patches}"
+        )
+
+
 def shrink_layout(
     index: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

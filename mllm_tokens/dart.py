@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
+from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer, check_budget
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -130,11 +130,9 @@ class DART(Reducer):
                 f"DART: layer={self.layer} is outside the {info.num_layers}-layer language model"
             )
         self._patches = info.patches_per_image
-        if isinstance(self.keep, int) and 0 < info.patches_per_image < self.keep + self.pivots_image:
-            raise ValueError(
-                f"DART: keep={self.keep} plus {self.pivots_image} image pivots exceeds the "
-                f"{info.patches_per_image} visual tokens per image"
-            )
+        if isinstance(self.keep, int):
+            budget = f"keep={self.keep} plus {self.pivots_image} image pivots"
+            check_budget("DART", budget, self.keep + self.pivots_image, info.patches_per_image)
 
     def before_layer(self, layer: int, hidden: torch.Tensor, state: Prefill) -> None:
         if layer == self.layer - 1:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
+from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer, check_budget
 
 SCORINGS = ("last", "all", "text")
 
@@ -29,8 +29,9 @@ def keep_count(keep: int | float, patches: int, name: str) -> int:
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"{name}: a fractional keep must be in (0, 1], got {keep}")
         return max(1, round(patches * keep))
-    if not 1 <= keep <= patches:
-        raise ValueError(f"{name}: keep={keep} must be between 1 and the {patches} visual tokens per image")
+    if keep < 1:
+        raise ValueError(f"{name}: keep={keep} must be at least 1")
+    check_budget(name, f"keep={keep}", keep, patches)
     return keep
 
 

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
+from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer, check_budget
 
 OFFICIAL_LAYERS = (2 / 32, 6 / 32, 15 / 32)  # v1.5: layers 2, 6, 15 of LLaVA-1.5-7B's 32
 V1_0_LAYERS = (2 / 32, 6 / 32, 15 / 32, 19 / 32)  # v1.0: layers 2, 6, 15, 19
@@ -168,6 +168,11 @@ class SparseVLM(Reducer):
                 f"SparseVLM: sparse layers {self.layers} give {resolved} on a {depth}-layer language "
                 f"model; they must be strictly increasing layers in 0..{depth - 2}"
             )
+        if not self.rank_rule:
+            budget = f"counts={tuple(self.counts)}"
+            if PRESETS.get(self.tokens) == tuple(self.counts):
+                budget = f"tokens={self.tokens} (the preset {budget})"
+            check_budget("SparseVLM", budget, max(self.counts), info.patches_per_image)
         self._count = dict(zip(resolved, self.counts))
         self._keep_ids = info.multi_axis_positions
 

@@ -43,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer
+from visattn.mllm_tokens._core import ModelInfo, Prefill, Reducer, check_budget
 
 PRESETS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}  # tokens -> (dominant, contextual)
 
@@ -150,11 +150,8 @@ class VisionZip(Reducer):
                 "VisionZip: it ranks each image's patches by the vision tower's [CLS] attention and needs a "
                 "common token count per image; this model's vision tower has neither (dynamic resolution)"
             )
-        if self.dominant + self.contextual > info.patches_per_image:
-            raise ValueError(
-                f"VisionZip: dominant + contextual = {self.dominant + self.contextual} exceeds the "
-                f"{info.patches_per_image} visual tokens per image"
-            )
+        budget = f"dominant={self.dominant} + contextual={self.contextual}"
+        check_budget("VisionZip", budget, self.dominant + self.contextual, info.patches_per_image)
         if info.vision_layers < 2:
             raise ValueError(
                 "VisionZip: the vision encoder needs at least 2 layers (it scores the second-to-last)"

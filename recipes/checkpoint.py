@@ -95,10 +95,11 @@ def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
     return {**body, CHECKSUM_KEY: content_digest(body)}
 
 
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """The ``OSError`` behind ``exc`` (torch.save reports a failed write as a RuntimeError on top)."""
+def _cause_in(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The ``kind`` exception behind ``exc``: torch.save reports a failed write, and a Ctrl-C inside one,
+    as a RuntimeError from its C++ writer (``enforce fail at inline_container.cc``) on top."""
     while exc is not None:
-        if isinstance(exc, OSError) and exc.errno is not None:
+        if isinstance(exc, kind) and (kind is not OSError or exc.errno is not None):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
@@ -119,7 +120,9 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except (OSError, RuntimeError) as exc:
-            cause = _os_error_in(exc)
+            if _cause_in(exc, KeyboardInterrupt) is not None:
+                raise KeyboardInterrupt from None
+            cause = _cause_in(exc, OSError)
             if cause is None:
                 raise
             hint = (

@@ -30,6 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         progress=False if args.no_progress else None,
         max_steps=args.max_steps,
+        overrides=args.set,
     )
     if args.summary_json and summary.get("run_dir"):
         with open(args.summary_json, "w") as f:
@@ -69,7 +70,7 @@ def add_train_parser(sub: argparse._SubParsersAction, parents: list[argparse.Arg
         "--resume", default=None, help="'auto' (newest checkpoint of the run dir) or a checkpoint path"
     )
     p.add_argument("--output", default=None, help="run directory (default runs/<recipe>-<time>)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -108,7 +109,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, parents: list[argparse.Argu
     p.add_argument("--data-dir", default=None, help="dataset root with a val/ split (omit for digits runs)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (0: in this one)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.set_defaults(func=_cmd_eval)
 

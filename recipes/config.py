@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -214,8 +215,12 @@ _HINTS = typing.get_type_hints(Recipe)
 
 
 def _unknown_key_error(keys: list[str], where: str) -> ValueError:
+    import difflib
+
+    close = [m for k in sorted(keys) for m in difflib.get_close_matches(k, FIELDS, n=1)]
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
     valid = ", ".join(sorted(FIELDS))
-    return ValueError(f"{where}: unknown recipe key(s) {', '.join(sorted(keys))}. Valid keys: {valid}")
+    return ValueError(f"{where}: unknown recipe key(s) {', '.join(sorted(keys))}; {hint}Valid keys: {valid}")
 
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -340,7 +345,34 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     return apply_overrides(recipe, overrides)
 
 
+# What a resumed run may change: the schedule's length (re-planned from the current step) and bookkeeping.
+RESUMABLE = ("epochs", "cooldown_epochs", "log_interval", "ckpt_interval_steps", "keep_last")
+
+
+def resumed_recipe(saved: Recipe, recipe: Recipe, overrides: list[str] | None, where: str) -> Recipe:
+    """The recipe a resumed run continues with: its own ``saved`` one (from its checkpoint) with the
+    ``--set`` ``overrides`` of the resume, or, when ``overrides`` is None, ``recipe`` as given. A change to
+    a key outside :data:`RESUMABLE` is a ``ValueError`` naming each such key (``where``: the run)."""
+    new = apply_overrides(saved, overrides) if overrides is not None else recipe
+    refused = [k for k in FIELDS if k not in RESUMABLE and getattr(new, k) != getattr(saved, k)]
+    if refused:
+        changes = ", ".join(f"{k}={getattr(new, k)!r} (the run has {getattr(saved, k)!r})" for k in refused)
+        raise ValueError(
+            f"{changes}: a resumed run keeps the recipe of {where}; on resume only "
+            f"{', '.join(RESUMABLE)} may change (a longer schedule is re-planned from the current step). "
+            "Start a new run (another --output) to change the others"
+        )
+    return new
+
+
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write ``recipe`` as YAML (every key, so a run directory records exactly what ran)."""
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+    """Write ``recipe`` as YAML (every key, so a run directory records exactly what ran); atomically, so
+    an interrupted rewrite leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -7,7 +7,8 @@ Where the images come from (:func:`build_datasets`):
   Used when no ``--data-dir`` is given, so the main command needs no download.
 * ``dataset: ""`` (the default) — an ImageNet-style folder: ``DIR/train/<class>/*.jpg`` and
   ``DIR/val/<class>/*.jpg`` (``validation/`` also accepted), or image tars ``DIR/train.tar`` and
-  ``DIR/val.tar`` holding ``<class>/<image>`` members; read with timm's ``create_dataset``.
+  ``DIR/val.tar`` holding ``<class>/<image>`` members; listed by timm's reader, decoded by
+  :class:`~visattn.recipes.image_files.ImageFiles` (an unreadable image is skipped and named once).
 * any other map-style timm dataset kind (``torch/cifar10``, ``torch/image_folder``, ``hfds/<name>``,
   ...) — passed to ``timm.data.create_dataset(kind, root=DIR, split=...)``.
 * ``wds/<name>`` — WebDataset shards read by timm's ``ReaderWds`` (``pip install visattn[wds]``):
@@ -56,6 +57,7 @@ from torch.utils.data import (
 )
 
 from visattn.recipes.config import Recipe
+from visattn.recipes.image_files import ImageFiles
 
 IMG_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 # timm dataset kinds that stream (IterableDataset): HF streaming, TFDS, WebDataset; only wds/ is read
@@ -184,9 +186,7 @@ def build_datasets(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dataset
         if missing:
             raise ValueError(f"{val_dir} has classes absent from {train_dir}: {', '.join(missing[:10])}")
         class_map = {c: i for i, c in enumerate(classes)}
-        train = create_dataset("", root=str(train_dir), search_split=False, class_map=class_map)
-        val = create_dataset("", root=str(val_dir), search_split=False, class_map=class_map)
-        return train, val, len(classes)
+        return ImageFiles(train_dir, class_map), ImageFiles(val_dir, class_map), len(classes)
     prefix = kind.partition("/")[0].lower() if "/" in kind else ""
     if prefix == "wds":
         return _build_wds(recipe, root, kind)
@@ -265,8 +265,7 @@ def build_eval_dataset(recipe: Recipe, data_dir: str | Path | None) -> tuple[Dat
         except FileNotFoundError:
             classes = check_image_folder(val_dir)
         check_image_folder(val_dir)
-        class_map = {c: i for i, c in enumerate(classes)}
-        return create_dataset("", root=str(val_dir), search_split=False, class_map=class_map), len(classes)
+        return ImageFiles(val_dir, {c: i for i, c in enumerate(classes)}), len(classes)
     _, val, num_classes = build_datasets(recipe, data_dir)
     return val, num_classes
 

@@ -15,6 +15,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from visattn.devices import parse_device
 from visattn.recipes import checkpoint as ckpt
 from visattn.recipes.config import Recipe, recipe_from_dict
 from visattn.recipes.data import SeededDataset, SeededStream, build_eval_dataset, build_transforms
@@ -91,7 +92,7 @@ def run_eval(
     Transforms come from the recipe stored in the checkpoint, else from the model's pretrained
     config. Without ``data_dir`` the checkpoint's recipe must use the embedded dataset.
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(parse_device(device))
     check_model_name(model_name)
     obj_recipe = None
     probe = ckpt.load(checkpoint)
@@ -116,6 +117,11 @@ def run_eval(
         )
     if data_dir is not None and obj_recipe.dataset == "digits":
         obj_recipe.dataset = ""
+    if data_dir is None and obj_recipe.dataset != "digits":
+        raise ValueError(
+            f"{checkpoint} is not a run on the embedded digits dataset: pass --data-dir DIR, the dataset "
+            "root with the val/ split to evaluate on"
+        )
     val_ds, num_classes = build_eval_dataset(obj_recipe, data_dir)
     model, _ = load_model_from_checkpoint(model_name, checkpoint, use_ema=use_ema)
     head_classes = getattr(model, "num_classes", num_classes)

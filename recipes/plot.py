@@ -26,14 +26,14 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``curves.png`` (or ``out``) with three panels: loss, lr, top-1/top-5; return its path."""
+    """Write ``curves.png`` (or ``out``): loss, lr and top-1/top-5 panels; return its absolute path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps, epochs = read_metrics(run_dir)
-    out = Path(out) if out else Path(run_dir) / "curves.png"
+    out = (Path(out) if out else Path(run_dir) / "curves.png").resolve()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss, ax_lr, ax_acc = axes
     if steps:

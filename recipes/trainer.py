@@ -28,7 +28,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
 from torch import nn
 
+from visattn.devices import parse_device
 from visattn.recipes import checkpoint as ckpt
-from visattn.recipes.config import Recipe, dump_recipe, is_run_name
+from visattn.recipes.config import Recipe, dump_recipe, is_run_name, recipe_from_dict, resumed_recipe
 from visattn.recipes.data import SeededStream, build_datasets, build_loaders, build_mixup, dataset_size
 
 CKPT_FORMAT = "visattn-train-v1"
@@ -83,20 +84,17 @@ class DistInfo:
 def setup_distributed(device: str | None = None) -> DistInfo:
     """Read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); init the process group.
 
-    ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). The backend is NCCL on
-    CUDA and gloo on CPU.
+    ``device``: what :func:`~visattn.devices.parse_device` takes (``None``: CUDA when available); under
+    torchrun a CUDA process uses the GPU of its ``LOCAL_RANK``. The backend is NCCL on CUDA, else gloo.
     """
-    use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    dev = torch.device(parse_device(device))
+    use_cuda = dev.type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+        dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
@@ -145,14 +143,22 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(recipe: Recipe, num_classes: int) -> nn.Module:
-    """``timm.create_model`` with the recipe's drop path / drop rate and ``model_kwargs``."""
+    """``timm.create_model`` with the recipe's drop path / drop rate and ``model_kwargs``; a ``ValueError``
+    naming the model and ``model_kwargs`` when those do not build it (an unknown keyword, an argument
+    timm's blocks assert on)."""
     check_model_name(recipe.model)
     kwargs = dict(recipe.model_kwargs)
     if recipe.drop_path is not None:
         kwargs.setdefault("drop_path_rate", recipe.drop_path)
     if recipe.drop_rate:
         kwargs.setdefault("drop_rate", recipe.drop_rate)
-    return timm.create_model(recipe.model, num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(recipe.model, num_classes=num_classes, **kwargs)
+    except (TypeError, AssertionError) as exc:
+        raise ValueError(
+            f"model {recipe.model!r} cannot be built with model_kwargs {recipe.model_kwargs}: "
+            f"{exc or type(exc).__name__}; fix model_kwargs (--set model_kwargs=...)"
+        ) from exc
 
 
 def classifier_keys(model: nn.Module) -> set[str]:
@@ -425,11 +431,16 @@ def train(
     device: str | None = None,
     progress: bool | None = None,
     max_steps: int | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``recipe``; return a summary (run dir, best/final top-1, steps, wall time).
 
     ``resume``: ``"auto"`` (newest checkpoint in the run dir, or a fresh start when there is
-    none) or a checkpoint path. ``progress``: tqdm bars (default: only on a TTY, rank 0).
+    none) or a checkpoint path. A resumed run continues with the recipe of its checkpoint: with the
+    ``--set`` ``overrides`` that made ``recipe`` applied to it (the CLI), or ``recipe`` itself when
+    ``overrides`` is None; either may change only ``config.RESUMABLE`` keys (``ValueError`` naming any
+    other), and a changed ``epochs``/``cooldown_epochs`` re-plans the schedule from the current step
+    and is written to the run's ``recipe.yaml``. ``progress``: tqdm bars (default: only on a TTY, rank 0).
     ``max_steps`` stops after that many optimizer steps in total (checkpointing first), as if the
     run were interrupted there.
     """
@@ -437,16 +448,42 @@ def train(
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     info = setup_distributed(device)
     threads = torch.get_num_threads()
-    created: list[Path] = []  # folders this call made, removed again if it fails before a checkpoint
+    attempt = _Attempt()
     try:
-        return _train(recipe, data_dir, output, resume, info, progress, max_steps, created)
+        return _train(recipe, data_dir, output, resume, info, progress, max_steps, attempt, overrides)
+    except KeyboardInterrupt as exc:
+        if info.is_main:
+            _remove_failed_run(attempt.created)
+        raise TrainingInterrupted(attempt) from exc
     except BaseException:
         if info.is_main:
-            _remove_failed_run(created)
+            _remove_failed_run(attempt.created)
         raise
     finally:
         torch.set_num_threads(threads)
         cleanup_distributed()
+
+
+@dataclass
+class _Attempt:
+    """What one ``train`` call has done so far, for the clean-up or report when it fails."""
+
+    created: list[Path] = field(default_factory=list)  # folders it made (removed if no checkpoint)
+    run_dir: Path | None = None
+    step: int = 0
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: says the step it stopped at and what ``--resume auto`` continues from."""
+
+    def __init__(self, attempt: _Attempt) -> None:
+        newest = ckpt.list_checkpoints(attempt.run_dir) if attempt.run_dir else []
+        where = (
+            f"resume with --resume auto (from {newest[0][1]})"
+            if newest
+            else "no checkpoint was written yet, so nothing is kept to resume"
+        )
+        super().__init__(f"stopped at step {attempt.step} (Ctrl-C); {where}")
 
 
 def _remove_failed_run(created: list[Path]) -> None:
@@ -461,15 +498,23 @@ def _remove_failed_run(created: list[Path]) -> None:
             parent.rmdir()
 
 
-def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps, created) -> dict[str, Any]:
+def _train(
+    recipe, data_dir, output, resume, info: DistInfo, progress, max_steps, attempt: _Attempt, overrides
+) -> dict[str, Any]:
     start_time = time.perf_counter()
     check_model_name(recipe.model)
+    run_dir = resolve_run_dir(recipe, output, resume, info)
+    loaded = _load_resume(resume, run_dir)
+    saved = None
+    if loaded is not None:
+        saved = recipe_from_dict(loaded[1]["recipe"], where=f"the recipe in {loaded[0]}")
+        recipe = resumed_recipe(saved, recipe, overrides, where=str(loaded[0].parent))
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    run_dir = resolve_run_dir(recipe, output, resume, info)
     if info.is_main:
-        created.extend(p for p in (run_dir, *run_dir.parents)[:2] if not p.exists())
+        attempt.created.extend(p for p in (run_dir, *run_dir.parents)[:2] if not p.exists())
         run_dir.mkdir(parents=True, exist_ok=True)
+    attempt.run_dir = run_dir
     _seed_all(recipe.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
 
     train_ds, val_ds, num_classes = build_datasets(recipe, data_dir)
@@ -488,7 +533,6 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
     global_batch = recipe.global_batch(info.world)
     lr, warmup_lr, min_lr = recipe.scaled_lrs(info.world)
 
-    loaded = _load_resume(resume, run_dir)
     model = create_model(recipe, num_classes)
     if recipe.init_checkpoint and loaded is None:
         dropped = load_init_checkpoint(model, recipe.model, recipe.init_checkpoint, recipe.init_strict)
@@ -530,13 +574,25 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
         _check_same_model(state, recipe.model, str(path))
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
+        replanned = (recipe.epochs, recipe.cooldown_epochs) != (saved.epochs, saved.cooldown_epochs)
+        if replanned and total_epochs < state["epoch"]:
+            raise ValueError(
+                f"epochs={recipe.epochs}, cooldown_epochs={recipe.cooldown_epochs} ({total_epochs} in all): "
+                f"the run has trained {state['epoch']} epochs already; a resumed schedule cannot end before"
+            )
+        if scheduler is not None and replanned:  # the new schedule, at the point the run has reached
+            if recipe.sched_on_updates:
+                scheduler.step_update(num_updates=state["step"])
+            else:
+                scheduler.step(state["epoch"])
+        elif scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("model_ema") is not None:
             ema.load_state_dict(state["model_ema"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        attempt.step = step
         best_top1 = state.get("best_top1", -1.0)
         rngs = state["rng"]
         if len(rngs) == info.world:
@@ -548,7 +604,10 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
             )
         metrics.truncate_after(step)
         if info.is_main:
-            print(f"resumed from {path} (epoch {epoch}, step {step})", flush=True)
+            if recipe != saved:
+                dump_recipe(recipe, run_dir / "recipe.yaml")
+            plan = f"; re-planned for {total_epochs} epochs" if replanned else ""
+            print(f"resumed from {path} (epoch {epoch}, step {step}){plan}", flush=True)
     elif info.is_main:
         dump_recipe(recipe, run_dir / "recipe.yaml")
 
@@ -644,6 +703,7 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            attempt.step = step
             if ema is not None:
                 ema.update(core, step=step)
             if scheduler is not None and recipe.sched_on_updates:
@@ -740,22 +800,20 @@ def _train(recipe, data_dir, output, resume, info: DistInfo, progress, max_steps
         "global_batch": global_batch,
         "lr": lr,
     }
-    if info.is_main and (run_dir / "metrics.jsonl").exists():
-        from visattn.recipes.plot import plot_run
-
-        png = plot_run(run_dir)
+    if info.is_main:
         if epoch >= total_epochs:
             head = f"finished in {wall:.0f}s | best top-1 {best_top1:.2f}"
         else:
             head = (
                 f"stopped at step {step} (epoch {epoch + 1}) after {wall:.0f}s; continue with --resume auto"
             )
-        best = f" | best weights: {run_dir / 'best.pth'}" if best_top1 >= 0 else ""
-        print(
-            f"{head} | run dir {run_dir}\n"
-            f"  metrics: {run_dir / 'metrics.jsonl'} (+ metrics.csv) | plot: {png}{best}",
-            flush=True,
-        )
+        print(f"{head} | run dir {run_dir}", flush=True)
+        if (run_dir / "metrics.jsonl").exists():  # none yet when it stops before the first log step
+            from visattn.recipes.plot import plot_run
+
+            png = plot_run(run_dir)
+            best = f" | best weights: {run_dir / 'best.pth'}" if best_top1 >= 0 else ""
+            print(f"  metrics: {run_dir / 'metrics.jsonl'} (+ metrics.csv) | plot: {png}{best}", flush=True)
     return summary
 
 

@@ -102,3 +102,49 @@ def test_dynamic_training_step_with_grad_checkpointing(name):
     assert grads[0].keys() == {n for n, _ in model.named_parameters()}
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, msg=n)
+
+
+def _suggested_sizes(message: str) -> list[tuple[int, int]]:
+    """The ``HxW`` sizes after "e.g." in a size error."""
+    import re
+
+    return [(int(h), int(w)) for h, w in re.findall(r"(\d+)x(\d+)", message.partition("e.g.")[2])]
+
+
+# (name, extra kwargs, configured size, sides the dynamic model takes multiples of)
+SIZE_RULES = [
+    ("agent_deit_tiny", {}, 32, 8),  # the patch size (8 in TINY)
+    ("agent_swin_tiny", {}, 64, 4),  # the patch size: PatchMerging pads odd grids
+    ("agent_pvt_tiny", {}, 64, 32),  # patch 4, then three stride-2 patch embeddings
+]
+
+
+@pytest.mark.parametrize("name, extra, size, multiple", SIZE_RULES)
+def test_a_wrong_input_size_names_the_fix(name, extra, size, multiple):
+    """A fixed-size model fed another size says dynamic_img_size=True where that takes the input, and
+    which sizes work where it does not; the sizes a message suggests do run (e.g. Agent-PVT at 200x256
+    reported 'Input height (25) should be divisible by patch size (2)', 25 being a stage-3 grid)."""
+    kwargs = _kwargs(name, extra)
+    fixed = timm.create_model(name, img_size=size, **kwargs).eval()
+    dynamic = timm.create_model(name, img_size=size, dynamic_img_size=True, **kwargs).eval()
+    other = size + multiple  # a size the dynamic model takes
+    with pytest.raises(
+        ValueError, match=rf"input {other}x{other}, .*built for {size}x{size}.*dynamic_img_size=True"
+    ):
+        fixed(torch.randn(1, 3, other, other))
+    bad = (size + multiple // 2 + 1, size + 2 * multiple)  # the height is no multiple
+    with pytest.raises(ValueError) as info:
+        fixed(torch.randn(1, 3, *bad))
+    assert f"input {bad[0]}x{bad[1]}, " in str(info.value) and f"resize the input to {size}x{size}" in str(
+        info.value
+    )
+    assert f"multiples of {multiple}" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        dynamic(torch.randn(1, 3, *bad))
+    message = str(info.value)
+    assert message.startswith(f"input {bad[0]}x{bad[1]}: ") and f"multiples of {multiple}" in message
+    suggested = _suggested_sizes(message)
+    assert suggested and all(h % multiple == 0 and w % multiple == 0 for h, w in suggested)
+    with torch.no_grad():
+        for hw in suggested + [(other, other)]:
+            assert dynamic(torch.randn(1, 3, *hw)).shape == (1, kwargs.get("num_classes", 1000))

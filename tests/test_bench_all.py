@@ -82,13 +82,16 @@ def test_side_by_side_times_a_far_slower_step_on_its_own():
 
         return run
 
+    long = "FlexAttention does not support backward on CPU. Please set the input requires_grad to False"
+
     def broken():
-        raise RuntimeError("no backward on CPU\nsecond line")
+        raise RuntimeError(f"{long}\nsecond line")
 
     fast = 0.001
-    steps = [step("a", fast), step("slow", fast * ISOLATE_FACTOR * 3), None, broken, step("b", fast)]
+    steps = [step("a", fast), step("slow", fast * ISOLATE_FACTOR * 3), "needs CUDA", broken, step("b", fast)]
     results, notes = measure_side_by_side(steps, "cpu", warmup=1, iters=3)
-    assert notes == ["", "", "skipped", "n/a: RuntimeError: no backward on CPU", ""]
+    # why a step did not run, and the whole first line of an error (a note was cut at 70 characters)
+    assert notes == ["", "", "skipped: needs CUDA", f"n/a: RuntimeError: {long}", ""]
     assert results[2] is None and results[3] is None
     assert results[1].ms > results[0].ms * ISOLATE_FACTOR and results[4].ms < results[1].ms
     # warmup (1), iters (3, every other round backwards) and one peak-memory call each: a and b in

@@ -351,3 +351,36 @@ def test_attention_runs_through_the_registered_interface_and_remove_restores_the
     assert calls == [0, 1, 2, 3]
     assert model.config.text_config._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("FastV", dict(keep=17)),
+        ("VTCCLS", dict(keep=17, start_layer=1)),
+        ("DivPrune", dict(keep=17)),
+        ("DART", dict(keep=16)),  # plus its 4 image pivots
+        ("VisionZip", dict(dominant=10, contextual=7)),
+        ("SparseVLM", dict(tokens=64)),
+        ("SparseVLM", dict(counts=(17, 8), layers=(1, 2))),
+    ],
+)
+def test_every_budget_above_the_visual_tokens_is_the_same_error(name, kwargs):
+    """16 visual tokens per image: a budget that keeps more (SparseVLM once kept all 16, 0 FLOPs saved)."""
+    from visattn import mllm_tokens
+
+    model = tiny_llava()
+    message = "is more than the 16 visual tokens per image; lower it to at most 16"
+    with pytest.raises(ValueError, match=message):
+        attach(model, getattr(mllm_tokens, name)(**kwargs))
+    assert getattr(model, "_visattn_handle", None) is None
+
+
+def test_a_removed_handle_cannot_be_entered_again():
+    model = tiny_llava()
+    handle = attach(model, FastV(keep=4))
+    with handle:
+        pass
+    with pytest.raises(ValueError, match="removed.*attach"), handle:
+        pass
+    handle.remove()  # removing twice stays harmless

@@ -586,6 +586,32 @@ def test_benchmark_runs_on_cpu(capsys):
     assert "skipped" in rows["natten"]  # NATTEN has no rpb
 
 
+def test_benchmark_says_why_a_row_is_skipped_and_times_forward_with_backward(capsys, monkeypatch):
+    """Without a GPU or the interpreter the Triton row says why it is skipped; the forward and the
+    forward+backward steps of every row take turns in one measurement, so that a slow spell of a shared
+    machine cannot make a forward read slower than its forward+backward."""
+    from visattn.bench import na as bench
+
+    calls = []
+
+    def recorded(steps, *args):
+        calls.append(len(steps))
+        return measure_side_by_side(steps, *args)
+
+    measure_side_by_side = bench.measure_side_by_side
+    monkeypatch.setattr(bench, "measure_side_by_side", recorded)
+    monkeypatch.setattr(bench, "interpreter_enabled", lambda: False)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--device", "cpu", "--case", "7x7", "--iters", "1", "--rpb"])) == 0
+    rows = {
+        line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines() if "7x7" in line
+    }
+    assert rows["visattn triton"].endswith("skipped: Triton runs on a CUDA device (or TRITON_INTERPRET=1)")
+    assert rows["natten"].endswith("skipped: NATTEN has no relative positional bias")
+    assert calls == [12]  # one case: 6 rows x (forward, forward+backward), measured together
+
+
 @pytest.mark.parametrize("shape,kernel_size,dilation,is_causal,use_rpb", NAIVE_CASES)
 def test_benchmark_masked_sdpa_is_exact(shape, kernel_size, dilation, is_causal, use_rpb):
     """The benchmark's "sdpa + window mask" row computes neighborhood attention exactly (it is shown as

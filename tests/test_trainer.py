@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 
 import visattn
@@ -774,3 +775,61 @@ def test_a_failed_run_leaves_no_folder(image_folder, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="num_classes=7"):
         train(recipe, data_dir=str(image_folder))
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["keep"]
+
+
+# ---------------------------------------------------------------------------------- resume and its recipe
+def _cli_train(folder, run_dir, *args):
+    return cli_main(["train", "--data-dir", str(folder), "--output", str(run_dir), "--no-progress", *args])
+
+
+def _first_run(**extra) -> list[str]:
+    """``--set`` of a first run on the image folder."""
+    return ["--set", *_folder_overrides(dataset="", **extra)]
+
+
+def _lrs(run_dir) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["lr"] for r in map(json.loads, lines) if r["kind"] == "step"}
+
+
+@pytest.mark.parametrize("on_updates", ["true", "false"])
+def test_longer_schedule_on_resume_is_replanned_and_recorded(image_folder, tmp_path, on_updates):
+    """``--resume auto --set epochs=3`` on a finished 1-epoch run trains epochs 2-3 at the lrs of a
+    fresh 3-epoch run, and the run's recipe.yaml says 3 epochs."""
+    base = _first_run(epochs=1, warmup_epochs=0, min_lr=1e-6, sched_on_updates=on_updates)
+    assert _cli_train(image_folder, tmp_path / "fresh", *base, "--set", "epochs=3") == 0
+    assert _cli_train(image_folder, tmp_path / "run", *base) == 0
+    assert _cli_train(image_folder, tmp_path / "run", "--resume", "auto", "--set", "epochs=3") == 0
+    fresh, resumed = _lrs(tmp_path / "fresh"), _lrs(tmp_path / "run")
+    assert sorted(resumed) == sorted(fresh) and len(fresh) == 18
+    later = [s for s in fresh if s > 6]  # epochs 2-3
+    assert [resumed[s] for s in later] == [fresh[s] for s in later]
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["epochs"] == 3
+
+
+def test_resume_without_the_first_overrides_rebuilds_the_run(image_folder, tmp_path, capsys):
+    """The first run's ``--set model_kwargs=...`` is not needed again: the run's recipe is used."""
+    assert _cli_train(image_folder, tmp_path, *_first_run(), "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert _cli_train(image_folder, tmp_path, "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "finished in" in out
+
+
+def test_resume_refuses_other_changes_in_one_line(image_folder, tmp_path, capsys):
+    assert _cli_train(image_folder, tmp_path, *_first_run(), "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert _cli_train(image_folder, tmp_path, "--resume", "auto", "--set", "lr=0.5", "batch_size=4") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("visattn train: error: ")
+    assert "batch_size=4" in line and "lr=0.5" in line and "epochs" in line
+    assert _cli_train(image_folder, tmp_path, "--resume", "auto", "--set", "epochs=0") == 2
+
+
+def test_a_run_stopped_before_any_metric_prints_its_closing_line(tmp_path, capsys):
+    """``--max-steps 1`` with ``log_interval`` 5 logs no metric yet; it once printed the header only."""
+    recipe = load_recipe("digits", ["batch_size=16", "workers=0"])
+    train(recipe, output=str(tmp_path / "run"), progress=False, max_steps=1)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("stopped at step 1 (epoch 1) after ")
+    assert out[-1].endswith(f"; continue with --resume auto | run dir {tmp_path / 'run'}")

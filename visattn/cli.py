@@ -1,17 +1,20 @@
 """The visattn command line. Run "visattn COMMAND --help" for the options of a command.
 
 A mistake in the arguments, a missing or unreadable file, or a full disk ends the command with
-exit status 2 and one line "visattn COMMAND: error: ..." that says what to change; --debug shows
-the full traceback instead.
+exit status 2 and one line "visattn COMMAND: error: ..." that says what to change; Ctrl-C ends it
+with exit status 130 and one line (for train: the step it stopped at and how to resume); --debug
+shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 
 import visattn
+from visattn.devices import parse_device
 
 # What a user can cause (bad names, values, files, devices, a full disk): one line, exit status 2.
 # Anything else is a bug of visattn and keeps its traceback.
@@ -42,16 +45,32 @@ def _debug_flag() -> argparse.ArgumentParser:
     return parent
 
 
+class _BenchParser(argparse.ArgumentParser):
+    """The parser of one benchmark: its module (and with it torch) is imported, and its options added,
+    only when the command line names it, so ``visattn --help`` and ``visattn bench --help`` stay fast."""
+
+    def __init__(self, *args, module: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._module = module
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._module:
+            module, self._module = importlib.import_module(self._module), ""
+            module.add_arguments(self)
+            self.set_defaults(func=module.run)
+        return super().parse_known_args(args, namespace)
+
+
 def _add_bench(sub: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
     from visattn import bench
 
     parser = sub.add_parser("bench", help="run a benchmark and print its table", parents=common)
-    kinds = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
-    for name, module in sorted(bench.available().items()):
-        doc = plain((module.__doc__ or name).strip())
-        p = kinds.add_parser(name, help=doc.splitlines()[0], description=doc, parents=common)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+    kinds = parser.add_subparsers(dest="bench", required=True, metavar="NAME", parser_class=_BenchParser)
+    for name, doc in sorted(bench.described().items()):
+        doc = plain(doc.strip())
+        kinds.add_parser(
+            name, help=doc.splitlines()[0], description=doc, parents=common, module=f"{bench.__name__}.{name}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,19 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_device(device: str | None) -> None:
-    if device and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _check_device(getattr(args, "device", None))
+        if getattr(args, "device", None) is not None:
+            args.device = parse_device(args.device)
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        print(f"visattn {args.command}: {exc or 'stopped (Ctrl-C)'}", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
         if args.debug:
             raise

@@ -67,22 +67,28 @@ def _call_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def error_note(exc: BaseException) -> str:
+    """``"n/a: <type>: <first line of the message>"``, whole (a table widens for it rather than cut it)."""
+    lines = str(exc).splitlines()
+    return f"n/a: {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
+
+
 def measure_side_by_side(
-    steps: Sequence[Callable[[], object] | None], device: torch.device | str, warmup: int = 3, iters: int = 10
+    steps: Sequence[Callable[[], object] | str], device: torch.device | str, warmup: int = 3, iters: int = 10
 ) -> tuple[list[Measurement | None], list[str]]:
     """:func:`measure_interleaved` over the implementations of one case that can run it: each step is
-    called once first, and one that is ``None`` or raises is left out (its measurement ``None``, the
-    error's first line as its note; a baseline that cannot run a case is reported, not fatal). A step
-    ``ISOLATE_FACTOR`` times slower than the fastest is timed on its own, after the others."""
-    notes = ["" if step is not None else "skipped" for step in steps]
+    called once first; a string in place of a step is the reason it is not run (note ``"skipped:
+    <reason>"``), and a step that raises is left out (its measurement ``None``, :func:`error_note` as its
+    note; a baseline that cannot run a case is reported, not fatal). Steps ``ISOLATE_FACTOR`` times
+    slower than the fastest take turns among themselves, after the others."""
+    notes = [f"skipped: {step}" if isinstance(step, str) else "" for step in steps]
     for i, step in enumerate(steps):
-        if step is None:
+        if notes[i]:
             continue
         try:
             step()
         except Exception as exc:  # any failure of a baseline is a row of the table, not a crash
-            text = str(exc).splitlines()[0][:70] if str(exc) else ""
-            notes[i] = f"n/a: {type(exc).__name__}: {text}"
+            notes[i] = error_note(exc)
     running = [i for i, note in enumerate(notes) if not note]
     # one more call each, timed, to set apart the steps far slower than the fastest: they are timed on
     # their own, after the others, since such a call leaves the machine cold for whoever runs next (on 2
@@ -92,7 +98,7 @@ def measure_side_by_side(
     slow = [i for i in running if probe[i] > ISOLATE_FACTOR * fastest]
     together = [i for i in running if i not in slow]
     timed = measure_interleaved([steps[i] for i in together], device, warmup=warmup, iters=iters)
-    timed += [measure(steps[i], device, warmup=warmup, iters=iters) for i in slow]
+    timed += measure_interleaved([steps[i] for i in slow], device, warmup=warmup, iters=iters)
     results: list[Measurement | None] = [None] * len(steps)
     for i, m in zip(together + slow, timed):
         results[i] = m
@@ -181,7 +187,7 @@ def measure_or_none(fn: Callable[[], Measurement]) -> Measurement | None:
     try:
         return fn()
     except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
-        print(f"  n/a: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+        print(f"  {error_note(err)}", flush=True)
         return None
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from visattn.bench._timing import Measurement, measure, print_table, ratio, time_mem_cells
+from visattn.bench._timing import Measurement, error_note, measure, print_table, ratio, time_mem_cells
 from visattn.kernels import agent_attention
 from visattn.kernels.ops._dispatch import interpreter_enabled, triton_available
 
@@ -85,7 +85,7 @@ def _measure(fn, inputs, device, warmup, iters) -> tuple[Measurement | None, Mea
         fwd = _time(fn, inputs, device, False, warmup, iters)
         bwd = _time(fn, inputs, device, True, warmup, iters)
     except Exception as exc:  # a provider that cannot run a case is reported, not fatal
-        return None, None, f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:70] if str(exc) else ''}"
+        return None, None, error_note(exc)
     finally:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

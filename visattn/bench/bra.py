@@ -112,6 +112,10 @@ class _OfficialStyleBRA(BiLevelRoutingAttention):
         return self.proj(out)
 
 
+# why the Triton rows are not run where run() leaves them out
+_NO_TRITON = "needs Triton, a CUDA device and TRITON_INTERPRET unset"
+
+
 def _op_impls(run_triton: bool) -> dict[str, Callable | None]:
     return {
         "visattn triton": (lambda q, k, v, st: bilevel_routing_attention(q, k, v, st.regions, st.topk,
@@ -172,16 +176,19 @@ def _bench_ops(args, device, dtype, run_triton, warmup, iters) -> None:
         shape = (batch, st.size, st.size, st.heads, st.head_dim)
         inputs = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(True) for _ in range(3)]
         impls = _op_impls(run_triton)
-        # the implementations' calls take turns, so a slow spell of a shared machine hits them alike
-        measured = []
-        for backward in (False, True):
-            steps = [None if fn is None else _op_step(fn, inputs, st, backward) for fn in impls.values()]
-            timed, notes = measure_side_by_side(steps, device, warmup, iters)
-            measured.append(timed)
-            for name, note in zip(impls, notes):
-                if note.startswith("n/a"):
-                    print(f"  {st.name} {name}: {note}", flush=True)
-        results = dict(zip(impls, zip(*measured)))
+        # the forward and forward+backward calls of every implementation take turns in one measurement,
+        # so a slow spell of a shared machine hits them alike
+        steps = [
+            _op_step(fn, inputs, st, backward) if fn is not None else _NO_TRITON
+            for backward in (False, True)
+            for fn in impls.values()
+        ]
+        timed, notes = measure_side_by_side(steps, device, warmup, iters)
+        n = len(impls)
+        for i, name in enumerate(impls):
+            if notes[i] or notes[n + i]:
+                print(f"  {st.name} {name}: {notes[i] or notes[n + i]}", flush=True)
+        results = {name: (timed[i], timed[n + i]) for i, name in enumerate(impls)}
         base = results["official-style gather"]
         for name, (fwd, fwdbwd) in results.items():
             rows.append(

@@ -170,11 +170,11 @@ def _step(fn: Callable, inputs: list[torch.Tensor], backward: bool) -> Callable[
     return step
 
 
-def _steps(make: Callable[[], Callable] | None, inputs: list[torch.Tensor]):
-    """(forward step, forward+backward step) of one provider; ``None`` for one not run here, and steps
-    that raise for one that cannot be built (e.g. NATTEN not installed)."""
-    if make is None:
-        return None, None
+def _steps(make: Callable[[], Callable] | str, inputs: list[torch.Tensor]):
+    """(forward step, forward+backward step) of one provider; for one not run here the reason (a string)
+    twice, and steps that raise for one that cannot be built (e.g. NATTEN not installed)."""
+    if isinstance(make, str):
+        return make, make
     try:
         fn = make()
     except Exception as exc:  # reported in the table by measure_side_by_side
@@ -203,16 +203,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--flex-compile", action="store_true", help="torch.compile flex_attention on CPU too")
     parser.add_argument("--case", default="", help="only run cases whose name contains this text")
-    parser.add_argument("--iters", type=int, help="timed iterations (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--iters", type=int, help="timed iterations (default 20 on CUDA, 10 on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
     device = args.device
     cuda = device.startswith("cuda")
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    iters = args.iters or (20 if cuda else 3)
-    warmup = 3 if cuda else 1
-    run_triton = triton_available() and (cuda or interpreter_enabled())
+    iters = args.iters or (20 if cuda else 10)
+    warmup = 3 if cuda else 2
+    no_triton = (
+        "Triton is not installed"
+        if not triton_available()
+        else "Triton runs on a CUDA device (or TRITON_INTERPRET=1)"
+        if not (cuda or interpreter_enabled())
+        else ""
+    )
     rows = []
     for case in _cases("cuda" if cuda else "cpu", args.batch):
         if args.case not in case.name:
@@ -227,26 +233,31 @@ def run(args: argparse.Namespace) -> int:
         inputs = [t.requires_grad_(True) for t in qkv + ([rpb] if rpb is not None else [])]
 
         flex_compiled = cuda or args.flex_compile
-        providers: list[tuple[str, Callable[[], Callable] | None]] = [
-            ("visattn triton", partial(_ours, case, rpb, "triton") if run_triton else None),
+        # a provider is a constructor of its function, or the reason it is not run here
+        providers: list[tuple[str, Callable[[], Callable] | str]] = [
+            ("visattn triton", no_triton or partial(_ours, case, rpb, "triton")),
             ("visattn torch", partial(_ours, case, rpb, "torch")),
             (
                 "flex" if flex_compiled else "flex (eager)",
                 partial(_flex_fn, case, device, flex_compiled, rpb),
             ),
-            ("natten", partial(_natten_fn, case) if rpb is None else None),
+            (
+                "natten",
+                partial(_natten_fn, case) if rpb is None else "NATTEN has no relative positional bias",
+            ),
             ("sdpa + window mask", partial(_masked_sdpa_fn, case, device, dtype, rpb)),
             ("sdpa dense", lambda: _sdpa),
         ]
-        # every provider's calls take turns (forward, then forward+backward), so a slow spell of a
-        # shared machine hits them alike; a provider that cannot run a case gets a note
+        # the forward and forward+backward calls of every provider take turns in one measurement, so a
+        # slow spell of a shared machine hits them alike (measured apart, a forward could read slower than
+        # its forward+backward); a provider that cannot run a case gets a note
         steps = [_steps(make, inputs) for _, make in providers]
-        (fwd, fwd_notes), (bwd, bwd_notes) = (
-            measure_side_by_side([s[backward] for s in steps], device, warmup, iters) for backward in (0, 1)
+        timed, notes = measure_side_by_side(
+            [s[0] for s in steps] + [s[1] for s in steps], device, warmup, iters
         )
+        n = len(providers)
         results = [
-            (name, f, b, nf or nb)
-            for (name, _), f, b, nf, nb in zip(providers, fwd, bwd, fwd_notes, bwd_notes)
+            (name, timed[i], timed[n + i], notes[i] or notes[n + i]) for i, (name, _) in enumerate(providers)
         ]
         if cuda:
             torch.cuda.empty_cache()

@@ -511,7 +511,7 @@ def _resolve_unet(pipe_or_unet: Any) -> nn.Module:
 
 
 def _downsample_of_blocks(unet: nn.Module) -> dict[str, int]:
-    """Module-path prefix of each UNet block -> how many times its input is downsampled vs the latent."""
+    """Module-path prefix of each UNet block -> the factor (1, 2, 4, 8) its input is downsampled by."""
     factors, level = {}, 0
     for i, block in enumerate(unet.down_blocks):
         factors[f"down_blocks.{i}."] = 2**level
@@ -526,9 +526,10 @@ def _downsample_of_blocks(unet: nn.Module) -> dict[str, int]:
 def agent_attention_targets(unet: nn.Module, max_downsample: int = 1) -> dict[str, int]:
     """Self-attention modules AgentSD acts on: path of each ``attn1`` -> its downsample factor.
 
-    These are the ``attn1`` of the ``BasicTransformerBlock`` s whose input is downsampled at most
-    ``max_downsample`` times (AgentSD default 1: the highest-resolution blocks; in SD 1.x/2.x the two of
-    ``down_blocks.0`` and the three of ``up_blocks.3``), excluding blocks whose ``attn1`` is cross-attention.
+    These are the ``attn1`` of the ``BasicTransformerBlock`` s whose input is downsampled by a factor of at
+    most ``max_downsample`` (1: the latent's resolution, 2: half of it, then 4, 8; AgentSD default 1: the
+    highest-resolution blocks, in SD 1.x/2.x the two of ``down_blocks.0`` and the three of ``up_blocks.3``),
+    excluding blocks whose ``attn1`` is cross-attention.
     """
     from diffusers.models.attention import BasicTransformerBlock
 
@@ -570,8 +571,9 @@ def apply_agent_attention(
         pipe_or_unet: a diffusers pipeline with ``.unet`` or the UNet itself.
         schedule: one phase, or phases sorted by ``start_step`` with the first at step 0; the default is
             the official two-phase schedule :data:`AGENTSD_SCHEDULE`. Advance steps with ``handle.callback``.
-        max_downsample: act on transformer blocks downsampled at most this many times (AgentSD: 1; SDXL
-            has no attention at full resolution, use 2 there).
+        max_downsample: act on transformer blocks whose input is downsampled by at most this factor
+            (1: the latent's resolution, 2: half of it, then 4, 8; AgentSD: 1; SDXL has no attention at
+            full resolution, use 2 there).
         k_scale2: the query->agent softmax uses ``scale ** k_scale2`` (AgentSD: 0.3).
         k_shortcut: weight of the ``V`` shortcut (AgentSD: 0.075).
         use_rand: random dst token per cell (off automatically for odd batches).
