@@ -217,7 +217,9 @@ _HINTS = typing.get_type_hints(Recipe)
 def _unknown_key_error(keys: list[str], where: str) -> ValueError:
     import difflib
 
-    close = [m for k in sorted(keys) for m in difflib.get_close_matches(k, FIELDS, n=1)]
+    # cutoff 0.8: typos and plural slips (epoch, batchsize, modle), not keys that share a suffix
+    # (learning_rate -> decay_rate at difflib's default 0.6)
+    close = [m for k in sorted(keys) for m in difflib.get_close_matches(k, FIELDS, n=1, cutoff=0.8)]
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     valid = ", ".join(sorted(FIELDS))
     return ValueError(f"{where}: unknown recipe key(s) {', '.join(sorted(keys))}; {hint}Valid keys: {valid}")

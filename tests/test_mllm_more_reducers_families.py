@@ -212,13 +212,13 @@ RUNS = {
         DivPrune(keep=0.5),
         DART(keep=6, pivots_image=1, pivots_text=1),
         PyramidDrop(),
-        SparseVLM(counts=(20, 10, 6)),
+        SparseVLM(counts=(12, 8, 4)),  # per view of 16 tokens (a count above it is refused)
     ),
     "llava_onevision": (
         DivPrune(keep=0.5),
         DART(keep=6, pivots_image=1, pivots_text=1),
         PyramidDrop(),
-        SparseVLM(counts=(20, 10, 6)),
+        SparseVLM(counts=(12, 8, 4)),  # per view of 16 tokens (a count above it is refused)
     ),
     "qwen2_vl": (DivPrune(keep=0.5), DivPrune(keep=2)),
 }

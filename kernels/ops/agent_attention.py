@@ -105,8 +105,9 @@ def agent_attention(
         agent_bias: added to the agent->key scores, shape ``[B or 1, H, A, Nk]``.
         query_bias: added to the query->agent scores, shape ``[B or 1, H, Nq, A]``.
         backend: ``"auto"`` (on CUDA: Triton for float16/bfloat16/float32 with at most 256 agents and
-            head dims up to 256, else ``"torch"``; ``"torch"`` elsewhere), ``"triton"``, ``"torch"``
-            (both steps through ``scaled_dot_product_attention``) or ``"reference"``.
+            head dims up to 256, else ``"torch"``; ``"torch"`` elsewhere), ``"triton"``, ``"torch"`` (on
+            CUDA both steps through ``scaled_dot_product_attention``, on CPU the reference) or
+            ``"reference"``.
 
     Returns:
         ``[B, Nq, H, Dv]`` in the dtype of ``q``.
@@ -114,9 +115,10 @@ def agent_attention(
     scale = _validate(q, k, v, agent, scale, agent_bias, query_bias)
     tensors = [t for t in (q, k, v, agent, agent_bias, query_bias) if t is not None]
     chosen = resolve_backend(backend, *tensors, op=OP, limit=_triton_limit(q, v, agent))
-    if chosen == "torch":
+    if chosen == "torch" and _dispatch.cuda_tensors(*tensors):
         return agent_attention_sdpa(q, k, v, agent, scale, agent_bias, query_bias)
-    if chosen == "reference":
+    if chosen in ("torch", "reference"):
+        # on CPU SDPA is mostly faster, but its results depend on how the batch is split (docs/kernels.md)
         return agent_attention_reference(q, k, v, agent, scale, agent_bias, query_bias)
     return _agent_attention_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
 

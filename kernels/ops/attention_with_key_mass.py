@@ -114,7 +114,7 @@ def sdpa_with_suffix_mass(q, k, v, query_weight, bias, causal, scale, q_lo):
     of the selected queries, which all lie in the short suffix ``q_lo:``, from those rows alone:
     ``O((Nq - q_lo) * Nk)`` extra work. ``bias``: additive float32 or None."""
     nq, nk, heads, kv_heads = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    mask = None if bias is None else bias.clamp_min(torch.finfo(q.dtype).min).to(q.dtype)
+    mask = None if bias is None else bias.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
     if causal and (mask is not None or nq != nk):
         allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
         causal_bias = torch.zeros(nq, nk, dtype=q.dtype, device=q.device).masked_fill(
