@@ -40,6 +40,25 @@ def batch_of(family, model):
 
 
 @torch.no_grad()
+def check_no_op_and_restore(family, no_op, reducing):
+    """``no_op`` attached gives the unattached model's logits on the real tokens and saves no FLOPs;
+    ``reducing`` generates with the cache and returns its ``handle.stats``; after both are removed the
+    model's logits are bit for bit the unattached ones."""
+    model = model_of(family)
+    inputs = batch_of(family, model)
+    real = inputs["attention_mask"].bool()
+    ref = model(**inputs).logits
+    with attach(model, no_op) as handle:
+        torch.testing.assert_close(model(**inputs).logits[real], ref[real], atol=1e-5, rtol=0)
+        assert all(s["prefill_flops_saved"] == 0 for s in handle.stats)
+    with attach(model, reducing) as handle:
+        model.generate(**inputs, max_new_tokens=2)
+        stats = handle.stats
+    assert torch.equal(model(**inputs).logits, ref)
+    return stats
+
+
+@torch.no_grad()
 def view(family, eager, inputs, b, new=None):
     """Sample ``b`` alone: ``(embeds [1, L, D], unit [L], positions)`` (see the families battery)."""
     if family != "llava":
@@ -133,18 +152,8 @@ def test_generate_with_cache_matches_cache_free_greedy_rule(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_equals_the_unattached_model_and_remove_restores(family):
-    model = model_of(family)
-    inputs = batch_of(family, model)
-    real = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        with attach(model, Random(keep=1.0)) as handle:
-            torch.testing.assert_close(model(**inputs).logits[real], ref[real], atol=1e-5, rtol=0)
-            assert all(s["prefill_flops_saved"] == 0 for s in handle.stats)
-        with attach(model, Random(keep=0.25, seed=1)) as handle:
-            model.generate(**inputs, max_new_tokens=2)
-            assert all(s["prefill_flops_saved"] > 0 for s in handle.stats)
-        assert torch.equal(model(**inputs).logits, ref)
+    stats = check_no_op_and_restore(family, Random(keep=1.0), Random(keep=0.25, seed=1))
+    assert all(s["prefill_flops_saved"] > 0 for s in stats)
 
 
 def test_invalid_arguments():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.test_mllm_random import LLAVA_IMAGES, batch_of, model_of, view
+from tests.test_mllm_random import LLAVA_IMAGES, batch_of, check_no_op_and_restore, model_of, view
 from tests.test_mllm_tokens import manual_logits
 from visattn.mllm_tokens import ToMe, attach
 from visattn.mllm_tokens.tome import bipartite_matching, merge_rows
@@ -115,20 +115,9 @@ def test_generate_with_cache_matches_cache_free_greedy_rule():
 
 
 def test_no_merge_equals_the_unattached_model_and_remove_restores():
-    model = model_of("llava")
-    inputs = batch_of("llava", model)
-    real = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        with attach(model, ToMe(r=0)) as handle:
-            torch.testing.assert_close(model(**inputs).logits[real], ref[real], atol=1e-5, rtol=0)
-            assert all(s["prefill_flops_saved"] == 0 for s in handle.stats)
-        with attach(
-            model, ToMe(r=16)
-        ) as handle:  # capped at half the tokens in every layer: 16 -> 8 -> 4 -> 2
-            model.generate(**inputs, max_new_tokens=2)
-            assert [s["kept_per_layer"][0] for s in handle.stats] == [2 * n for n in LLAVA_IMAGES]
-        assert torch.equal(model(**inputs).logits, ref)
+    stats = check_no_op_and_restore("llava", ToMe(r=0), ToMe(r=16))
+    # capped at half the tokens in every layer: 16 -> 8 -> 4 -> 2
+    assert [s["kept_per_layer"][0] for s in stats] == [2 * n for n in LLAVA_IMAGES]
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
