@@ -1,13 +1,12 @@
 """visattn.kernels.agent_attention: reference, Triton (interpreter on CPU) and errors."""
 
 import math
-import sys
 
 import pytest
 import torch
 
 from visattn.kernels import agent_attention
-from visattn.kernels.ops.agent_attention import agent_attention_sdpa
+from visattn.kernels.torch.agent_attention import agent_attention_sdpa
 
 # Triton runs on the GPU when there is one, else under the CPU interpreter (tests/conftest.py).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,9 +150,9 @@ def test_bench_runs_on_cpu(capsys):
 
 
 def test_auto_uses_sdpa_beyond_triton_limits(monkeypatch):
-    from visattn.kernels.ops import _dispatch as dispatch
+    from visattn.kernels.ops import dispatch
+    from visattn.kernels.torch import agent_attention as module
 
-    module = sys.modules["visattn.kernels.ops.agent_attention"]  # the package attribute is the function
     q, k, v, _, _, _ = _inputs()
     agent = torch.randn(2, 300, 2, 8)
     monkeypatch.setattr(dispatch, "cuda_tensors", lambda *tensors: True)  # as on a CUDA device
@@ -190,11 +189,11 @@ def test_triton_cuda_half_precision(dtype, shape):
 
 def test_triton_split_keys_forward():
     """Several programs per (batch, head) over the keys (as on a GPU with few heads), merged by lse."""
-    from visattn.kernels.ops._dispatch import interpreter_enabled
-    from visattn.kernels.triton.agent_attention import agent_attention_fwd
+    from visattn.kernels.ops.dispatch import interpreter_enabled
+    from visattn.kernels.triton.agent_attention import agent_attention_forward
 
     q, k, v, agent, ab, qb = _inputs(nq=10, nk=300, a=6, device=TRITON_DEVICE)
-    out, agent_v, lse, _ = agent_attention_fwd(
+    out, agent_v, lse, _ = agent_attention_forward(
         q, k, v, agent, ab, qb, 8**-0.5, interpreter_enabled(), splits=3
     )
     torch.testing.assert_close(
@@ -214,9 +213,11 @@ def test_triton_gpu_tiles_at_49_agents(dtype):
     assert tk._tile(100, 64, interpret=False, gpu_cap=32) == 32
     inputs = _inputs(b=1, nq=40, nk=100, h=1, d=32, dv=32, a=49, dtype=dtype, device=TRITON_DEVICE)
     q, k, v, agent, ab, qb = inputs
-    out, agent_v, lse_a, lse_q = tk.agent_attention_fwd(q, k, v, agent, ab, qb, 32**-0.5, False)
+    out, agent_v, lse_a, lse_q = tk.agent_attention_forward(q, k, v, agent, ab, qb, 32**-0.5, False)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-    grads = tk.agent_attention_bwd(dout, q, k, v, agent, ab, qb, out, agent_v, lse_a, lse_q, 32**-0.5, False)
+    grads = tk.agent_attention_backward(
+        dout, q, k, v, agent, ab, qb, out, agent_v, lse_a, lse_q, 32**-0.5, False
+    )
     ref_inputs = [t.float().requires_grad_() for t in inputs]
     ra, rq = ref_inputs[4:]
     ref = agent_attention(*ref_inputs[:4], agent_bias=ra, query_bias=rq, backend="torch")

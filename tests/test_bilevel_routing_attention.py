@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from visattn.kernels import bilevel_routing_attention, interpreter_enabled
-from visattn.kernels.ops.bilevel_routing_attention import _bra_fwd
-from visattn.kernels.ops.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
     routing_indices,
 )
+from visattn.kernels.torch.bilevel_routing_attention import bilevel_routing_attention_torch
 
 
 def _inputs(b, h, w, heads, d, dv=None, dtype=torch.float64, grad=False):
@@ -92,12 +91,12 @@ def test_reference_matches_naive_loop(b, h, w, heads, d, dv, s, topk):
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("b,h,w,heads,d,dv,s,topk", CASES)
 def test_sdpa_path_matches_reference_with_gradients(dense, b, h, w, heads, d, dv, s, topk):
-    # backend="torch" runs bilevel_routing_attention_sdpa (both layouts here); the reference is the
+    # backend="torch" runs bilevel_routing_attention_torch (both layouts here); the reference is the
     # readable ground truth
     q, k, v = _inputs(b, h, w, heads, d, dv, grad=True)
     routing = routing_indices(q, k, s, topk, 0.7)
     grad_out = torch.randn(v.shape, dtype=v.dtype)
-    out = bilevel_routing_attention_sdpa(q, k, v, routing, s, 0.7, dense=dense)
+    out = bilevel_routing_attention_torch(q, k, v, routing, s, 0.7, dense=dense)
     ref = bilevel_routing_attention_reference(q, k, v, routing, s, 0.7)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -257,7 +256,9 @@ def test_triton_reads_strided_views_in_place():
 def test_custom_op_opcheck_and_compile():
     q, k, v = _inputs(1, 4, 4, 1, 16, dtype=torch.float32, grad=True)
     routing = routing_indices(q, k, 2, 2, 0.25)
-    torch.library.opcheck(_bra_fwd, (q, k, v, routing, 2, 0.25))
+    torch.library.opcheck(
+        torch.ops.visattn.bilevel_routing_attention_fwd.default, (q, k, v, routing, 2, 0.25)
+    )
     torch._dynamo.reset()
     compiled = torch.compile(
         lambda q, k, v: bilevel_routing_attention(q, k, v, 2, 2, scale=0.25, backend="triton"),
@@ -275,7 +276,9 @@ def test_auto_backend_is_the_reference_on_cpu(monkeypatch):
         raise AssertionError("auto must not pick Triton for CPU tensors")
 
     # float32, which the Triton kernels would take (float64 falls back to the reference anyway)
-    monkeypatch.setattr(sys.modules["visattn.kernels.ops.bilevel_routing_attention"], "_bra_fwd", no_triton)
+    monkeypatch.setattr(
+        sys.modules["visattn.kernels.ops.bilevel_routing_attention"], "_triton_fwd", no_triton
+    )
     q, k, v = _inputs(1, 4, 4, 1, 4, dtype=torch.float32)
     torch.testing.assert_close(
         bilevel_routing_attention(q, k, v, 2, 1), bilevel_routing_attention(q, k, v, 2, 1, backend="torch")
@@ -310,7 +313,7 @@ def test_errors(change, match):
 
 
 def test_triton_limits_raise_or_fall_back(monkeypatch):
-    from visattn.kernels.ops import _dispatch as dispatch
+    from visattn.kernels.ops import dispatch
 
     q, k, v = _inputs(1, 4, 4, 1, 4, dv=257, dtype=torch.float32)
     # as on CUDA tensors: dispatch picks Triton for both "triton" and "auto"

@@ -1,4 +1,4 @@
-"""One policy for every op of visattn.kernels (kernels/ops/_dispatch.py, kernels/ops/_checks.py).
+"""One policy for every op of visattn.kernels (kernels/ops/dispatch.py, kernels/ops/_checks.py).
 
 - ``backend="auto"`` falls back to PyTorch at a capability limit of the Triton kernels and never
   raises for one; ``backend="triton"`` raises a ValueError naming the limit.
@@ -18,7 +18,7 @@ from visattn.kernels import (
     neighborhood_attention,
     visual_sink_attention,
 )
-from visattn.kernels.ops import _dispatch
+from visattn.kernels.ops import dispatch
 
 
 def _attn(dtype=torch.float32, nq=12, nk=12, d=8):
@@ -77,7 +77,7 @@ LIMITS = {
 def test_auto_falls_back_at_a_limit_and_triton_names_it(op, monkeypatch):
     call, inputs, words = LIMITS[op]
     args = inputs()
-    monkeypatch.setattr(_dispatch, "cuda_tensors", lambda *tensors: True)  # as on a GPU: auto picks Triton
+    monkeypatch.setattr(dispatch, "cuda_tensors", lambda *tensors: True)  # as on a GPU: auto picks Triton
     expected = call(args, backend="torch")
     torch.testing.assert_close(call(args, backend="auto"), expected)
     with pytest.raises(ValueError, match=f"{op}: backend='triton' .*{words}"):
@@ -228,7 +228,7 @@ def test_every_op_answers_to_the_four_backend_names(op, monkeypatch):
 def test_torch_key_mass_scores_a_short_suffix_through_sdpa(monkeypatch):
     """backend='torch' on a short suffix of selected queries takes SDPA's output and scores only those rows
     (formerly reachable only through 'auto'), with the reference's result."""
-    from visattn.kernels.ops import attention_with_key_mass as op
+    from visattn.kernels.torch import attention_with_key_mass as op
 
     q, k, v = _attn(nq=12, nk=12)
     want = attention_with_key_mass(q, k, v, query_set="last", backend="reference")

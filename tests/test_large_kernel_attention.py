@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from visattn.kernels import large_kernel_attention
-from visattn.kernels.ops.large_kernel_attention import _lka_bwd, _lka_fwd
 from visattn.kernels.reference.large_kernel_attention import large_kernel_attention_reference
 
 
@@ -131,9 +130,12 @@ def test_reference_matches_official_module_order():
 
 def test_opcheck_custom_ops():
     args = [a.detach() for a in _inputs(1, 2, 5, 6)]
-    torch.library.opcheck(_lka_fwd, (*args, 3))
-    out, d = _lka_fwd(*args, 3)
-    torch.library.opcheck(_lka_bwd, (torch.randn_like(out), None, args[0], d, *args[1:], 3))
+    torch.library.opcheck(torch.ops.visattn.large_kernel_attention_fwd.default, (*args, 3))
+    out, d = torch.ops.visattn.large_kernel_attention_fwd(*args, 3)
+    torch.library.opcheck(
+        torch.ops.visattn.large_kernel_attention_bwd.default,
+        (torch.randn_like(out), None, args[0], d, *args[1:], 3),
+    )
 
 
 def test_torch_compile_fullgraph_triton():

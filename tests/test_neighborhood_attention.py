@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import visattn.kernels.ops._dispatch as dispatch
+import visattn.kernels.ops.dispatch as dispatch
 import visattn.kernels.reference.neighborhood_attention as na_reference
 from visattn.kernels import neighborhood_attention
 from visattn.kernels.reference.neighborhood_attention import window_indices
@@ -218,7 +218,7 @@ def test_dispatch_auto_uses_reference_on_cpu(monkeypatch):
         called["triton"] = True
         raise AssertionError("auto must not pick Triton for CPU tensors")
 
-    monkeypatch.setattr(torch.ops.visattn, "na_forward", fake_forward, raising=False)
+    monkeypatch.setattr(torch.ops.visattn, "neighborhood_attention_fwd", fake_forward, raising=False)
     q, k, v, _ = _inputs((1, 6, 2, 4), dtype=torch.float32)
     neighborhood_attention(q, k, v, 3)
     assert not called
@@ -421,16 +421,20 @@ def test_rpb_grad_contraction_matches_scatter(spatial, kernel_size, dilation):
 
 
 def test_opcheck():
-    from visattn.kernels.ops.neighborhood_attention import _na_forward
 
     q, k, v, rpb = _inputs((1, 5, 6, 2, 8), dtype=torch.float32, rpb_kernel=(3, 3))
     for t in (q, k, v, rpb):
         t.requires_grad_(True)
-    torch.library.opcheck(_na_forward, (q, k, v, rpb, [3, 3], [1, 2], [False, False], 0.5))
+    torch.library.opcheck(
+        torch.ops.visattn.neighborhood_attention_fwd.default,
+        (q, k, v, rpb, [3, 3], [1, 2], [False, False], 0.5),
+    )
     q, k, v, _ = _inputs((1, 7, 1, 8), dtype=torch.float32)
     for t in (q, k, v):
         t.requires_grad_(True)
-    torch.library.opcheck(_na_forward, (q, k, v, None, [3], [2], [True], 0.5))
+    torch.library.opcheck(
+        torch.ops.visattn.neighborhood_attention_fwd.default, (q, k, v, None, [3], [2], [True], 0.5)
+    )
 
 
 def test_traces_under_torch_compile():
@@ -631,13 +635,13 @@ def test_benchmark_masked_sdpa_is_exact(shape, kernel_size, dilation, is_causal,
 
 def _check_tiled_against_reference(shape, args, use_rpb, tile):
     """The torch path at a given ``tile`` equals the reference, output and every gradient (float64)."""
-    from visattn.kernels.ops.neighborhood_attention_tiled import neighborhood_attention_tiled
     from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+    from visattn.kernels.torch.neighborhood_attention import neighborhood_attention_torch
 
     q, k, v, rpb = _inputs(shape, rpb_kernel=args[0] if use_rpb else None)
     leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
     ref = neighborhood_attention_reference(q, k, v, *args, rpb, 0.37)
-    out = neighborhood_attention_tiled(q, k, v, *args, rpb, 0.37, tile=tile)
+    out = neighborhood_attention_torch(q, k, v, *args, rpb, 0.37, tile=tile)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
@@ -669,8 +673,8 @@ def test_tiled_sdpa_path_half_precision_and_bench_shape():
 def test_tile_choice_tiles_large_maps_and_keeps_small_maps_dense():
     """The default tile: query tiles where they cut the work (here 1-D, 1024 tokens, k=9), one dense
     masked tile on maps about the window's size; both exact."""
-    from visattn.kernels.ops.neighborhood_attention_tiled import TILE_CANDIDATES, choose_tile
     from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+    from visattn.kernels.torch.neighborhood_attention import TILE_CANDIDATES, choose_tile
 
     assert choose_tile((1024,), (9,), (1,), (False,)) < 1024
     assert choose_tile((56, 56), (7, 7), (1, 1), (False, False)) < 56
@@ -706,7 +710,7 @@ def test_torch_path_runs_on_the_meta_device(shape, kernel_size):
 )
 def test_bands_match_reference_with_gradients(shape, kernel_size, causal, band):
     """Bands along the first dim run one SDPA call each on slices (no gather); with rpb when not causal."""
-    from visattn.kernels.ops.neighborhood_attention_tiled import TILE_CANDIDATES, _plan
+    from visattn.kernels.torch.neighborhood_attention import TILE_CANDIDATES, _plan
 
     n = len(shape) - 3
     tile = (band,) + (TILE_CANDIDATES[-1],) * (n - 1)
@@ -716,7 +720,7 @@ def test_bands_match_reference_with_gradients(shape, kernel_size, causal, band):
 
 
 def test_tile_choice_bands_where_they_cut_the_dense_work():
-    from visattn.kernels.ops.neighborhood_attention_tiled import choose_tile
+    from visattn.kernels.torch.neighborhood_attention import choose_tile
 
     assert choose_tile((6, 8, 8), (3, 3, 3), (1, 1, 1), (False,) * 3)[0] == 3
     assert isinstance(choose_tile((14, 14), (7, 7), (1, 1), (False, False)), int)  # 98-row bands: slower

@@ -107,8 +107,8 @@ def test_triton_matches_reference(causal, mask_kind, nq):
 
 def test_opcheck_and_validation():
     q, k, v, category, query_mask = _inputs(nq=6, nk=6)
-    args = (q, k, v, category.to(torch.int8), query_mask, 0.4, 0.5, 0.2, None, True, 0.25, False)
-    torch.library.opcheck(torch.ops.visattn.visual_sink_attention.default, args)
+    args = (q, k, v, category.to(torch.int8), query_mask, 0.4, 0.5, 0.2, None, True, 0.25)
+    torch.library.opcheck(torch.ops.visattn.visual_sink_attention_fwd.default, args)
     with pytest.raises(ValueError, match="category"):
         visual_sink_attention(q, k, v, category.float(), query_mask)
     with pytest.raises(ValueError, match="category values"):

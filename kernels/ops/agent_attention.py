@@ -14,16 +14,15 @@ count: ``O((Nq + Nk) * A * D)``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from visattn.kernels.ops import _dispatch
-from visattn.kernels.ops._checks import check_float_tensors, check_ndim, softmax_scale
-from visattn.kernels.ops._dispatch import interpreter_enabled, resolve_backend
+from visattn.kernels.ops.checks import check_float_tensors, check_ndim, softmax_scale
+from visattn.kernels.ops.dispatch import TRITON_DTYPES, interpreter_enabled, resolve_backend, triton_limit
 from visattn.kernels.reference.agent_attention import agent_attention_reference
+from visattn.kernels.torch.agent_attention import agent_attention_torch
 
 OP = "agent_attention"
-TRITON_MAX_AGENTS = 256
-TRITON_MAX_HEAD_DIM = 256
+MAX_TRITON_AGENTS = 256
+MAX_TRITON_HEAD_DIM = 256
 
 
 def _check_bias(
@@ -37,7 +36,7 @@ def _check_bias(
         )
 
 
-def _validate(q, k, v, agent, scale, agent_bias, query_bias) -> float:
+def _check_args(q, k, v, agent, scale, agent_bias, query_bias) -> float:
     tensors = {"q": q, "k": k, "v": v, "agent": agent}
     if agent_bias is not None:
         tensors["agent_bias"] = agent_bias
@@ -112,49 +111,30 @@ def agent_attention(
     Returns:
         ``[B, Nq, H, Dv]`` in the dtype of ``q``.
     """
-    scale = _validate(q, k, v, agent, scale, agent_bias, query_bias)
+    scale = _check_args(q, k, v, agent, scale, agent_bias, query_bias)
     tensors = [t for t in (q, k, v, agent, agent_bias, query_bias) if t is not None]
     chosen = resolve_backend(backend, *tensors, op=OP, limit=_triton_limit(q, v, agent))
-    if chosen == "torch" and _dispatch.cuda_tensors(*tensors):
-        return agent_attention_sdpa(q, k, v, agent, scale, agent_bias, query_bias)
-    if chosen in ("torch", "reference"):
-        # on CPU SDPA is mostly faster, but its results depend on how the batch is split (docs/kernels.md)
+    if chosen == "torch":
+        return agent_attention_torch(q, k, v, agent, scale, agent_bias, query_bias)
+    if chosen == "reference":
         return agent_attention_reference(q, k, v, agent, scale, agent_bias, query_bias)
-    return _agent_attention_op(q, k, v, agent, agent_bias, query_bias, scale)[0]
-
-
-def agent_attention_sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    agent: torch.Tensor,
-    scale: float,
-    agent_bias: torch.Tensor | None = None,
-    query_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Both steps as ``scaled_dot_product_attention`` calls (shapes as :func:`agent_attention`): on CUDA
-    torch's flash / memory-efficient kernels, with the biases as additive masks, so the ``[A, Nk]`` and
-    ``[Nq, A]`` probabilities are never stored (``auto`` on CUDA beyond the Triton kernels' limits)."""
-    qh, kh, vh, ah = (t.transpose(1, 2) for t in (q, k, v, agent))
-    agent_v = F.scaled_dot_product_attention(ah, kh, vh, attn_mask=agent_bias, scale=scale)
-    out = F.scaled_dot_product_attention(qh, ah, agent_v, attn_mask=query_bias, scale=scale)
-    return out.transpose(1, 2)
+    return _triton_fwd(q, k, v, agent, agent_bias, query_bias, scale)[0]
 
 
 def _triton_limit(q: torch.Tensor, v: torch.Tensor, agent: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None."""
-    if agent.shape[1] > TRITON_MAX_AGENTS and q.dtype in _dispatch.TRITON_DTYPES:
+    if agent.shape[1] > MAX_TRITON_AGENTS and q.dtype in TRITON_DTYPES:
         return (
-            f"holds all agents in one block: at most {TRITON_MAX_AGENTS} agents, got {agent.shape[1]} "
+            f"holds all agents in one block: at most {MAX_TRITON_AGENTS} agents, got {agent.shape[1]} "
             "(backend='auto' uses scaled_dot_product_attention then)"
         )
-    return _dispatch.triton_limit(q.dtype, (q.shape[3], v.shape[3]), TRITON_MAX_HEAD_DIM)
+    return triton_limit(q.dtype, (q.shape[3], v.shape[3]), MAX_TRITON_HEAD_DIM)
 
 
 # Triton path as torch.library ops (fake + autograd) so it traces under torch.compile / export.
 # Outputs: out [B, Nq, H, Dv], agent_v [B, H, A, Dv] (fp32), base-2 log-sum-exps [B, H, A] and [B, H, Nq].
 @torch.library.custom_op("visattn::agent_attention_fwd", mutates_args=())
-def _agent_attention_op(
+def _triton_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -163,12 +143,12 @@ def _agent_attention_op(
     query_bias: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from visattn.kernels.triton.agent_attention import agent_attention_fwd
+    from visattn.kernels.triton.agent_attention import agent_attention_forward
 
-    return agent_attention_fwd(q, k, v, agent, agent_bias, query_bias, scale, interpreter_enabled())
+    return agent_attention_forward(q, k, v, agent, agent_bias, query_bias, scale, interpreter_enabled())
 
 
-@_agent_attention_op.register_fake
+@_triton_fwd.register_fake
 def _(q, k, v, agent, agent_bias, query_bias, scale):
     batch, nq, heads, _ = q.shape
     num_agents, dv = agent.shape[1], v.shape[3]
@@ -181,7 +161,7 @@ def _(q, k, v, agent, agent_bias, query_bias, scale):
 
 
 @torch.library.custom_op("visattn::agent_attention_bwd", mutates_args=())
-def _agent_attention_bwd_op(
+def _triton_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -196,9 +176,9 @@ def _agent_attention_bwd_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v, agent, agent_bias, query_bias (an empty tensor for an absent bias)."""
-    from visattn.kernels.triton.agent_attention import agent_attention_bwd
+    from visattn.kernels.triton.agent_attention import agent_attention_backward
 
-    grads = agent_attention_bwd(
+    grads = agent_attention_backward(
         dout,
         q,
         k,
@@ -216,7 +196,7 @@ def _agent_attention_bwd_op(
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
-@_agent_attention_bwd_op.register_fake
+@_triton_bwd.register_fake
 def _(dout, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse_agent, lse_query, scale):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -237,7 +217,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _d_agent_v, _d_lse_agent, _d_lse_query):
     q, k, v, agent, agent_bias, query_bias, out, agent_v, lse_agent, lse_query = ctx.saved_tensors
-    dq, dk, dv, d_agent, d_agent_bias, d_query_bias = _agent_attention_bwd_op(
+    dq, dk, dv, d_agent, d_agent_bias, d_query_bias = _triton_bwd(
         dout, q, k, v, agent, agent_bias, query_bias, out, agent_v, lse_agent, lse_query, ctx.scale
     )
     return (
@@ -251,4 +231,4 @@ def _backward(ctx, dout, _d_agent_v, _d_lse_agent, _d_lse_query):
     )
 
 
-_agent_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)

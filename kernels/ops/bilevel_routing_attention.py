@@ -8,7 +8,7 @@ regions. The routing is computed in PyTorch (it is tiny); the attention runs in
 Triton as block-sparse flash attention that reads the routed K/V regions by index
 inside its loop, so the gathered K/V (``topk`` copies of K and V) never exist in
 memory. ``backend="torch"`` runs one batched SDPA over the routed tokens (gathered once, or the whole
-map under the routing mask when top-k covers many regions; :mod:`.bilevel_routing_attention_sdpa`),
+map under the routing mask when top-k covers many regions; :mod:`.bilevel_routing_attention_torch`),
 checked against the readable reference.
 """
 
@@ -16,68 +16,58 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels.ops._checks import check_float_tensors, check_ndim, softmax_scale
-from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
-from visattn.kernels.ops.bilevel_routing_attention_sdpa import bilevel_routing_attention_sdpa
+from visattn.kernels.ops.checks import check_float_tensors, check_ndim, softmax_scale
+from visattn.kernels.ops.dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.bilevel_routing_attention import (
     bilevel_routing_attention_reference,
     region_grid,
     routing_indices,
 )
+from visattn.kernels.torch.bilevel_routing_attention import bilevel_routing_attention_torch
 
-_OP = "bilevel_routing_attention"
-_LAYOUT = "[batch, H, W, heads, head_dim]"
+OP = "bilevel_routing_attention"
+LAYOUT = "[batch, H, W, heads, head_dim]"
 MAX_TRITON_HEAD_DIM = 256
 
 
 def _check_args(q, k, v, num_regions, topk, scale) -> float:
     """Validate the arguments; returns the softmax scale."""
-    check_float_tensors(_OP, q=q, k=k, v=v)
+    check_float_tensors(OP, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_ndim(_OP, name, t, (5,), _LAYOUT)
+        check_ndim(OP, name, t, (5,), LAYOUT)
     if k.shape != q.shape:
-        raise ValueError(f"{_OP}: k has shape {tuple(k.shape)} but q has {tuple(q.shape)}")
+        raise ValueError(f"{OP}: k has shape {tuple(k.shape)} but q has {tuple(q.shape)}")
     if v.shape[:4] != q.shape[:4]:
         raise ValueError(
-            f"{_OP}: v must share [batch, H, W, heads] with q {tuple(q.shape[:4])}, got {tuple(v.shape)}"
+            f"{OP}: v must share [batch, H, W, heads] with q {tuple(q.shape[:4])}, got {tuple(v.shape)}"
         )
     if min(q.shape) == 0:
-        raise ValueError(f"{_OP}: empty input of shape {tuple(q.shape)}")
+        raise ValueError(f"{OP}: empty input of shape {tuple(q.shape)}")
     if isinstance(num_regions, bool) or not isinstance(num_regions, int) or num_regions < 1:
-        raise ValueError(f"{_OP}: num_regions must be a positive int, got {num_regions!r}")
+        raise ValueError(f"{OP}: num_regions must be a positive int, got {num_regions!r}")
     if isinstance(topk, bool) or not isinstance(topk, int) or (topk < 1 and topk != -1):
-        raise ValueError(f"{_OP}: topk must be a positive int or -1 (all regions), got {topk!r}")
-    return softmax_scale(_OP, scale, q.shape[-1])
-
-
-def _triton_forward(q, k, v, routing, num_regions, scale):
-    from visattn.kernels.triton.bilevel_routing_attention import bra_forward
-
-    return bra_forward(q, k, v, routing, num_regions, scale)
-
-
-def _triton_backward(do, q, k, v, out, lse, routing, num_regions, scale):
-    from visattn.kernels.triton.bilevel_routing_attention import bra_backward
-
-    return bra_backward(do, q, k, v, out, lse, routing, num_regions, scale)
+        raise ValueError(f"{OP}: topk must be a positive int or -1 (all regions), got {topk!r}")
+    return softmax_scale(OP, scale, q.shape[-1])
 
 
 @torch.library.custom_op("visattn::bilevel_routing_attention_fwd", mutates_args=())
-def _bra_fwd(
+def _triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: torch.Tensor, num_regions: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: ``out [B, H, W, heads, dv]`` and log-sum-exp ``[B, heads, H, W]`` (float32)."""
-    return _triton_forward(q, k, v, routing, num_regions, scale)
+    from visattn.kernels.triton.bilevel_routing_attention import bilevel_routing_attention_forward
+
+    return bilevel_routing_attention_forward(q, k, v, routing, num_regions, scale)
 
 
-@_bra_fwd.register_fake
+@_triton_fwd.register_fake
 def _(q, k, v, routing, num_regions, scale):
     b, h, w, heads = q.shape[:4]
     return v.new_empty(v.shape), q.new_empty((b, heads, h, w), dtype=torch.float32)
 
 
 @torch.library.custom_op("visattn::bilevel_routing_attention_bwd", mutates_args=())
-def _bra_bwd(
+def _triton_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,10 +79,12 @@ def _bra_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of q, k, v (same shapes)."""
-    return _triton_backward(do, q, k, v, out, lse, routing, num_regions, scale)
+    from visattn.kernels.triton.bilevel_routing_attention import bilevel_routing_attention_backward
+
+    return bilevel_routing_attention_backward(do, q, k, v, out, lse, routing, num_regions, scale)
 
 
-@_bra_bwd.register_fake
+@_triton_bwd.register_fake
 def _(do, q, k, v, out, lse, routing, num_regions, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -108,11 +100,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, routing = ctx.saved_tensors
-    dq, dk, dv = _bra_bwd(dout, q, k, v, out, lse, routing, ctx.num_regions, ctx.scale)
+    dq, dk, dv = _triton_bwd(dout, q, k, v, out, lse, routing, ctx.num_regions, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
-_bra_fwd.register_autograd(_backward, setup_context=_setup_context)
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def bilevel_routing_attention(
@@ -150,12 +142,12 @@ def bilevel_routing_attention(
     rows = q.shape[0] * q.shape[3] * num_regions**2 * rh * rw  # the kernels' flat int32 row space
     if limit is None and rows >= 2**31:
         limit = f"supports batch * heads * padded H * W < 2**31, got {rows}"
-    chosen = resolve_backend(backend, q, k, v, op=_OP, limit=limit)
+    chosen = resolve_backend(backend, q, k, v, op=OP, limit=limit)
     routing = routing_indices(q, k, num_regions, topk, scale)
     if chosen == "reference":
         out = bilevel_routing_attention_reference(q, k, v, routing, num_regions, scale)
     elif chosen == "torch":
-        out = bilevel_routing_attention_sdpa(q, k, v, routing, num_regions, scale)
+        out = bilevel_routing_attention_torch(q, k, v, routing, num_regions, scale)
     else:
-        out = _bra_fwd(q, k, v, routing, num_regions, scale)[0]
+        out = _triton_fwd(q, k, v, routing, num_regions, scale)[0]
     return (out, routing) if return_routing else out

@@ -7,7 +7,7 @@ dilation 3, padding 9), a 1x1 convolution, and the product with the input.
 Layout: channels-first ``[B, C, H, W]`` like VAN (not the ``[batch, *spatial, heads, head_dim]``
 of the attention ops: LKA has no heads and its convolutions run over channel planes).
 
-Backends (``visattn.kernels.ops._dispatch``): ``"torch"`` and ``"reference"`` run the ``F.conv2d``
+Backends (``visattn.kernels.ops.dispatch``): ``"torch"`` and ``"reference"`` run the ``F.conv2d``
 reference; ``"triton"`` runs the fused kernels of :mod:`visattn.kernels.triton.large_kernel_attention`
 through the ``visattn::large_kernel_attention_fwd`` / ``_bwd`` custom ops (fake
 implementations and autograd registered, so they trace under ``torch.compile``). Both directions
@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels.ops._checks import check_float_tensors, check_ndim
-from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
+from visattn.kernels.ops.checks import check_float_tensors, check_ndim
+from visattn.kernels.ops.dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.large_kernel_attention import large_kernel_attention_reference
 
-_OP = "large_kernel_attention"
+OP = "large_kernel_attention"
 
 
 def _check_depthwise(name: str, weight: torch.Tensor, channels: int) -> int:
     shape = tuple(weight.shape)
     if weight.ndim != 4 or shape[0] != channels or shape[1] != 1 or shape[2] != shape[3] or shape[2] % 2 == 0:
         raise ValueError(
-            f"{_OP}: {name} must be a depthwise kernel of shape [C, 1, k, k] with C={channels} and odd k, "
+            f"{OP}: {name} must be a depthwise kernel of shape [C, 1, k, k] with C={channels} and odd k, "
             f"got {shape}"
         )
     return shape[2]
@@ -47,35 +47,29 @@ def _check_args(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias,
             if t is not None
         }
     )
-    check_float_tensors(_OP, **tensors)
-    check_ndim(_OP, "x", x, (4,), "[B, C, H, W]")
+    check_float_tensors(OP, **tensors)
+    check_ndim(OP, "x", x, (4,), "[B, C, H, W]")
     batch, channels, height, width = x.shape
     if min(batch, channels, height, width) == 0:
-        raise ValueError(
-            f"{_OP}: x must have non-zero batch, channels and spatial size, got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{OP}: x must have non-zero batch, channels and spatial size, got {tuple(x.shape)}")
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"{_OP}: dilation must be a positive int, got {dilation!r}")
+        raise ValueError(f"{OP}: dilation must be a positive int, got {dilation!r}")
     _check_depthwise("dw_weight", dw_weight, channels)
     _check_depthwise("dwd_weight", dwd_weight, channels)
     if tuple(pw_weight.shape) != (channels, channels, 1, 1):
         raise ValueError(
-            f"{_OP}: pw_weight must be a 1x1 conv kernel of shape [C, C, 1, 1] with C={channels}, "
+            f"{OP}: pw_weight must be a 1x1 conv kernel of shape [C, C, 1, 1] with C={channels}, "
             f"got {tuple(pw_weight.shape)}"
         )
     for name, bias in (("dw_bias", dw_bias), ("dwd_bias", dwd_bias), ("pw_bias", pw_bias)):
         if bias is not None and tuple(bias.shape) != (channels,):
             raise ValueError(
-                f"{_OP}: {name} must have shape [C] = ({channels},) or be None, got {tuple(bias.shape)}"
+                f"{OP}: {name} must have shape [C] = ({channels},) or be None, got {tuple(bias.shape)}"
             )
 
 
-def _flat(weight: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(weight.shape[0], -1).contiguous()
-
-
 @torch.library.custom_op("visattn::large_kernel_attention_fwd", mutates_args=())
-def _lka_fwd(
+def _triton_fwd(
     x: torch.Tensor,
     dw_weight: torch.Tensor,
     dw_bias: torch.Tensor | None,
@@ -85,18 +79,15 @@ def _lka_fwd(
     pw_bias: torch.Tensor | None,
     dilation: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: returns ``(x * attn, d)`` with ``d`` = the two depthwise convs (kept for backward)."""
-    from visattn.kernels.triton import large_kernel_attention as tk
+    """Triton forward: ``(x * attn, d)``, ``d`` the two depthwise convs (kept for the backward)."""
+    from visattn.kernels.triton.large_kernel_attention import large_kernel_attention_forward
 
-    x = x.contiguous()
-    dw_bias, dwd_bias, pw_bias = (
-        b.contiguous() if b is not None else None for b in (dw_bias, dwd_bias, pw_bias)
+    return large_kernel_attention_forward(
+        x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation
     )
-    d, _ = tk.dw_chain(x, _flat(dw_weight), dw_bias, _flat(dwd_weight), dwd_bias, 1, dilation)
-    return tk.pointwise_gate(_flat(pw_weight), pw_bias, d, x), d
 
 
-@_lka_fwd.register_fake
+@_triton_fwd.register_fake
 def _(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         x, memory_format=torch.contiguous_format
@@ -104,7 +95,7 @@ def _(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)
 
 
 @torch.library.custom_op("visattn::large_kernel_attention_bwd", mutates_args=())
-def _lka_bwd(
+def _triton_bwd(
     grad_out: torch.Tensor,
     grad_d: torch.Tensor | None,
     x: torch.Tensor,
@@ -117,45 +108,15 @@ def _lka_bwd(
     pw_bias: torch.Tensor | None,
     dilation: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward: gradients for x, dw weight/bias, dwd weight/bias, pw weight/bias (biases always)."""
-    from visattn.kernels.triton import large_kernel_attention as tk
+    """Triton backward: gradients of x, dw weight/bias, dwd weight/bias, pw weight/bias (biases always)."""
+    from visattn.kernels.triton.large_kernel_attention import large_kernel_attention_backward
 
-    batch, channels, height, width = x.shape
-    x = x.contiguous()
-    wpw = pw_weight.reshape(channels, channels)
-    xf, df = x.reshape(batch, channels, -1), d.reshape(batch, channels, -1)
-    gf = grad_out.contiguous().reshape(batch, channels, -1)
-    attn = torch.matmul(wpw, df)
-    if pw_bias is not None:
-        attn += pw_bias[:, None]
-    g_attn = gf * xf
-    g_d = torch.matmul(wpw.t(), g_attn)
-    if grad_d is not None:
-        g_d = g_d + grad_d.reshape(batch, channels, -1)
-    g_pw = torch.einsum("bip,bjp->ij", g_attn, df).reshape(pw_weight.shape)
-    g_pw_bias = g_attn.sum(dim=(0, 2))
-    g_d = g_d.reshape(x.shape).contiguous()
-
-    # input gradients of the two depthwise convs: convs with the flipped kernels, in reverse order, in
-    # one launch that adds the direct term grad * attn and keeps g_a for the first conv's weight gradient
-    w1_t, w2_t = _flat(dw_weight.flip((-2, -1))), _flat(dwd_weight.flip((-2, -1)))
-    g_x, g_a = tk.dw_chain(g_d, w2_t, None, w1_t, None, dilation, 1, add=attn.mul_(gf), keep_mid=True)
-    a = tk.dwconv(x, _flat(dw_weight), dw_bias.contiguous() if dw_bias is not None else None)
-    g_w2, g_b2 = tk.dwconv_weight_grad(a, g_d, dwd_weight.shape[-1], dilation)
-    g_w1, g_b1 = tk.dwconv_weight_grad(x, g_a, dw_weight.shape[-1])
-    wdt = dw_weight.dtype
-    return (
-        g_x,
-        g_w1.to(wdt).reshape(dw_weight.shape),
-        g_b1.to(wdt),
-        g_w2.to(wdt).reshape(dwd_weight.shape),
-        g_b2.to(wdt),
-        g_pw.to(wdt),
-        g_pw_bias.to(wdt),
+    return large_kernel_attention_backward(
+        grad_out, grad_d, x, d, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation
     )
 
 
-@_lka_bwd.register_fake
+@_triton_bwd.register_fake
 def _(grad_out, grad_d, x, d, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation):
     channels = x.shape[1]
     bias = dw_weight.new_empty(channels)
@@ -178,7 +139,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_d):
     x, d, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias = ctx.saved_tensors
-    g = _lka_bwd(
+    g = _triton_bwd(
         grad_out, grad_d, x, d, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, ctx.dilation
     )
     g_x, g_w1, g_b1, g_w2, g_b2, g_pw, g_pwb = g
@@ -194,7 +155,7 @@ def _backward(ctx, grad_out, grad_d):
     )
 
 
-_lka_fwd.register_autograd(_backward, setup_context=_setup_context)
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def large_kernel_attention(
@@ -235,8 +196,8 @@ def large_kernel_attention(
         )
     _check_args(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)
     tensors = [t for t in (x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias) if t is not None]
-    if resolve_backend(backend, *tensors, op=_OP, limit=triton_limit(x.dtype)) != "triton":
+    if resolve_backend(backend, *tensors, op=OP, limit=triton_limit(x.dtype)) != "triton":
         return large_kernel_attention_reference(
             x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation
         )
-    return _lka_fwd(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)[0]
+    return _triton_fwd(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation)[0]

@@ -8,7 +8,7 @@ spatial dim (window shifted at the borders); see
 relative positional bias ``[heads, 2k_1 - 1, ...]`` (NATTEN <= 0.17 semantics; NATTEN 0.20
 dropped it), added after scaling: ``softmax(scale * q k^T + rpb) v``.
 
-The Triton path is registered as ``torch.ops.visattn.na_forward`` / ``na_backward``
+The Triton path is registered as ``torch.ops.visattn.neighborhood_attention_fwd`` / ``_bwd``
 (``torch.library.custom_op`` with fake and autograd registrations) so it traces under
 ``torch.compile``; its forward stores only the log-sum-exp per query for the backward.
 """
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from visattn.kernels.ops._checks import (
+from visattn.kernels.ops.checks import (
     MAX_SDPA_SCALE,
     as_tuple,
     check_float_tensors,
@@ -28,21 +28,21 @@ from visattn.kernels.ops._checks import (
     check_same_shape,
     softmax_scale,
 )
-from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
-from visattn.kernels.ops.neighborhood_attention_tiled import neighborhood_attention_tiled
+from visattn.kernels.ops.dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.neighborhood_attention import neighborhood_attention_reference
+from visattn.kernels.torch.neighborhood_attention import neighborhood_attention_torch
 
 __all__ = ["neighborhood_attention"]
 
-_OP = "neighborhood_attention"
-_LAYOUT = "[batch, *spatial, heads, head_dim] with 1-3 spatial dims"
+OP = "neighborhood_attention"
+LAYOUT = "[batch, *spatial, heads, head_dim] with 1-3 spatial dims"
 MAX_TRITON_HEAD_DIM = 256
 
 
-def _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
-    check_float_tensors(_OP, q=q, k=k, v=v)
-    check_ndim(_OP, "q", q, (4, 5, 6), _LAYOUT)
-    check_same_shape(_OP, q=q, k=k, v=v)
+def _check_args(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
+    check_float_tensors(OP, q=q, k=k, v=v)
+    check_ndim(OP, "q", q, (4, 5, 6), LAYOUT)
+    check_same_shape(OP, q=q, k=k, v=v)
     spatial = tuple(q.shape[1:-2])
     n = len(spatial)
     kernel_size = as_tuple(kernel_size, n, "kernel_size")
@@ -50,31 +50,31 @@ def _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale):
     is_causal = as_tuple(is_causal, n, "is_causal", bool)
     for length, ks, dil in zip(spatial, kernel_size, dilation):
         if ks < 1 or dil < 1:
-            raise ValueError(f"{_OP}: kernel_size and dilation must be >= 1, got {kernel_size}, {dilation}")
+            raise ValueError(f"{OP}: kernel_size and dilation must be >= 1, got {kernel_size}, {dilation}")
         if ks * dil > length:
             raise ValueError(
-                f"{_OP}: kernel_size * dilation must not exceed the spatial extent in every dim, got "
+                f"{OP}: kernel_size * dilation must not exceed the spatial extent in every dim, got "
                 f"kernel_size={kernel_size}, dilation={dilation} for spatial shape {spatial}"
             )
     if rpb is not None:
         if not isinstance(rpb, torch.Tensor) or not rpb.is_floating_point():
             got = getattr(rpb, "dtype", type(rpb).__name__)
-            raise ValueError(f"{_OP}: rpb must be a floating-point tensor, got {got}")
+            raise ValueError(f"{OP}: rpb must be a floating-point tensor, got {got}")
         if rpb.device != q.device:
-            raise ValueError(f"{_OP}: rpb is on {rpb.device} but q is on {q.device}")
+            raise ValueError(f"{OP}: rpb is on {rpb.device} but q is on {q.device}")
         if any(is_causal):
             raise ValueError(
-                f"{_OP}: rpb cannot be combined with is_causal (NATTEN never defined relative positional "
+                f"{OP}: rpb cannot be combined with is_causal (NATTEN never defined relative positional "
                 "biases for causal neighborhoods)"
             )
         if any(ks % 2 == 0 for ks in kernel_size):
-            raise ValueError(f"{_OP}: rpb needs odd kernel sizes, got kernel_size={kernel_size}")
+            raise ValueError(f"{OP}: rpb needs odd kernel sizes, got kernel_size={kernel_size}")
         expected = (q.shape[-2], *(2 * ks - 1 for ks in kernel_size))
         if tuple(rpb.shape) != expected:
             raise ValueError(
-                f"{_OP}: rpb must have shape [heads, 2*k-1 per dim] = {expected}, got {tuple(rpb.shape)}"
+                f"{OP}: rpb must have shape [heads, 2*k-1 per dim] = {expected}, got {tuple(rpb.shape)}"
             )
-    return kernel_size, dilation, is_causal, softmax_scale(_OP, scale, q.shape[-1])
+    return kernel_size, dilation, is_causal, softmax_scale(OP, scale, q.shape[-1])
 
 
 def neighborhood_attention(
@@ -100,22 +100,25 @@ def neighborhood_attention(
             not causal); any float dtype, cast to the compute precision.
         scale: multiplies ``q . k`` before ``rpb`` is added; defaults to ``head_dim ** -0.5``.
         backend: ``"auto"`` (Triton on CUDA, ``"torch"`` elsewhere), ``"triton"``, ``"torch"`` (query
-            tiles with their key halo through SDPA, :mod:`.neighborhood_attention_tiled`; exact) or
+            tiles with their key halo through SDPA, :mod:`visattn.kernels.torch.neighborhood_attention`;
+            exact) or
             ``"reference"`` (one gathered window per query).
 
     Returns:
         ``[batch, *spatial, heads, head_dim]`` in the dtype of ``q``.
     """
-    kernel_size, dilation, is_causal, scale = _validate(q, k, v, kernel_size, dilation, is_causal, rpb, scale)
+    kernel_size, dilation, is_causal, scale = _check_args(
+        q, k, v, kernel_size, dilation, is_causal, rpb, scale
+    )
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     limit = triton_limit(q.dtype, (q.shape[-1],), MAX_TRITON_HEAD_DIM, grid_axis=q.shape[0] * q.shape[-2])
-    backend = resolve_backend(backend, *tensors, op=_OP, limit=limit)
+    backend = resolve_backend(backend, *tensors, op=OP, limit=limit)
     if backend in ("torch", "reference"):
         args = (q, k, v, kernel_size, dilation, is_causal, rpb, scale)
         if backend == "reference" or not isinstance(scale, float) or scale > MAX_SDPA_SCALE:
             return neighborhood_attention_reference(*args)  # saturates the logits of a huge scale
-        return neighborhood_attention_tiled(*args)
-    out, _ = torch.ops.visattn.na_forward(
+        return neighborhood_attention_torch(*args)
+    out, _ = torch.ops.visattn.neighborhood_attention_fwd(
         q, k, v, rpb, list(kernel_size), list(dilation), list(is_causal), scale
     )
     return out
@@ -124,8 +127,8 @@ def neighborhood_attention(
 # --------------------------------------------------------------------------- torch.library registration
 
 
-@torch.library.custom_op("visattn::na_forward", mutates_args=())
-def _na_forward(
+@torch.library.custom_op("visattn::neighborhood_attention_fwd", mutates_args=())
+def _triton_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -136,20 +139,22 @@ def _na_forward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: ``(out [batch, *spatial, heads, head_dim], lse [batch, heads, tokens] fp32)``."""
-    from visattn.kernels.triton.neighborhood_attention import na_forward
+    from visattn.kernels.triton.neighborhood_attention import neighborhood_attention_forward
 
-    return na_forward(q, k, v, rpb, tuple(kernel_size), tuple(dilation), tuple(is_causal), scale)
+    return neighborhood_attention_forward(
+        q, k, v, rpb, tuple(kernel_size), tuple(dilation), tuple(is_causal), scale
+    )
 
 
-@_na_forward.register_fake
+@_triton_fwd.register_fake
 def _(q, k, v, rpb, kernel_size, dilation, is_causal, scale):
     tokens = math.prod(q.shape[1:-2])
     lse = q.new_empty((q.shape[0], q.shape[-2], tokens), dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
-@torch.library.custom_op("visattn::na_backward", mutates_args=())
-def _na_backward(
+@torch.library.custom_op("visattn::neighborhood_attention_bwd", mutates_args=())
+def _triton_bwd(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -163,14 +168,14 @@ def _na_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: ``(dq, dk, dv, drpb)``; ``drpb`` is empty when ``rpb`` is ``None``."""
-    from visattn.kernels.triton.neighborhood_attention import na_backward
+    from visattn.kernels.triton.neighborhood_attention import neighborhood_attention_backward
 
-    return na_backward(
+    return neighborhood_attention_backward(
         grad_out, q, k, v, rpb, out, lse, tuple(kernel_size), tuple(dilation), tuple(is_causal), scale
     )
 
 
-@_na_backward.register_fake
+@_triton_bwd.register_fake
 def _(grad_out, q, k, v, rpb, out, lse, kernel_size, dilation, is_causal, scale):
     drpb = q.new_empty((0,)) if rpb is None else torch.empty_like(rpb, memory_format=torch.contiguous_format)
     grads = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
@@ -186,8 +191,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, rpb, out, lse = ctx.saved_tensors
-    dq, dk, dv, drpb = torch.ops.visattn.na_backward(grad_out.contiguous(), q, k, v, rpb, out, lse, *ctx.args)
+    dq, dk, dv, drpb = torch.ops.visattn.neighborhood_attention_bwd(
+        grad_out.contiguous(), q, k, v, rpb, out, lse, *ctx.args
+    )
     return dq, dk, dv, (None if rpb is None else drpb), None, None, None, None
 
 
-_na_forward.register_autograd(_backward, setup_context=_setup_context)
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)

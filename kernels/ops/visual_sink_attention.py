@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from visattn.kernels.ops._dispatch import resolve_backend, triton_limit
-from visattn.kernels.ops.attention_with_key_mass import validate_attention_args
+from visattn.kernels.ops.checks import check_attention_args
+from visattn.kernels.ops.dispatch import resolve_backend, triton_limit
 from visattn.kernels.reference.attention_with_key_mass import additive_mask
 from visattn.kernels.reference.visual_sink_attention import visual_sink_attention_reference
 
@@ -33,8 +33,8 @@ def _check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
-@torch.library.custom_op("visattn::visual_sink_attention", mutates_args=())
-def _visual_sink_op(
+@torch.library.custom_op("visattn::visual_sink_attention_fwd", mutates_args=())
+def _triton_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -46,21 +46,17 @@ def _visual_sink_op(
     bias: torch.Tensor | None,
     causal: bool,
     scale: float,
-    use_triton: bool,
 ) -> torch.Tensor:
-    if use_triton:
-        from visattn.kernels.triton.visual_sink_attention import visual_sink_attention_triton
+    """Triton forward: ``[B, Nq, H, Dv]`` (no backward: nothing trains through this op)."""
+    from visattn.kernels.triton.visual_sink_attention import visual_sink_attention_forward
 
-        return visual_sink_attention_triton(
-            q, k, v, category, query_mask, fraction, rho, min_image_attention, bias, causal, scale
-        )
-    return visual_sink_attention_reference(
+    return visual_sink_attention_forward(
         q, k, v, category, query_mask, fraction, rho, min_image_attention, bias, causal, scale
     )
 
 
-@_visual_sink_op.register_fake
-def _(q, k, v, category, query_mask, fraction, rho, min_image_attention, bias, causal, scale, use_triton):
+@_triton_fwd.register_fake
+def _(q, k, v, category, query_mask, fraction, rho, min_image_attention, bias, causal, scale):
     return q.new_empty(*q.shape[:3], v.shape[3])
 
 
@@ -94,7 +90,7 @@ def visual_sink_attention(
     Returns:
         ``[B, Nq, H, Dv]`` in q's dtype.
     """
-    scale = validate_attention_args(OP, q, k, v, attn_mask, causal, scale)
+    scale = check_attention_args(OP, q, k, v, attn_mask, causal, scale)
     batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
     if (
         not isinstance(category, torch.Tensor)
@@ -122,7 +118,7 @@ def visual_sink_attention(
     which = resolve_backend(backend, q, k, v, op=OP, limit=triton_limit(q.dtype))
     category = category.to(device=q.device, dtype=torch.int8)
     query_mask = query_mask.to(q.device)
-    return _visual_sink_op(
-        q, k, v, category, query_mask, fraction, rho, min_image_attention, additive_mask(attn_mask), causal,
-        scale, which == "triton",
-    )  # fmt: skip
+    args = (q, k, v, category, query_mask, fraction, rho, min_image_attention, additive_mask(attn_mask))
+    if which == "triton":
+        return _triton_fwd(*args, causal, scale)
+    return visual_sink_attention_reference(*args, causal, scale)

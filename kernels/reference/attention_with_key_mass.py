@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from visattn.kernels.ops._checks import LOGIT_LIMIT
+from visattn.kernels.ops.checks import LOGIT_LIMIT
 
 
 def additive_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ def region_grid(h: int, w: int, num_regions: int) -> tuple[int, int]:
     return math.ceil(h / num_regions), math.ceil(w / num_regions)
 
 
-def _to_regions(x: torch.Tensor, num_regions: int) -> torch.Tensor:
+def to_regions(x: torch.Tensor, num_regions: int) -> torch.Tensor:
     """``[B, H, W, *rest]`` (H, W multiples of ``num_regions``) -> ``[B, S*S, rh*rw, *rest]``."""
     b, h, w = x.shape[:3]
     rest = x.shape[3:]
@@ -43,8 +43,8 @@ def _to_regions(x: torch.Tensor, num_regions: int) -> torch.Tensor:
     return x.reshape(b, s * s, (h // s) * (w // s), *rest)
 
 
-def _from_regions(x: torch.Tensor, num_regions: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`_to_regions` for a padded map of size ``h x w``."""
+def from_regions(x: torch.Tensor, num_regions: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`to_regions` for a padded map of size ``h x w``."""
     b = x.shape[0]
     rest = x.shape[3:]
     s = num_regions
@@ -52,7 +52,7 @@ def _from_regions(x: torch.Tensor, num_regions: int, h: int, w: int) -> torch.Te
     return x.reshape(b, h, w, *rest)
 
 
-def _pad_map(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+def pad_map(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
     """Zero-pad ``[B, H, W, heads, dim]`` at the bottom/right to ``[B, hp, wp, heads, dim]``."""
     h, w = x.shape[1:3]
     if (h, w) == (hp, wp):
@@ -60,12 +60,12 @@ def _pad_map(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, 0, wp - w, 0, hp - h))
 
 
-def _valid_tokens(h: int, w: int, num_regions: int, device: torch.device) -> torch.Tensor:
+def valid_tokens(h: int, w: int, num_regions: int, device: torch.device) -> torch.Tensor:
     """Bool ``[S*S, rh*rw]``: which token slots of each region lie inside the real ``h x w`` map."""
     rh, rw = region_grid(h, w, num_regions)
     valid = torch.zeros(rh * num_regions, rw * num_regions, dtype=torch.bool, device=device)
     valid[:h, :w] = True
-    return _to_regions(valid[None], num_regions)[0]
+    return to_regions(valid[None], num_regions)[0]
 
 
 def routing_indices(
@@ -85,12 +85,12 @@ def routing_indices(
 
         def region_sums(x):  # [B, H, W, heads, d] -> [B, S*S, heads*d] in `dtype`: no float32 copy of x
             # two reductions over outer dims (rows of a region, then its columns): contiguous inner loops
-            x = _pad_map(x.detach(), rh * s, rw * s).reshape(b, s, rh, s * rw, -1).sum(2, dtype=dtype)
+            x = pad_map(x.detach(), rh * s, rw * s).reshape(b, s, rh, s * rw, -1).sum(2, dtype=dtype)
             return x.view(b, s * s, rw, -1).sum(2)
 
         q_r, k_r = region_sums(q), region_sums(k)  # padded slots hold zeros
         padded = (h, w) != (rh * s, rw * s)
-        valid = _valid_tokens(h, w, s, q.device) if padded else None  # [R, T]
+        valid = valid_tokens(h, w, s, q.device) if padded else None  # [R, T]
         count = valid.sum(1).clamp(min=1).to(dtype)[:, None] if padded else rh * rw  # real tokens per region
         affinity = (q_r / count * scale) @ (k_r / count).transpose(-2, -1)  # [B, R, R]
         if padded and ((s - 1) * rh >= h or (s - 1) * rw >= w):  # the last region row/column is empty
@@ -118,18 +118,18 @@ def bilevel_routing_attention_reference(
     rh, rw = region_grid(h, w, s)
     hp, wp = rh * s, rw * s
 
-    q_reg = _to_regions(_pad_map(q, hp, wp), s)  # [B, R, T, heads, d]
-    k_reg = _to_regions(_pad_map(k, hp, wp), s)
-    v_reg = _to_regions(_pad_map(v, hp, wp), s)
+    q_reg = to_regions(pad_map(q, hp, wp), s)  # [B, R, T, heads, d]
+    k_reg = to_regions(pad_map(k, hp, wp), s)
+    v_reg = to_regions(pad_map(v, hp, wp), s)
 
     # Gather the routed key/value regions: [B, R, topk, T, heads, d] -> [B, R, topk*T, heads, d].
     batch_idx = torch.arange(b, device=q.device)[:, None, None]
     k_sel = k_reg[batch_idx, routing].flatten(2, 3)
     v_sel = v_reg[batch_idx, routing].flatten(2, 3)
-    key_valid = _valid_tokens(h, w, s, q.device)[routing].flatten(2)  # [B, R, topk*T]
+    key_valid = valid_tokens(h, w, s, q.device)[routing].flatten(2)  # [B, R, topk*T]
 
     scores = torch.einsum("brqhd,brkhd->brhqk", q_reg * scale, k_sel)  # [B, R, heads, T, topk*T]
     scores = scores.masked_fill(~key_valid[:, :, None, None, :], float("-inf"))
     attn = scores.softmax(dim=-1)
     out = torch.einsum("brhqk,brkhd->brqhd", attn, v_sel)  # [B, R, T, heads, dv]
-    return _from_regions(out, s, hp, wp)[:, :h, :w]
+    return from_regions(out, s, hp, wp)[:, :h, :w]

@@ -26,7 +26,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from visattn.kernels.ops._checks import LOGIT_LIMIT
+from visattn.kernels.ops.checks import LOGIT_LIMIT
 
 # Elements of the gathered key/value chunk ([batch, chunk, window, heads, head_dim]) per step.
 _CHUNK_ELEMENTS = 1 << 24

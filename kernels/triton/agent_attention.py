@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from visattn.kernels.triton._common import (
+from visattn.kernels.triton.common import (
     LOG2E,
     dot_precision,
     finish_softmax,
@@ -440,7 +440,7 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(stride)
 
 
-def agent_attention_fwd(
+def agent_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -536,7 +536,7 @@ def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return (dbias.sum(0, keepdim=True) if bias.shape[0] == 1 else dbias).to(bias.dtype)
 
 
-def agent_attention_bwd(
+def agent_attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,

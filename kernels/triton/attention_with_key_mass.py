@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from visattn.kernels.triton._common import (
+from visattn.kernels.triton.common import (
     attention_logits,
     dot_precision,
     finish_softmax,
@@ -112,7 +112,7 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))
 
 
-def attention_with_key_mass_triton(
+def attention_with_key_mass_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from visattn.kernels.ops._dispatch import interpreter_enabled
-from visattn.kernels.reference.bilevel_routing_attention import _valid_tokens, region_grid
-from visattn.kernels.triton._common import LOG2E, dot_precision, finish_softmax, online_softmax_step
+from visattn.kernels.ops.dispatch import interpreter_enabled
+from visattn.kernels.reference.bilevel_routing_attention import region_grid, valid_tokens
+from visattn.kernels.triton.common import LOG2E, dot_precision, finish_softmax, online_softmax_step
 
 
 @triton.jit
@@ -296,7 +296,7 @@ class TilePlan:
     def real_rows_per_tile(self) -> torch.Tensor:
         """``[tiles]`` count of rows that are tokens of the map (not padding of the region grid or
         of the last tile)."""
-        valid = _valid_tokens(self.height, self.width, self.num_regions, torch.device("cpu")).flatten()
+        valid = valid_tokens(self.height, self.width, self.num_regions, torch.device("cpu")).flatten()
         valid = valid.repeat(self.rows // valid.numel())
         return F.pad(valid, (0, self.tiles * self.block - self.rows)).view(self.tiles, self.block).sum(1)
 
@@ -318,7 +318,7 @@ def _pow2_block(n: int, cap: int) -> int:
 def tile_plan(
     shape: tuple[int, ...], num_regions: int, topk: int, interpreted: bool | None = None
 ) -> TilePlan:
-    """The tiling :func:`bra_forward` / :func:`bra_backward` launch for q of ``shape``
+    """The tiling :func:`bilevel_routing_attention_forward` / ``_backward`` launch for q of ``shape``
     ``[B, H, W, heads, d]`` (``topk``: routed regions per query region, after clamping). The
     forward, dQ and dK/dV programs all own ``block`` rows of the same flat row space.
     ``interpreted``: plan for the CPU interpreter (default: whether it is on)."""
@@ -349,7 +349,7 @@ def _launch_consts(q: torch.Tensor, v: torch.Tensor, num_regions: int) -> dict:
     )
 
 
-def bra_forward(
+def bilevel_routing_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: torch.Tensor, num_regions: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k ``[B, H, W, heads, d]``, v ``[B, H, W, heads, dv]``, routing ``[B, S*S, topk]``.
@@ -387,7 +387,7 @@ def _inverse_routing(routing: torch.Tensor, heads: int) -> tuple[torch.Tensor, t
     return query.flatten()[order].to(torch.int32), key[order].to(torch.int32), offsets.to(torch.int32)
 
 
-def bra_backward(
+def bilevel_routing_attention_backward(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -398,7 +398,7 @@ def bra_backward(
     num_regions: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv)`` of :func:`bra_forward` for the output gradient ``do``."""
+    """Gradients ``(dq, dk, dv)`` of :func:`bilevel_routing_attention_forward` for the output grad ``do``."""
     b, h, w, heads, _ = q.shape
     route32 = routing.to(torch.int32)
     plan = tile_plan(q.shape, num_regions, routing.shape[-1])

@@ -441,3 +441,75 @@ def pointwise_gate(
         num_warps=_NUM_WARPS,
     )
     return out
+
+
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1).contiguous()
+
+
+def large_kernel_attention_forward(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor | None,
+    dwd_weight: torch.Tensor,
+    dwd_bias: torch.Tensor | None,
+    pw_weight: torch.Tensor,
+    pw_bias: torch.Tensor | None,
+    dilation: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x * attn, d)`` for ``x [B, C, H, W]``, ``d`` the two depthwise convs (kept for the backward)."""
+    x = x.contiguous()
+    dw_bias, dwd_bias, pw_bias = (
+        b.contiguous() if b is not None else None for b in (dw_bias, dwd_bias, pw_bias)
+    )
+    d, _ = dw_chain(x, _flat(dw_weight), dw_bias, _flat(dwd_weight), dwd_bias, 1, dilation)
+    return pointwise_gate(_flat(pw_weight), pw_bias, d, x), d
+
+
+def large_kernel_attention_backward(
+    grad_out: torch.Tensor,
+    grad_d: torch.Tensor | None,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor | None,
+    dwd_weight: torch.Tensor,
+    dwd_bias: torch.Tensor | None,
+    pw_weight: torch.Tensor,
+    pw_bias: torch.Tensor | None,
+    dilation: int,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients for x, dw weight/bias, dwd weight/bias, pw weight/bias (biases always)."""
+    batch, channels, height, width = x.shape
+    x = x.contiguous()
+    wpw = pw_weight.reshape(channels, channels)
+    xf, df = x.reshape(batch, channels, -1), d.reshape(batch, channels, -1)
+    gf = grad_out.contiguous().reshape(batch, channels, -1)
+    attn = torch.matmul(wpw, df)
+    if pw_bias is not None:
+        attn += pw_bias[:, None]
+    g_attn = gf * xf
+    g_d = torch.matmul(wpw.t(), g_attn)
+    if grad_d is not None:
+        g_d = g_d + grad_d.reshape(batch, channels, -1)
+    g_pw = torch.einsum("bip,bjp->ij", g_attn, df).reshape(pw_weight.shape)
+    g_pw_bias = g_attn.sum(dim=(0, 2))
+    g_d = g_d.reshape(x.shape).contiguous()
+
+    # input gradients of the two depthwise convs: convs with the flipped kernels, in reverse order, in
+    # one launch that adds the direct term grad * attn and keeps g_a for the first conv's weight gradient
+    w1_t, w2_t = _flat(dw_weight.flip((-2, -1))), _flat(dwd_weight.flip((-2, -1)))
+    g_x, g_a = dw_chain(g_d, w2_t, None, w1_t, None, dilation, 1, add=attn.mul_(gf), keep_mid=True)
+    a = dwconv(x, _flat(dw_weight), dw_bias.contiguous() if dw_bias is not None else None)
+    g_w2, g_b2 = dwconv_weight_grad(a, g_d, dwd_weight.shape[-1], dilation)
+    g_w1, g_b1 = dwconv_weight_grad(x, g_a, dw_weight.shape[-1])
+    wdt = dw_weight.dtype
+    return (
+        g_x,
+        g_w1.to(wdt).reshape(dw_weight.shape),
+        g_b1.to(wdt),
+        g_w2.to(wdt).reshape(dwd_weight.shape),
+        g_b2.to(wdt),
+        g_pw.to(wdt),
+        g_pw_bias.to(wdt),
+    )

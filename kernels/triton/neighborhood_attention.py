@@ -42,9 +42,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from visattn.kernels.ops._dispatch import interpreter_enabled
+from visattn.kernels.ops.dispatch import interpreter_enabled
 from visattn.kernels.reference.neighborhood_attention import window_indices
-from visattn.kernels.triton._common import (
+from visattn.kernels.triton.common import (
     LOG2E,
     LOGIT_LIMIT,
     dot_precision,
@@ -489,7 +489,7 @@ def _rpb_grad(ds: torch.Tensor, rpb: torch.Tensor, spatial, kernel_size, dilatio
     return torch.einsum("hxyzuvw,xur,yvs,zwt->hrst", ds, *rel).reshape(rpb.shape).to(rpb.dtype)
 
 
-def na_forward(
+def neighborhood_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -528,7 +528,7 @@ def na_forward(
     return out, lse
 
 
-def na_backward(
+def neighborhood_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from visattn.kernels.triton._common import (
+from visattn.kernels.triton.common import (
     attention_logits,
     dot_precision,
     finish_softmax,
@@ -91,7 +91,7 @@ def _visual_sink_fwd(
     )
 
 
-def visual_sink_attention_triton(
+def visual_sink_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -20,7 +20,7 @@ import torch
 
 from visattn.bench._timing import Measurement, error_note, measure, print_table, ratio, time_mem_cells
 from visattn.kernels import agent_attention
-from visattn.kernels.ops._dispatch import interpreter_enabled, triton_available
+from visattn.kernels.ops.dispatch import interpreter_enabled, triton_available
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

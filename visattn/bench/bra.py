@@ -34,7 +34,7 @@ from visattn.bench._timing import (
     ratio,
 )
 from visattn.kernels import bilevel_routing_attention
-from visattn.kernels.ops._dispatch import interpreter_enabled, triton_available
+from visattn.kernels.ops.dispatch import interpreter_enabled, triton_available
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -148,7 +148,8 @@ def _mem_ratio(baseline: Measurement | None, candidate: Measurement | None) -> s
 
 
 def _print_tiles(img_size: int, batch: int) -> None:
-    """The Triton kernels' tiling on a GPU at each stage: the plan ``bra_forward``/``bra_backward`` launch."""
+    """The Triton kernels' tiling on a GPU at each stage: the plan that
+    ``bilevel_routing_attention_forward`` / ``_backward`` launch."""
     from visattn.kernels.triton.bilevel_routing_attention import tile_plan
 
     rows = []

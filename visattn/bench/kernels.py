@@ -142,13 +142,13 @@ def cases() -> list[tuple[str, Callable[[], None]]]:
 def measure(only: str = "") -> list[tuple[str, object]]:
     """Compile every case (whose name contains ``only``); returns ``(case, Compiled)`` per kernel."""
     from visattn.bench._sm90 import compile_only
-    from visattn.kernels.ops import _dispatch
+    from visattn.kernels.ops import dispatch
 
-    if _dispatch.interpreter_enabled():
+    if dispatch.interpreter_enabled():
         raise SystemExit("visattn bench kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     record: list = []
     compile_only(record)
-    _dispatch.cuda_tensors = lambda *tensors: True  # CPU tensors only carry shapes and strides here
+    dispatch.cuda_tensors = lambda *tensors: True  # CPU tensors only carry shapes and strides here
     rows = []
     for name, fn in cases():
         if only in name:

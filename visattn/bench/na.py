@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from visattn.bench._timing import measure_side_by_side, print_table, ratio, time_mem_cells
 from visattn.kernels import neighborhood_attention
-from visattn.kernels.ops._dispatch import interpreter_enabled, triton_available
+from visattn.kernels.ops.dispatch import interpreter_enabled, triton_available
 from visattn.kernels.reference.neighborhood_attention import neighborhood_tables, window_indices
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -82,3 +82,46 @@ def softmax_scale(op: str, scale, head_dim: int) -> float:
             f"{op}: scale must be a positive finite number or None (head_dim ** -0.5), got {scale!r}"
         )
     return float(scale)
+
+
+def check_attention_args(op, q, k, v, attn_mask, causal, scale) -> float:
+    """Shared checks of ``[B, N, H, D]`` q/k/v (GQA allowed), mask and scale; returns the scale."""
+    check_float_tensors(op, q=q, k=k, v=v)
+    check_ndim(op, "q", q, (4,), "[batch, tokens, heads, head_dim]")
+    check_ndim(op, "k", k, (4,), "[batch, kv_tokens, kv_heads, head_dim]")
+    check_ndim(op, "v", v, (4,), "[batch, kv_tokens, kv_heads, v_head_dim]")
+    batch, nq, heads, dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != dim or k.shape[2] == 0 or heads % k.shape[2] != 0:
+        raise ValueError(
+            f"{op}: k must be [batch={batch}, kv_tokens, kv_heads, head_dim={dim}] with heads={heads} a "
+            f"multiple of kv_heads, got {tuple(k.shape)}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"{op}: v must share k's first three dims {tuple(k.shape[:3])}, got {tuple(v.shape)}"
+        )
+    nk = k.shape[1]
+    if min(nq, nk, dim, v.shape[3]) == 0:
+        raise ValueError(f"{op}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"{op}: causal must be a bool, got {causal!r}")
+    if causal and nk < nq:
+        raise ValueError(f"{op}: causal attention needs kv_tokens >= tokens, got {nk} < {nq}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.ndim != 4:
+            raise ValueError(
+                f"{op}: attn_mask must be a 4-D tensor [batch or 1, heads or 1, {nq} or 1, {nk}]"
+            )
+        b, h, mq, mk = attn_mask.shape
+        if b not in (1, batch) or h not in (1, heads) or mq not in (1, nq) or mk != nk:
+            raise ValueError(
+                f"{op}: attn_mask must have shape [batch or 1, heads or 1, {nq} or 1, {nk}] (1: the same "
+                f"row for every query, e.g. key padding), got {tuple(attn_mask.shape)}"
+            )
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(
+                f"{op}: attn_mask must be bool (True = attend) or float (additive), got {attn_mask.dtype}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
+    return softmax_scale(op, scale, dim)

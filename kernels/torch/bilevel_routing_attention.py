@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from visattn.kernels.reference.bilevel_routing_attention import (
-    _pad_map,
-    _to_regions,
-    _valid_tokens,
+    pad_map,
     region_grid,
+    to_regions,
+    valid_tokens,
 )
 
 # Dense masked attention when 4 * topk >= S*S: at BiFormer-S stage 3 (top-16 of 49 regions, 14x14,
@@ -42,17 +42,17 @@ def _gathered(q, k, v, routing, s, scale):
     hp, wp = rh * s, rw * s
     n_regions, tokens, topk = s * s, rh * rw, routing.shape[-1]
     # flat map position (in the padded map of batch b) of every routed key slot: [B, S*S, topk, T]
-    position = _to_regions(torch.arange(hp * wp, device=q.device).view(1, hp, wp), s)[0]  # [S*S, T]
+    position = to_regions(torch.arange(hp * wp, device=q.device).view(1, hp, wp), s)[0]  # [S*S, T]
     index = (torch.arange(b, device=q.device).view(b, 1, 1, 1) * (hp * wp) + position[routing]).flatten()
 
     def routed(x):  # -> [B * S*S, heads, topk * T, c], a view of a [B * S*S, topk * T, heads, c] copy
-        picked = _pad_map(x, hp, wp).reshape(b * hp * wp, -1).index_select(0, index)
+        picked = pad_map(x, hp, wp).reshape(b * hp * wp, -1).index_select(0, index)
         return picked.view(b * n_regions, topk * tokens, heads, -1).transpose(1, 2)
 
-    q_r = _to_regions(_pad_map(q, hp, wp), s).reshape(b * n_regions, tokens, heads, -1).transpose(1, 2)
+    q_r = to_regions(pad_map(q, hp, wp), s).reshape(b * n_regions, tokens, heads, -1).transpose(1, 2)
     mask = None
     if (h, w) != (hp, wp):  # padded key slots receive no attention
-        mask = _valid_tokens(h, w, s, q.device)[routing].view(b * n_regions, 1, 1, topk * tokens)
+        mask = valid_tokens(h, w, s, q.device)[routing].view(b * n_regions, 1, 1, topk * tokens)
     out = F.scaled_dot_product_attention(q_r, routed(k), routed(v), attn_mask=mask, scale=scale)
     out = out.transpose(1, 2).reshape(b, s, s, rh, rw, heads, -1).transpose(2, 3)  # [B, S, RH, S, RW, ...]
     return out.reshape(b, hp, wp, heads, -1)
@@ -74,13 +74,13 @@ def _dense_masked(q, k, v, routing, s, scale):
         mask = mask & valid.flatten()
 
     def flat(x):  # [B, heads, hp * wp, c] view
-        return _pad_map(x, hp, wp).reshape(b, hp * wp, heads, -1).transpose(1, 2)
+        return pad_map(x, hp, wp).reshape(b, hp * wp, heads, -1).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=mask[:, None], scale=scale)
     return out.transpose(1, 2).reshape(b, hp, wp, heads, -1)
 
 
-def bilevel_routing_attention_sdpa(
+def bilevel_routing_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -231,7 +231,7 @@ def _bands(query: torch.Tensor, key: torch.Tensor, tokens: int) -> tuple[tuple[i
     return tuple(bands) if done == tokens else None
 
 
-def neighborhood_attention_tiled(
+def neighborhood_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

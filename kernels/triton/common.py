@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from visattn.kernels.ops._checks import LOGIT_LIMIT as _LOGIT_LIMIT
+from visattn.kernels.ops.checks import LOGIT_LIMIT as _LOGIT_LIMIT
 
 # constexpr so that jitted kernels can read it; ``LOG2E.value`` on the host.
 LOG2E = tl.constexpr(1.4426950408889634)
