@@ -159,7 +159,8 @@ TINY = {
 }
 
 
-# torch.compile is slow on CPU: traced once per model class (the other variants share the code path).
+# torch.compile is slow on CPU: traced (dynamo and inductor) once per model class (the other variants
+# share the code path).
 COMPILE_CHECKED = {"agent_swin_base", "agent_pvt_small", "agent_deit_base"}
 
 
@@ -170,6 +171,7 @@ def test_battery(name):
     run_battery(
         name,
         compile_check=name in COMPILE_CHECKED,
+        inductor_check=name in COMPILE_CHECKED,
         pretrained_cfg_overlay=dict(input_size=(3, size, size)),
         **kwargs,
     )

@@ -62,3 +62,19 @@ def test_cli_compile_table_has_both_peers_and_the_model(capsys):
     for cells in rows.values():
         eager, compiled, _, seconds, diff = map(lambda c: float(c.rstrip("x")), cells[2:])
         assert eager > 0 and compiled > 0 and seconds > 0 and diff < 1e-4
+
+
+def test_cli_train_compile_table_has_both_peers_and_the_model(capsys):
+    """``bench train --compile``: eager and inductor-compiled training steps of the timm peers and the
+    model, with the compile seconds."""
+    argv = ["bench", "train", "--compile", "--model", "van_b0", "--tiny", "--device", "cpu",
+            "--img-size", "32", "--batch-size", "2", "--warmup", "0", "--iters", "1"]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "compiled img/s" in lines[1] and "compile s" in lines[1]
+    rows = {line.split()[0]: line.split() for line in lines[3:] if line.strip()}
+    assert list(rows) == ["swin_tiny_patch4_window7_224", "convnext_tiny", "van_b0"]
+    for cells in rows.values():
+        eager, compiled, speedup, seconds = map(lambda c: float(c.rstrip("x")), cells[3:])
+        assert cells[2] == "32" and eager > 0 and compiled > 0 and seconds > 0
+        assert speedup == pytest.approx(compiled / eager, rel=0.05)

@@ -191,7 +191,7 @@ def test_pruned_model_runs_every_forward():
 
 @pytest.mark.parametrize("name", battery_names(["biformer_t", "biformer_s", "biformer_b"]))
 def test_battery(name):
-    run_battery(name, img_size=64, alt_img_size=80, **TINY)
+    run_battery(name, img_size=64, alt_img_size=80, inductor_check=name == "biformer_t", **TINY)
 
 
 @pytest.mark.cuda

@@ -1,4 +1,4 @@
-"""One policy for every op of visattn.kernels (kernels/ops/dispatch.py, kernels/ops/_checks.py).
+"""One policy for every op of visattn.kernels (kernels/ops/dispatch.py, kernels/ops/checks.py).
 
 - ``backend="auto"`` falls back to PyTorch at a capability limit of the Triton kernels and never
   raises for one; ``backend="triton"`` raises a ValueError naming the limit.
@@ -6,6 +6,9 @@
 - A fully masked (head, query) row has a zero output and gives zero attention mass, on both backends.
 Triton runs under the CPU interpreter here (tests/conftest.py).
 """
+
+import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -239,3 +242,24 @@ def test_torch_key_mass_scores_a_short_suffix_through_sdpa(monkeypatch):
     assert suffix
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+OPS = ("neighborhood_attention", "bilevel_routing_attention", "agent_attention", "large_kernel_attention",
+       "attention_with_key_mass", "visual_sink_attention")  # fmt: skip
+TRAINED = OPS[:4]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_one_custom_op_pattern(op):
+    """Every op's Triton path is ``visattn::<op>_fwd`` (and ``_bwd`` where it trains), its launchers are
+    ``<op>_forward`` (``_backward``) in kernels/triton/<op>.py, and each backend has a module of its own."""
+    assert hasattr(torch.ops.visattn, f"{op}_fwd")
+    assert hasattr(torch.ops.visattn, f"{op}_bwd") == (op in TRAINED)
+    triton_module = importlib.import_module(f"visattn.kernels.triton.{op}")
+    assert hasattr(triton_module, f"{op}_forward")
+    assert hasattr(triton_module, f"{op}_backward") == (op in TRAINED)
+    assert hasattr(importlib.import_module(f"visattn.kernels.reference.{op}"), f"{op}_reference")
+    ops_module = importlib.import_module(f"visattn.kernels.ops.{op}")
+    assert op == ops_module.OP
+    if importlib.util.find_spec(f"visattn.kernels.torch.{op}") is not None:
+        assert hasattr(importlib.import_module(f"visattn.kernels.torch.{op}"), f"{op}_torch")

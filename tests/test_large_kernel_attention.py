@@ -235,10 +235,10 @@ compile_(tk._dw_chain_kernel, c, "bf16")
 c = dict(K1=7, DIL1=3, K2=5, DIL2=1, PB=1, RH=64, RW=64, HAS_B1=False, HAS_B2=False, HAS_ADD=True,
          STORE_MID=True)
 compile_(tk._dw_chain_kernel, c, "bf16")
-compile_(tk._dwconv_kernel, dict(K=5, DIL=1, HAS_BIAS=True, PB=1, BH=32, BW=64), "bf16")
-compile_(tk._dwconv_wgrad_kernel, dict(K=7, DIL=3, PB=1, BH=32, BW=64), "bf16")
+compile_(tk._dwconv_kernel, dict(K=5, DIL=1, HAS_BIAS=True, PB=1, BLOCK_H=32, BLOCK_W=64), "bf16")
+compile_(tk._dwconv_wgrad_kernel, dict(K=7, DIL=3, PB=1, BLOCK_H=32, BLOCK_W=64), "bf16")
 for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32")):
-    c = dict(HAS_BIAS=True, BM=64, BN=128, BK=32, PRECISION=precision)
+    c = dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, PRECISION=precision)
     compile_(tk._pointwise_gate_kernel, c, dtype)
 """
 

@@ -29,8 +29,9 @@ PAPER_PARAMS_M = {
 
 @pytest.mark.parametrize("name", battery_names(VARIANTS))
 def test_battery(name):
-    # with TINY every variant builds the same network: the (slow) torch.compile check runs once
-    run_battery(name, img_size=64, alt_img_size=96, compile_check=name == "van_b0", **TINY)
+    # with TINY every variant builds the same network: the (slow) torch.compile checks run once
+    checked = name == "van_b0"
+    run_battery(name, img_size=64, alt_img_size=96, compile_check=checked, inductor_check=checked, **TINY)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -32,15 +32,7 @@ def agent_attention_sdpa(
     return out.transpose(1, 2)
 
 
-def agent_attention_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    agent: torch.Tensor,
-    scale: float,
-    agent_bias: torch.Tensor | None = None,
-    query_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+def agent_attention_torch(q, k, v, agent, scale, agent_bias=None, query_bias=None) -> torch.Tensor:
     """The ``torch`` backend (shapes as :func:`agent_attention_sdpa`): SDPA on CUDA, else the reference."""
     if dispatch.cuda_tensors(q, k, v, agent):
         return agent_attention_sdpa(q, k, v, agent, scale, agent_bias, query_bias)

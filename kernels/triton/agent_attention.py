@@ -25,10 +25,12 @@ import triton.language as tl
 
 from visattn.kernels.triton.common import (
     LOG2E,
+    broadcast_strides,
     dot_precision,
     finish_softmax,
     load_tile,
     online_softmax_step,
+    pow2_block,
 )
 
 
@@ -405,16 +407,12 @@ def _aggregate_bwd(
     )
 
 
-def _block(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
 def _tile(n: int, block_a: int, interpret: bool, gpu_cap: int = 64) -> int:
     """Token tile: big under the interpreter (its cost is per program step), register-friendly on GPU
     (at most ``gpu_cap`` tokens up to 64 agents, 32 above)."""
     if interpret:
-        return _block(n, 128)
-    return _block(n, gpu_cap if block_a <= 64 else 32)
+        return pow2_block(n, 128)
+    return pow2_block(n, gpu_cap if block_a <= 64 else 32)
 
 
 def _warps(block_a: int) -> int:
@@ -429,15 +427,6 @@ def _splits(bh: int, tiles: int, device: torch.device, per_sm: int = 4) -> int:
         return 1
     target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(tiles, triton.cdiv(target, bh)))
-
-
-def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
-    if bias is None:
-        return (0, 0, 0, 0)
-    stride = list(bias.stride())
-    if bias.shape[0] == 1:
-        stride[0] = 0
-    return tuple(stride)
 
 
 def agent_attention_forward(
@@ -458,7 +447,7 @@ def agent_attention_forward(
     nk, num_agents, dv = k.shape[1], agent.shape[1], v.shape[3]
     bh = batch * heads
     dev = q.device
-    block_a, block_d, block_dv = _block(num_agents, 256), _block(dim, 256), _block(dv, 256)
+    block_a, block_d, block_dv = pow2_block(num_agents, 256), pow2_block(dim, 256), pow2_block(dv, 256)
     precision = dot_precision(q.dtype)
     block_n = _tile(nk, block_a, interpret)
     splits = splits or _splits(bh, triton.cdiv(nk, block_n), dev, per_sm=1)
@@ -474,7 +463,7 @@ def agent_attention_forward(
         *agent.stride(),
         *k.stride(),
         *v.stride(),
-        *_bias_strides(agent_bias),
+        *broadcast_strides(agent_bias),
         heads,
         num_agents,
         nk,
@@ -503,7 +492,7 @@ def agent_attention_forward(
         lse_query,
         *q.stride(),
         *agent.stride(),
-        *_bias_strides(query_bias),
+        *broadcast_strides(query_bias),
         *out.stride(),
         heads,
         num_agents,
@@ -556,7 +545,7 @@ def agent_attention_backward(
     nk, num_agents, dv = k.shape[1], agent.shape[1], v.shape[3]
     bh = batch * heads
     dev = q.device
-    block_a, block_d, block_dv = _block(num_agents, 256), _block(dim, 256), _block(dv, 256)
+    block_a, block_d, block_dv = pow2_block(num_agents, 256), pow2_block(dim, 256), pow2_block(dv, 256)
     precision = dot_precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
@@ -583,7 +572,7 @@ def agent_attention_backward(
         d_agent_v,
         *q.stride(),
         *agent.stride(),
-        *_bias_strides(query_bias),
+        *broadcast_strides(query_bias),
         *out.stride(),
         *dout.stride(),
         *dq.stride(),
@@ -624,7 +613,7 @@ def agent_attention_backward(
         *agent.stride(),
         *k.stride(),
         *v.stride(),
-        *_bias_strides(agent_bias),
+        *broadcast_strides(agent_bias),
         *dk.stride(),
         *dv_.stride(),
         heads,

@@ -33,7 +33,13 @@ import triton.language as tl
 
 from visattn.kernels.ops.dispatch import interpreter_enabled
 from visattn.kernels.reference.bilevel_routing_attention import region_grid, valid_tokens
-from visattn.kernels.triton.common import LOG2E, dot_precision, finish_softmax, online_softmax_step
+from visattn.kernels.triton.common import (
+    LOG2E,
+    dot_precision,
+    finish_softmax,
+    online_softmax_step,
+    pow2_block,
+)
 
 
 @triton.jit
@@ -311,10 +317,6 @@ class TilePlan:
         return int(self.real_rows_per_tile().min()) / self.block
 
 
-def _pow2_block(n: int, cap: int) -> int:
-    return min(max(16, triton.next_power_of_2(n)), cap)
-
-
 def tile_plan(
     shape: tuple[int, ...], num_regions: int, topk: int, interpreted: bool | None = None
 ) -> TilePlan:
@@ -328,9 +330,9 @@ def tile_plan(
     rh, rw = region_grid(h, w, num_regions)
     tokens = rh * rw
     rows = b * heads * num_regions**2 * tokens
-    block = _pow2_block(rows, cap)
+    block = pow2_block(rows, cap)
     # key slots of one tile: topk * T per segment it touches
-    key_block = _pow2_block(topk * tokens * triton.cdiv(block, tokens), cap)
+    key_block = pow2_block(topk * tokens * triton.cdiv(block, tokens), cap)
     return TilePlan(h, w, num_regions, tokens, rows, block, key_block, triton.cdiv(rows, block))
 
 
@@ -343,8 +345,8 @@ def _launch_consts(q: torch.Tensor, v: torch.Tensor, num_regions: int) -> dict:
         RW=rw,
         D=q.shape[-1],
         DV=v.shape[-1],
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
+        BLOCK_D=pow2_block(q.shape[-1]),
+        BLOCK_DV=pow2_block(v.shape[-1]),
         PRECISION=dot_precision(q.dtype),
     )
 

@@ -57,14 +57,14 @@ def load_tile(ptr, rows, cols, stride_row, stride_col, row_ok, n_cols):
 @triton.jit
 def attention_logits(
     q, k, bias_ptr, offs_m, offs_n, m_ok, n_ok, sbq, sbk, scale, NQ, NK,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Logits of a ``[BM, BN]`` tile in log2 units: ``scale * q k^T`` plus the additive bias tile at
+    """Logits of a ``[BLOCK_M, BLOCK_N]`` tile in log2 units: ``scale * q k^T`` plus the additive bias tile at
     ``bias_ptr`` (strides ``sbq``, ``sbk``) when ``HAS_BIAS``, clamped to ``[-LOGIT_LIMIT, LOGIT_LIMIT]``;
     ``-inf`` for masked keys: outside ``n_ok``, a ``-inf`` bias and, when ``CAUSAL``, above the
     bottom-right aligned diagonal (query ``i`` sees keys ``<= i + NK - NQ``). The masking rule of
     :mod:`visattn.kernels.reference.attention_with_key_mass`."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     valid = n_ok[None, :]
     if HAS_BIAS:
         bias = tl.load(
@@ -78,6 +78,20 @@ def attention_logits(
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
     return tl.where(valid, s * LOG2E, float("-inf"))
+
+
+def pow2_block(n: int, cap: int | None = None, floor: int = 16) -> int:
+    """The block that covers ``n``: its next power of two, at least ``floor`` (``tl.dot`` needs 16), at
+    most ``cap``. Every kernel family rounds its block sizes with this; the caps are its own."""
+    block = max(floor, triton.next_power_of_2(n))
+    return block if cap is None else min(block, cap)
+
+
+def broadcast_strides(t: torch.Tensor | None) -> tuple[int, ...]:
+    """Strides of a 4-D tensor (a bias or mask) with 0 on its size-1 (broadcast) dims; zeros for None."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(t.ndim))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from visattn.kernels.triton.common import pow2_block
+
 _NUM_WARPS = 4
 
 
@@ -153,18 +155,18 @@ def _dwconv_kernel(
     DIL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PB: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     plane = tl.program_id(0) * PB + tl.arange(0, PB)[:, None, None]
     tile = tl.program_id(1)
     pvalid = plane < n_planes
     ch = plane % C
     base = plane.to(tl.int64) * H * W
-    oh = (tile // tiles_w) * BH + tl.arange(0, BH)[None, :, None]
-    ow = (tile % tiles_w) * BW + tl.arange(0, BW)[None, None, :]
+    oh = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :, None]
+    ow = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :]
     P: tl.constexpr = DIL * (K // 2)
-    acc = tl.zeros((PB, BH, BW), dtype=tl.float32)
+    acc = tl.zeros((PB, BLOCK_H, BLOCK_W), dtype=tl.float32)
     for i in tl.static_range(K):
         for j in tl.static_range(K):
             w = tl.load(w_ptr + ch * (K * K) + (i * K + j), mask=pvalid, other=0.0).to(tl.float32)
@@ -191,8 +193,8 @@ def _dwconv_wgrad_kernel(
     K: tl.constexpr,
     DIL: tl.constexpr,
     PB: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     # partial[plane, tile, k] = sum over the tile of g(p) * x(p + shift_k); the last slot holds sum(g)
     pvec = tl.program_id(0) * PB + tl.arange(0, PB)
@@ -200,8 +202,8 @@ def _dwconv_wgrad_kernel(
     tile = tl.program_id(1)
     pvalid = plane < n_planes
     base = plane.to(tl.int64) * H * W
-    oh = (tile // tiles_w) * BH + tl.arange(0, BH)[None, :, None]
-    ow = (tile % tiles_w) * BW + tl.arange(0, BW)[None, None, :]
+    oh = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :, None]
+    ow = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :]
     keep = pvalid & (oh < H) & (ow < W)
     g = tl.load(g_ptr + base + oh * W + ow, mask=keep, other=0.0).to(tl.float32)
     out = partial_ptr + (pvec.to(tl.int64) * n_tiles + tile) * (K * K + 1)
@@ -226,19 +228,19 @@ def _pointwise_gate_kernel(
     C,
     HW,
     HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # out[b, m, n] = x[b, m, n] * (sum_k w[m, k] * d[b, k, n] + bias[m])
     b = tl.program_id(0)
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    rn = tl.program_id(2) * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
     base = b.to(tl.int64) * C * HW
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, C, BK):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
         kk = k0 + rk
         a = tl.load(
             w_ptr + rm[:, None] * C + kk[None, :], mask=(rm[:, None] < C) & (kk[None, :] < C), other=0.0
@@ -262,10 +264,6 @@ def _region(size: int, halo: int) -> int:
     whole plane plus halo when that is small, else 64 (a 46-wide output tile for the forward's halo of
     9, 60-wide for the backward's halo of 2), more only for very wide halos."""
     return min(triton.next_power_of_2(size + 2 * halo), max(64, triton.next_power_of_2(4 * halo)))
-
-
-def _tile(size: int, cap: int) -> int:
-    return min(triton.next_power_of_2(size), cap)
 
 
 def _planes_per_program(n_planes: int, device: torch.device) -> int:
@@ -353,7 +351,7 @@ def dwconv(
     or None."""
     bsz, chans, h, w = x.shape
     k = int(round(weight.shape[1] ** 0.5))
-    bh, bw = _tile(h, 32), _tile(w, 64)
+    bh, bw = pow2_block(h, 32, floor=1), pow2_block(w, 64, floor=1)
     tiles_w = triton.cdiv(w, bw)
     n_planes = bsz * chans
     pb = _planes_per_program(n_planes, x.device)
@@ -372,8 +370,8 @@ def dwconv(
         DIL=dilation,
         HAS_BIAS=bias is not None,
         PB=pb,
-        BH=bh,
-        BW=bw,
+        BLOCK_H=bh,
+        BLOCK_W=bw,
         num_warps=_NUM_WARPS,
     )
     return out
@@ -385,7 +383,7 @@ def dwconv_weight_grad(
     """Gradients of a same-padded depthwise conv w.r.t. its weight ``[C, k*k]`` (fp32) and bias ``[C]``
     (fp32), given its input ``x`` and output gradient ``grad`` (both ``[B, C, H, W]``)."""
     bsz, chans, h, w = x.shape
-    bh, bw = _tile(h, 32), _tile(w, 64)
+    bh, bw = pow2_block(h, 32, floor=1), pow2_block(w, 64, floor=1)
     tiles_w = triton.cdiv(w, bw)
     n_tiles = triton.cdiv(h, bh) * tiles_w
     n_planes = bsz * chans
@@ -404,8 +402,8 @@ def dwconv_weight_grad(
         K=kernel_size,
         DIL=dilation,
         PB=pb,
-        BH=bh,
-        BW=bw,
+        BLOCK_H=bh,
+        BLOCK_W=bw,
         num_warps=_NUM_WARPS,
     )
     sums = partial.sum(dim=(0, 2))
@@ -418,9 +416,9 @@ def pointwise_gate(
     """``x * (conv1x1(d, w) + bias)`` for ``d``, ``x`` ``[B, C, H, W]`` and ``w`` ``[C, C]`` (contiguous)."""
     bsz, chans, h, wd = x.shape
     hw = h * wd
-    bm = max(16, min(64, triton.next_power_of_2(chans)))
-    bk = max(16, min(32, triton.next_power_of_2(chans)))  # fp32 stages fit in ~72 KiB of shared memory
-    bn = max(16, min(128, triton.next_power_of_2(hw)))
+    bm = pow2_block(chans, 64)
+    bk = pow2_block(chans, 32)  # fp32 stages fit in ~72 KiB of shared memory
+    bn = pow2_block(hw, 128)
     # fp32 follows the TF32 setting of the cuDNN 1x1 convolution this GEMM replaces
     tf32 = x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     precision = "tf32" if tf32 else "ieee"
@@ -434,9 +432,9 @@ def pointwise_gate(
         chans,
         hw,
         HAS_BIAS=bias is not None,
-        BM=bm,
-        BN=bn,
-        BK=bk,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
         PRECISION=precision,
         num_warps=_NUM_WARPS,
     )
@@ -447,17 +445,9 @@ def _flat(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1).contiguous()
 
 
-def large_kernel_attention_forward(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: torch.Tensor | None,
-    dwd_weight: torch.Tensor,
-    dwd_bias: torch.Tensor | None,
-    pw_weight: torch.Tensor,
-    pw_bias: torch.Tensor | None,
-    dilation: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x * attn, d)`` for ``x [B, C, H, W]``, ``d`` the two depthwise convs (kept for the backward)."""
+def large_kernel_attention_forward(x, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation):
+    """``(x * attn, d)`` for ``x [B, C, H, W]``, ``d`` the two depthwise convs (kept for the backward);
+    arguments as :func:`~visattn.kernels.large_kernel_attention` (``dilation`` an int)."""
     x = x.contiguous()
     dw_bias, dwd_bias, pw_bias = (
         b.contiguous() if b is not None else None for b in (dw_bias, dwd_bias, pw_bias)
@@ -467,18 +457,8 @@ def large_kernel_attention_forward(
 
 
 def large_kernel_attention_backward(
-    grad_out: torch.Tensor,
-    grad_d: torch.Tensor | None,
-    x: torch.Tensor,
-    d: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: torch.Tensor | None,
-    dwd_weight: torch.Tensor,
-    dwd_bias: torch.Tensor | None,
-    pw_weight: torch.Tensor,
-    pw_bias: torch.Tensor | None,
-    dilation: int,
-) -> tuple[torch.Tensor, ...]:
+    grad_out, grad_d, x, d, dw_weight, dw_bias, dwd_weight, dwd_bias, pw_weight, pw_bias, dilation
+):
     """Gradients for x, dw weight/bias, dwd weight/bias, pw weight/bias (biases always)."""
     batch, channels, height, width = x.shape
     x = x.contiguous()

@@ -9,7 +9,7 @@ coordinates*; token ``(c0, c1, c2)`` of the group lives at ``(c * dilation + r)`
 Each program owns a box of ``T0 x T1 x T2`` tokens of one group (queries in the forward and
 dq passes, keys in the dk/dv pass), chosen as cubic as the extents allow. The neighbourhoods of
 a query box lie inside a slightly larger key box (per dim: smallest window start to largest
-window end); the kernel walks that box in row-major ``BLOCK_K`` tiles with ``tl.dot`` and masks
+window end); the kernel walks that box in row-major ``BLOCK_N`` tiles with ``tl.dot`` and masks
 every (query, key) pair with the exact per-dim window test. Keys are gathered by coordinates,
 so the boxes need not be contiguous in memory. Masked pairs cost FLOPs (for 56x56 with a 7x7
 window an 8x8 query box walks a 14x14 key box: 25% of the pairs are live), pairs outside the box
@@ -50,11 +50,12 @@ from visattn.kernels.triton.common import (
     dot_precision,
     finish_softmax,
     online_softmax_step,
+    pow2_block,
 )
 
 
 @triton.jit
-def _tile(pid, G0, G1, G2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+def _tile_coords(pid, G0, G1, G2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
     """Group coordinates of the ``pid``-th ``T0 x T1 x T2`` box of the group (row-major over boxes),
     clamped into the group, and which of them are inside it. ``pid`` must be < ``_num_tiles``."""
     nb1 = tl.cdiv(G1, T1)
@@ -114,7 +115,7 @@ def _inverse_window(k_min, k_max, G, K: tl.constexpr, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _pair_mask(qg, kg, G, K: tl.constexpr, CAUSAL: tl.constexpr):
-    """``[BLOCK_Q, BLOCK_K]``: key coordinate ``kg`` lies in the window of query coordinate ``qg``."""
+    """``[BLOCK_M, BLOCK_N]``: key coordinate ``kg`` lies in the window of query coordinate ``qg``."""
     start, end = _window(qg, G, K, CAUSAL)
     return (kg[None, :] >= start[:, None]) & (kg[None, :] < end[:, None])
 
@@ -161,11 +162,11 @@ def _logits(
     q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, valid, rpb_h, scale_log2,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Masked logits in log2 units ``(scale * q k^T + rpb) * log2(e)``, clamped to ``+-LOGIT_LIMIT``, and
     the mask."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     mask = valid & _pair_mask(qg0, kg0, G0, K0, C0)
     mask = mask & _pair_mask(qg1, kg1, G1, K1, C1) & _pair_mask(qg2, kg2, G2, K2, C2)
     if HAS_RPB:
@@ -182,10 +183,10 @@ def _na_fwd_kernel(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    BLOCK_Q: tl.constexpr = T0 * T1 * T2
+    BLOCK_M: tl.constexpr = T0 * T1 * T2
     pid_q, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
     if pid_q >= _num_tiles(G0, G1, G2, T0, T1, T2):
@@ -202,7 +203,7 @@ def _na_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    qg0, qg1, qg2, q_ok = _tile(pid_q, G0, G1, G2, T0, T1, T2)
+    qg0, qg1, qg2, q_ok = _tile_coords(pid_q, G0, G1, G2, T0, T1, T2)
     tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
     q_in = q_base + tok_q[:, None] * sqt + offs_d[None, :]
@@ -217,21 +218,21 @@ def _na_fwd_kernel(
     n_keys = (tl.max(e0, 0) - lo0) * E1 * E2
     rpb_h = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
 
-    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for start in range(0, n_keys, BLOCK_K):
-        kg0, kg1, kg2, k_ok = _box_step(start, BLOCK_K, lo0, lo1, lo2, E1, E2, n_keys)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, n_keys, BLOCK_N):
+        kg0, kg1, kg2, k_ok = _box_step(start, BLOCK_N, lo0, lo1, lo2, E1, E2, n_keys)
         tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(K + k_base + tok_k[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + v_base + tok_k[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
         s, _ = _logits(
             q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, q_ok[:, None] & k_ok[None, :], rpb_h,
-            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, DOT_PREC,
+            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, PRECISION,
         )  # fmt: skip
         m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
     out, lse = finish_softmax(acc, m_i, l_i)
     tl.store(Out + q_ptrs, out.to(Out.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
@@ -245,10 +246,10 @@ def _na_bwd_dq_kernel(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    BLOCK_Q: tl.constexpr = T0 * T1 * T2
+    BLOCK_M: tl.constexpr = T0 * T1 * T2
     pid_q, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
     if pid_q >= _num_tiles(G0, G1, G2, T0, T1, T2):
@@ -265,7 +266,7 @@ def _na_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    qg0, qg1, qg2, q_ok = _tile(pid_q, G0, G1, G2, T0, T1, T2)
+    qg0, qg1, qg2, q_ok = _tile_coords(pid_q, G0, G1, G2, T0, T1, T2)
     tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
     q_mask = q_ok[:, None] & d_ok[None, :]
@@ -288,21 +289,21 @@ def _na_bwd_dq_kernel(
     ds_rows = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2) * (K0 * K1 * K2)
     ds_rows -= _flat(s0, s1, s2, K1, K2)
 
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for start in range(0, n_keys, BLOCK_K):
-        kg0, kg1, kg2, k_ok = _box_step(start, BLOCK_K, lo0, lo1, lo2, E1, E2, n_keys)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, n_keys, BLOCK_N):
+        kg0, kg1, kg2, k_ok = _box_step(start, BLOCK_N, lo0, lo1, lo2, E1, E2, n_keys)
         tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(K + k_base + tok_k[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + v_base + tok_k[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
         s, mask = _logits(
             q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, q_ok[:, None] & k_ok[None, :], rpb_h,
-            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, DOT_PREC,
+            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, PRECISION,
         )  # fmt: skip
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if HAS_RPB:  # plain stores: every live (query, slot) pair is visited once
             tl.store(ds_bh + ds_rows[:, None] + _flat(kg0, kg1, kg2, K1, K2)[None, :], ds, mask=mask)
     tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -315,10 +316,10 @@ def _na_bwd_dkdv_kernel(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RPB: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    BLOCK_K: tl.constexpr = T0 * T1 * T2
+    BLOCK_N: tl.constexpr = T0 * T1 * T2
     pid_k, pid_bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r0, r1, r2, G0, G1, G2 = _group(pid_g, L0, L1, L2, DIL0, DIL1, DIL2)
     if pid_k >= _num_tiles(G0, G1, G2, T0, T1, T2):
@@ -335,7 +336,7 @@ def _na_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    kg0, kg1, kg2, k_ok = _tile(pid_k, G0, G1, G2, T0, T1, T2)
+    kg0, kg1, kg2, k_ok = _tile_coords(pid_k, G0, G1, G2, T0, T1, T2)
     tok_k = _tokens(kg0, kg1, kg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
     kv_ptrs = base + tok_k[:, None] * stride_t + offs_d[None, :]
     kv_mask = k_ok[:, None] & d_ok[None, :]
@@ -350,10 +351,10 @@ def _na_bwd_dkdv_kernel(
     n_queries = (hi0 - lo0 + 1) * E1 * E2
     rpb_h = RPB + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
 
-    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    for start in range(0, n_queries, BLOCK_Q):
-        qg0, qg1, qg2, q_ok = _box_step(start, BLOCK_Q, lo0, lo1, lo2, E1, E2, n_queries)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, n_queries, BLOCK_M):
+        qg0, qg1, qg2, q_ok = _box_step(start, BLOCK_M, lo0, lo1, lo2, E1, E2, n_queries)
         tok_q = _tokens(qg0, qg1, qg2, r0, r1, r2, DIL0, DIL1, DIL2, L1, L2).to(tl.int64)
         q_ptrs = base + tok_q[:, None] * stride_t + offs_d[None, :]
         q_mask = q_ok[:, None] & d_ok[None, :]
@@ -364,13 +365,13 @@ def _na_bwd_dkdv_kernel(
         delta = tl.load(DELTA + stat_ptrs, mask=q_ok, other=0.0)
         s, _ = _logits(
             q, k, qg0, qg1, qg2, kg0, kg1, kg2, G0, G1, G2, q_ok[:, None] & k_ok[None, :], rpb_h,
-            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, DOT_PREC,
+            scale_log2, K0, K1, K2, C0, C1, C2, HAS_RPB, PRECISION,
         )  # fmt: skip
         p = tl.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     tl.store(DK + kv_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -391,9 +392,9 @@ def _lift(q, kernel_size, dilation, is_causal):
 
 
 def _configs(head_dim: int, dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
-    """Candidate ``(BLOCK_Q, BLOCK_K, BLOCK_D, num_warps, num_stages)``, best first; later ones need
+    """Candidate ``(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)``, best first; later ones need
     less shared memory (GPUs with smaller shared memory, large fp32 head dims)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = pow2_block(head_dim)
     if interpreter_enabled():  # big tiles, few programs: the interpreter pays per program and step
         return [(64, 64, block_d, 4, 1)]
     row_bytes = block_d * dtype.itemsize
