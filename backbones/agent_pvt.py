@@ -20,6 +20,7 @@ from timm.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
+    calculate_drop_path_rates,
     get_act_layer,
     get_norm_layer,
     register_notrace_module,
@@ -31,19 +32,19 @@ from timm.models._features import feature_take_indices
 from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 
-from visattn.backbones._common import (
-    PooledLinearHead,
-    check_image,
-    factory_kwargs,
-    init_weights,
-    load_pretrained_file,
-)
-from visattn.backbones.agent_common import (
+from visattn.backbones.agent_family import (
     AgentAttentionBase,
     agent_cfg,
     resize_pos_embed,
     resize_to_model,
     tsinghua_file,
+)
+from visattn.backbones.helpers import (
+    PooledLinearHead,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    load_pretrained_file,
     unwrap_checkpoint,
 )
 
@@ -180,7 +181,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
         # total stride (each stage's patch embedding asserts that its input divides by its patch)
         self.fixed_img_size = None if dynamic_img_size else tuple(img_hw)
         self.patch_size = patch_size
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
         cur = 0
         for i in range(num_stages):
             patch_embed = PatchEmbed(

@@ -30,6 +30,7 @@ from timm.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
+    calculate_drop_path_rates,
     get_act_layer,
     get_norm_layer,
     register_notrace_module,
@@ -47,19 +48,19 @@ from timm.models.swin_transformer import (
 from torch import nn
 from torch.nn import functional as F
 
-from visattn.backbones._common import (
+from visattn.backbones.agent_family import (
+    AgentAttentionBase,
+    agent_cfg,
+    resize_to_model,
+    tsinghua_file,
+)
+from visattn.backbones.helpers import (
     PooledLinearHead,
     check_image,
     factory_kwargs,
     init_weights,
     load_pretrained_file,
-)
-from visattn.backbones.agent_common import (
-    AgentAttentionBase,
-    agent_cfg,
-    resize_rel_table,
-    resize_to_model,
-    tsinghua_file,
+    resize_rel_pos_table,
     unwrap_checkpoint,
 )
 
@@ -197,7 +198,8 @@ class SwinBlock(SwinTransformerBlock):
     """timm's Swin block (the ``B`` blocks). With ``dynamic`` (timm's ``dynamic_mask``: padding and the
     shifted-window mask built per input), and a window that covered the whole stage at the configured size
     covers the whole grid of any input: one window, its relative position table resized by
-    :func:`resize_rel_table` (as ``checkpoint_filter_fn`` resizes a checkpoint's)."""
+    :func:`~visattn.backbones.helpers.resize_rel_pos_table` (as ``checkpoint_filter_fn`` resizes a
+    checkpoint's)."""
 
     def __init__(self, *args, dynamic: bool = False, **kwargs):
         super().__init__(*args, dynamic_mask=dynamic, **kwargs)
@@ -213,7 +215,7 @@ class SwinBlock(SwinTransformerBlock):
             return super()._attn(x)
         attn = self.attn
         n = grid[0] * grid[1]
-        table = resize_rel_table(attn.relative_position_bias_table, grid)
+        table = resize_rel_pos_table(attn.relative_position_bias_table, grid)
         bias = table[get_relative_position_index(*grid, device=x.device).view(-1)]
         bias = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0).to(x.dtype)
         q, k, v = attn.qkv(x.flatten(1, 2)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
@@ -343,8 +345,7 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
         self.size_multiple = patch_size
         self.pos_drop = nn.Dropout(drop_rate)
         block_types = parse_attn_type(attn_type, tuple(depths))
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu")
-        dpr = [r.tolist() for r in rates.split(list(depths))]
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         self.layers = nn.Sequential()
         self.feature_info = []
         res = (grid[0], grid[1])
