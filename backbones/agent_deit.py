@@ -25,7 +25,6 @@ from timm.layers import (
     trunc_normal_,
 )
 from timm.models import (
-    build_model_with_cfg,
     checkpoint,
     checkpoint_seq,
     generate_default_cfgs,
@@ -43,6 +42,7 @@ from visattn.backbones.agent_family import (
     tsinghua_file,
 )
 from visattn.backbones.helpers import (
+    build_backbone,
     check_image,
     factory_kwargs,
     init_weights,
@@ -335,13 +335,8 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentVisionTransformer) -> dic
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        AgentVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
+    return build_backbone(
+        AgentVisionTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs
     )
 
 

@@ -27,7 +27,7 @@ from timm.layers import (
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
@@ -41,6 +41,7 @@ from visattn.backbones.agent_family import (
 )
 from visattn.backbones.helpers import (
     PooledLinearHead,
+    build_backbone,
     check_image,
     factory_kwargs,
     init_weights,
@@ -376,13 +377,8 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentPyramidVisionTransformer)
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 2, 2))))))
-    return build_model_with_cfg(
-        AgentPyramidVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
+    return build_backbone(
+        AgentPyramidVisionTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs
     )
 
 

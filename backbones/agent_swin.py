@@ -36,7 +36,7 @@ from timm.layers import (
     register_notrace_module,
     to_2tuple,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import (
     PatchMerging,
@@ -56,6 +56,7 @@ from visattn.backbones.agent_family import (
 )
 from visattn.backbones.helpers import (
     PooledLinearHead,
+    build_backbone,
     check_image,
     factory_kwargs,
     init_weights,
@@ -488,13 +489,8 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentSwinTransformer) -> dict:
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
-    return build_model_with_cfg(
-        AgentSwinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
+    return build_backbone(
+        AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs
     )
 
 

@@ -18,11 +18,12 @@ from timm.layers import (
     resize_rel_pos_bias_table_simple,
     trunc_normal_,
 )
-from timm.models import clean_state_dict, load_pretrained
+from timm.models import build_model_with_cfg, clean_state_dict, load_pretrained
 from torch import nn
 
 __all__ = [
     "PooledLinearHead",
+    "build_backbone",
     "check_image",
     "factory_kwargs",
     "init_weights",
@@ -89,6 +90,22 @@ def factory_kwargs(init):
             self.to(dtype=dtype)
 
     return wrapper
+
+
+def build_backbone(
+    model_cls: type[nn.Module], variant: str, pretrained: bool, filter_fn, out_indices, **kwargs
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` as every ``_create_<family>`` calls it: ``filter_fn`` maps the
+    official checkpoints, ``features_only`` goes through the model's ``forward_intermediates`` (timm's
+    ``"getter"`` feature class) at ``out_indices``."""
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
 
 
 def load_pretrained_file(model: nn.Module, path: str, filter_fn) -> None:

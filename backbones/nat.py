@@ -50,7 +50,6 @@ from timm.layers import (
     trunc_normal_,
 )
 from timm.models import (
-    build_model_with_cfg,
     checkpoint,
     checkpoint_seq,
     generate_default_cfgs,
@@ -62,6 +61,7 @@ from torch import nn
 
 from visattn.backbones.helpers import (
     PooledLinearHead,
+    build_backbone,
     check_image,
     factory_kwargs,
     init_weights,
@@ -664,26 +664,12 @@ def checkpoint_filter_fn(
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
     depths = kwargs.get("depths", (3, 4, 6, 5))
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
-    return build_model_with_cfg(
-        NAT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_backbone(NAT, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _create_nat_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NATIsotropic:
     out_indices = kwargs.pop("out_indices", 3)  # timm's ViT default: the last three blocks
-    return build_model_with_cfg(
-        NATIsotropic,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_backbone(NATIsotropic, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 _NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/"

@@ -41,11 +41,12 @@ from timm.layers import (
     get_norm_layer,
     register_notrace_module,
 )
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from visattn.backbones.helpers import (
     PooledLinearHead,
+    build_backbone,
     check_image,
     factory_kwargs,
     init_weights,
@@ -391,14 +392,7 @@ def _create_van(variant: str, pretrained: bool = False, **kwargs) -> VAN:
     # The released .pth.tar files were written by timm 0.4.12's train.py, whose checkpoints also pickle the
     # run's argparse.Namespace under 'args': allow that one plain class in timm's weights_only load.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return build_model_with_cfg(
-            VAN,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-            **kwargs,
-        )
+        return build_backbone(VAN, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
