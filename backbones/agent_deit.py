@@ -18,13 +18,13 @@ from timm.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
+    calculate_drop_path_rates,
     get_act_layer,
     get_norm_layer,
     register_notrace_module,
     trunc_normal_,
 )
 from timm.models import (
-    build_model_with_cfg,
     checkpoint,
     checkpoint_seq,
     generate_default_cfgs,
@@ -34,13 +34,19 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from visattn.backbones._common import check_image, factory_kwargs, init_weights, load_pretrained_file
-from visattn.backbones.agent_common import (
+from visattn.backbones.agent_family import (
     AgentAttentionBase,
     agent_cfg,
     resize_pos_embed,
     resize_to_model,
     tsinghua_file,
+)
+from visattn.backbones.helpers import (
+    build_backbone,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    load_pretrained_file,
     unwrap_checkpoint,
 )
 
@@ -168,7 +174,7 @@ class AgentVisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
         common = dict(
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
@@ -329,13 +335,8 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentVisionTransformer) -> dic
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        AgentVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
+    return build_backbone(
+        AgentVisionTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs
     )
 
 

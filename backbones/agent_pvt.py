@@ -20,30 +20,32 @@ from timm.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
+    calculate_drop_path_rates,
     get_act_layer,
     get_norm_layer,
     register_notrace_module,
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.pvt_v2 import Attention as SpatialReductionAttention
 from torch import nn
 
-from visattn.backbones._common import (
-    PooledLinearHead,
-    check_image,
-    factory_kwargs,
-    init_weights,
-    load_pretrained_file,
-)
-from visattn.backbones.agent_common import (
+from visattn.backbones.agent_family import (
     AgentAttentionBase,
     agent_cfg,
     resize_pos_embed,
     resize_to_model,
     tsinghua_file,
+)
+from visattn.backbones.helpers import (
+    PooledLinearHead,
+    build_backbone,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    load_pretrained_file,
     unwrap_checkpoint,
 )
 
@@ -180,7 +182,7 @@ class AgentPyramidVisionTransformer(PooledLinearHead, nn.Module):
         # total stride (each stage's patch embedding asserts that its input divides by its patch)
         self.fixed_img_size = None if dynamic_img_size else tuple(img_hw)
         self.patch_size = patch_size
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
         cur = 0
         for i in range(num_stages):
             patch_embed = PatchEmbed(
@@ -375,13 +377,8 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentPyramidVisionTransformer)
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 2, 2))))))
-    return build_model_with_cfg(
-        AgentPyramidVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
+    return build_backbone(
+        AgentPyramidVisionTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs
     )
 
 

@@ -30,12 +30,13 @@ from timm.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
+    calculate_drop_path_rates,
     get_act_layer,
     get_norm_layer,
     register_notrace_module,
     to_2tuple,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import (
     PatchMerging,
@@ -47,19 +48,20 @@ from timm.models.swin_transformer import (
 from torch import nn
 from torch.nn import functional as F
 
-from visattn.backbones._common import (
+from visattn.backbones.agent_family import (
+    AgentAttentionBase,
+    agent_cfg,
+    resize_to_model,
+    tsinghua_file,
+)
+from visattn.backbones.helpers import (
     PooledLinearHead,
+    build_backbone,
     check_image,
     factory_kwargs,
     init_weights,
     load_pretrained_file,
-)
-from visattn.backbones.agent_common import (
-    AgentAttentionBase,
-    agent_cfg,
-    resize_rel_table,
-    resize_to_model,
-    tsinghua_file,
+    resize_rel_pos_table,
     unwrap_checkpoint,
 )
 
@@ -197,7 +199,8 @@ class SwinBlock(SwinTransformerBlock):
     """timm's Swin block (the ``B`` blocks). With ``dynamic`` (timm's ``dynamic_mask``: padding and the
     shifted-window mask built per input), and a window that covered the whole stage at the configured size
     covers the whole grid of any input: one window, its relative position table resized by
-    :func:`resize_rel_table` (as ``checkpoint_filter_fn`` resizes a checkpoint's)."""
+    :func:`~visattn.backbones.helpers.resize_rel_pos_table` (as ``checkpoint_filter_fn`` resizes a
+    checkpoint's)."""
 
     def __init__(self, *args, dynamic: bool = False, **kwargs):
         super().__init__(*args, dynamic_mask=dynamic, **kwargs)
@@ -213,7 +216,7 @@ class SwinBlock(SwinTransformerBlock):
             return super()._attn(x)
         attn = self.attn
         n = grid[0] * grid[1]
-        table = resize_rel_table(attn.relative_position_bias_table, grid)
+        table = resize_rel_pos_table(attn.relative_position_bias_table, grid)
         bias = table[get_relative_position_index(*grid, device=x.device).view(-1)]
         bias = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0).to(x.dtype)
         q, k, v = attn.qkv(x.flatten(1, 2)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
@@ -343,8 +346,7 @@ class AgentSwinTransformer(PooledLinearHead, nn.Module):
         self.size_multiple = patch_size
         self.pos_drop = nn.Dropout(drop_rate)
         block_types = parse_attn_type(attn_type, tuple(depths))
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu")
-        dpr = [r.tolist() for r in rates.split(list(depths))]
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         self.layers = nn.Sequential()
         self.feature_info = []
         res = (grid[0], grid[1])
@@ -487,13 +489,8 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentSwinTransformer) -> dict:
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
-    return build_model_with_cfg(
-        AgentSwinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
+    return build_backbone(
+        AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs
     )
 
 

@@ -41,7 +41,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, get_act_layer, get_norm_layer, register_notrace_module
+from timm.layers import (
+    DropPath,
+    Mlp,
+    calculate_drop_path_rates,
+    get_act_layer,
+    get_norm_layer,
+    register_notrace_module,
+)
 from timm.models import (
     adapt_input_conv,
     build_model_with_cfg,
@@ -52,7 +59,13 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
+from visattn.backbones.helpers import (
+    PooledLinearHead,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    unwrap_checkpoint,
+)
 from visattn.kernels import bilevel_routing_attention
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
@@ -281,10 +294,7 @@ class BiFormer(PooledLinearHead, nn.Module):
             nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
             nn.BatchNorm2d(embed_dims[0]),
         )
-        dpr = [
-            x.tolist()
-            for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))
-        ]
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
         self.feature_info = []
         for i, depth in enumerate(depths):
@@ -437,12 +447,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     Each key is mapped on its own (a file mixing both layouts, or missing some keys, maps what it has),
     so ``load_state_dict`` then names exactly the keys that are missing or unexpected.
     """
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
     out = {}
-    for key, value in state_dict.items():
+    for key, value in unwrap_checkpoint(state_dict).items():
         new = _official_to_ours(key)
         if new is not None:
             out[new] = value

@@ -43,13 +43,13 @@ from timm.layers import (
     LayerScale,
     Mlp,
     PatchEmbed,
+    calculate_drop_path_rates,
     get_act_layer,
     get_norm_layer,
     register_notrace_module,
     trunc_normal_,
 )
 from timm.models import (
-    build_model_with_cfg,
     checkpoint,
     checkpoint_seq,
     generate_default_cfgs,
@@ -59,7 +59,15 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
+from visattn.backbones.helpers import (
+    PooledLinearHead,
+    build_backbone,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    resize_rel_pos_table,
+    unwrap_checkpoint,
+)
 from visattn.kernels import neighborhood_attention
 
 __all__ = ["NAT", "NATIsotropic", "NeighborhoodAttention2D", "checkpoint_filter_fn"]
@@ -305,9 +313,8 @@ class NAT(_NATClassifier):
             downsample = partial(PatchMerging, norm_layer=norm_layer)
         self.pos_drop = nn.Dropout(proj_drop_rate)
 
-        # stochastic depth grows linearly over all layers (plain floats: works on the meta device)
-        total = sum(depths)
-        dpr = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+        # stochastic depth grows linearly over all layers
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
         self.levels = nn.ModuleList()
         self.feature_info = []
         for i in range(num_levels):
@@ -464,7 +471,7 @@ class NATIsotropic(_NATClassifier):
             dynamic_img_pad=True,
         )
         self.pos_drop = nn.Dropout(proj_drop_rate)
-        dpr = [drop_path_rate * j / max(depth - 1, 1) for j in range(depth)]
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.layers = nn.Sequential(
             *[
                 NATLayer(
@@ -628,10 +635,7 @@ def checkpoint_filter_fn(
     missing ``qkv`` and its unmatched projections as unexpected. Relative position bias tables of another
     kernel size are resized bicubically (how the official 11x11 checkpoints were made from the 7x7 ones).
     """
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap_checkpoint(state_dict)
     pyramid = isinstance(model, NAT)
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -652,35 +656,20 @@ def checkpoint_filter_fn(
     target = model.state_dict()
     for key, value in out.items():
         if key.endswith(".rpb") and key in target and value.shape != target[key].shape:
-            size = target[key].shape[-2:]
-            value = F.interpolate(value[None].float(), size=size, mode="bicubic", align_corners=False)
-            out[key] = value[0].to(target[key].dtype)
+            kernel = ((target[key].shape[-2] + 1) // 2, (target[key].shape[-1] + 1) // 2)
+            out[key] = resize_rel_pos_table(value, kernel).to(target[key].dtype)
     return out
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
     depths = kwargs.get("depths", (3, 4, 6, 5))
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
-    return build_model_with_cfg(
-        NAT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_backbone(NAT, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _create_nat_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NATIsotropic:
     out_indices = kwargs.pop("out_indices", 3)  # timm's ViT default: the last three blocks
-    return build_model_with_cfg(
-        NATIsotropic,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_backbone(NATIsotropic, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 _NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/"

@@ -36,14 +36,22 @@ from timm.layers import (
     DropPath,
     LayerNorm2d,
     LayerScale2d,
+    calculate_drop_path_rates,
     get_act_layer,
     get_norm_layer,
     register_notrace_module,
 )
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from visattn.backbones._common import PooledLinearHead, check_image, factory_kwargs, init_weights
+from visattn.backbones.helpers import (
+    PooledLinearHead,
+    build_backbone,
+    check_image,
+    factory_kwargs,
+    init_weights,
+    unwrap_checkpoint,
+)
 from visattn.kernels import large_kernel_attention
 
 __all__ = ["VAN"]
@@ -218,7 +226,7 @@ class VAN(PooledLinearHead, nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
         self.feature_info = []
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
         cur = 0
         for i in range(self.num_stages):
             patch_embed = OverlapPatchEmbed(
@@ -375,10 +383,7 @@ def checkpoint_filter_fn(state_dict: dict, model: VAN) -> dict[str, torch.Tensor
     Each key is mapped on its own, so ``load_state_dict`` then names exactly the keys a file lacks or has
     in excess.
     """
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap_checkpoint(state_dict, containers=("state_dict", "model"))  # mmcv saves 'state_dict'
     return {_official_to_ours(key): value for key, value in state_dict.items()}
 
 
@@ -387,14 +392,7 @@ def _create_van(variant: str, pretrained: bool = False, **kwargs) -> VAN:
     # The released .pth.tar files were written by timm 0.4.12's train.py, whose checkpoints also pickle the
     # run's argparse.Namespace under 'args': allow that one plain class in timm's weights_only load.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return build_model_with_cfg(
-            VAN,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-            **kwargs,
-        )
+        return build_backbone(VAN, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

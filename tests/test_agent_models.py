@@ -14,7 +14,7 @@ from tests.model_battery import (
     meta_model,
     run_battery,
 )
-from visattn.backbones.agent_common import AgentAttentionBase
+from visattn.backbones.agent_family import AgentAttentionBase
 
 # Official constructor kwargs that are defaults of ours (or spelled differently) and are not passed on.
 _OFFICIAL_ONLY = {

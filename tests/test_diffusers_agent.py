@@ -9,7 +9,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from diffusers.models.attention_processor import Attention  # noqa: E402
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
 from visattn.integrations.diffusers import (  # noqa: E402
     AGENTSD_SCHEDULE,
@@ -337,6 +337,53 @@ def test_processor_with_token_merging_equals_tome_then_agentsd_by_hand():
     expected = torch.einsum("bhij,bhjd->bhid", probs, agent_v) + 0.075 * v_tok
     expected = attn.to_out[0](expected.transpose(1, 2).reshape(2, 64, 32))
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def norm_attention(**kw):
+    """A UNet-mid-block style Attention: 4-D input, group_norm, spatial_norm (temb), residual, rescale."""
+    torch.manual_seed(4)
+    kw = dict(dict(norm_num_groups=8, spatial_norm_dim=16, residual_connection=True), **kw)
+    return Attention(32, heads=4, dim_head=8, out_bias=True, rescale_output_factor=2.0, **kw).double()
+
+
+def agentsd_processor(phase):
+    handle = apply_agent_attention(tiny_unet(), phase, use_rand=False, backend="torch")
+    return handle.processors["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
+
+
+def test_processor_without_merging_matches_attn_processor_2_0_with_norms_and_4d_input():
+    attn = norm_attention()
+    x, temb = torch.randn(2, 32, 8, 8).double(), torch.randn(2, 16, 4, 4).double()  # temb: VAE latent
+    proc = agentsd_processor(AgentSDPhase(ratio=0.0, agent_ratio=0.0))
+    torch.testing.assert_close(
+        proc(attn, x, temb=temb), AttnProcessor2_0()(attn, x, temb=temb), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "phase", [AgentSDPhase(ratio=0.4, agent_ratio=0.0), AgentSDPhase(ratio=0.4, agent_ratio=0.95)]
+)
+def test_processor_applies_spatial_and_group_norm_reshapes_and_rescales_like_attn_processor_2_0(phase):
+    """Merging around an Attention with all of AttnProcessor2_0's extras equals merging the tokens those
+    extras produce in a plain Attention of the same weights, then the 4-D reshape, residual and rescale."""
+    attn = norm_attention()
+    plain = Attention(32, heads=4, dim_head=8, out_bias=True).double()
+    plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k in plain.state_dict()})
+    x, temb = torch.randn(2, 32, 8, 8).double(), torch.randn(2, 16, 4, 4).double()  # temb: VAE latent
+    tokens = attn.spatial_norm(x, temb).flatten(2).transpose(1, 2)
+    tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+    proc = agentsd_processor(phase)
+    expected = proc(plain, tokens).transpose(1, 2).reshape(x.shape)  # the 64 tokens: an 8x8 grid
+    out = proc(attn, x, temb=temb)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, (expected + x) / 2.0, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, AttnProcessor2_0()(attn, x, temb=temb))  # merging did change it
+
+
+def test_processor_refuses_inputs_that_are_neither_tokens_nor_images():
+    proc = agentsd_processor(AgentSDPhase())
+    with pytest.raises(ValueError, match=r"\[B, N, C\] or \[B, C, H, W\]"):
+        proc(Attention(32, heads=4, dim_head=8), torch.randn(64, 32))
 
 
 def test_random_dst_is_one_per_cell_and_seeded():

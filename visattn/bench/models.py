@@ -27,7 +27,7 @@ import timm
 import torch
 
 import visattn  # noqa: F401  (registers the models)
-from visattn.backbones.agent_common import AgentAttentionBase
+from visattn.backbones.agent_family import AgentAttentionBase
 from visattn.backbones.biformer import BiLevelRoutingAttention
 from visattn.backbones.nat import NeighborhoodAttention2D
 from visattn.backbones.van import LargeKernelAttention

@@ -1,4 +1,5 @@
-"""The agent-attention layer shared by Agent-Swin, Agent-PVT and Agent-DeiT.
+"""What only the Agent families (Agent-Swin, Agent-PVT, Agent-DeiT) share: their attention layer,
+checkpoint resizing and pretrained cfgs. Helpers of every family are in :mod:`visattn.backbones.helpers`.
 
 Paper: Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention", ECCV 2024
 (arXiv 2312.08874). Official code: https://github.com/LeapLabTHU/Agent-Attention
@@ -14,8 +15,9 @@ mechanics, collected in :class:`AgentAttentionBase`:
 - the attention itself, :func:`visattn.kernels.agent_attention` (one scale ``head_dim ** -0.5``);
 - ``dwc``: a depthwise 3x3 convolution of V added to the output ("diversity restoration"), then ``proj``.
 
-It also holds what the three families' pretrained cfgs share: :func:`agent_cfg` and
-:func:`tsinghua_file`, the official checkpoints' Tsinghua cloud share links with a cache file name each.
+:func:`resize_to_model` resizes a checkpoint's resolution-bound tensors to a model (the official
+``load_pretrained``); :func:`agent_cfg` and :func:`tsinghua_file` hold what the three families' pretrained
+cfgs share (the official checkpoints' Tsinghua cloud share links with a cache file name each).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
+from visattn.backbones.helpers import resize_rel_pos_table
 from visattn.kernels import agent_attention
 
 
@@ -161,30 +164,10 @@ def resize_separable(bias: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return flat.reshape(list(moved.shape[:-1]) + [size]).movedim(-1, dim).to(bias.dtype)
 
 
-def resize_rel_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-    """Swin ``relative_position_bias_table`` ``[(2w-1)**2, heads]`` of a square window, bicubic-resized
-    to the ``[(2h-1) * (2w-1), heads]`` table of ``window`` (h, w); unchanged if already that size."""
-    old = math.isqrt(table.shape[0])
-    new = (2 * window[0] - 1, 2 * window[1] - 1)
-    if old == new[0] == new[1]:
-        return table
-    grid = table.T.reshape(1, -1, old, old).float()
-    return F.interpolate(grid, size=new, mode="bicubic").reshape(-1, new[0] * new[1]).T.to(table.dtype)
-
-
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], prefix: int = 0) -> torch.Tensor:
     """Learned position embedding ``[1, prefix + S*S, C]`` (square ``S x S`` grid) resized bicubically to
     ``[1, prefix + h*w, C]`` for ``grid`` (h, w), prefix (class) tokens kept (timm's resampling)."""
     return resample_abs_pos_embed(pos_embed, list(grid), num_prefix_tokens=prefix)
-
-
-def unwrap_checkpoint(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The state_dict of an official checkpoint: the official trainer saves ``{'model': state_dict, ...}``;
-    a ``'state_dict'`` wrapper or a bare state_dict is taken as well."""
-    for wrapper in ("model", "state_dict"):
-        if isinstance(checkpoint.get(wrapper), dict):
-            return checkpoint[wrapper]
-    return checkpoint
 
 
 def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -193,7 +176,8 @@ def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> di
     model resizes the same tensors with the same helpers on every forward.
 
     - separable agent biases ``ah/aw/ha/wa_bias``: :func:`resize_separable` along their spatial axis;
-    - ``relative_position_bias_table``: :func:`resize_rel_table` to the model's table;
+    - ``relative_position_bias_table``: :func:`~visattn.backbones.helpers.resize_rel_pos_table` to the
+      model's window;
     - ``pos_embed*``: :func:`resize_pos_embed` to the grid of the matching ``patch_embed*``, prefix
       (class) tokens kept.
 
@@ -211,7 +195,7 @@ def resize_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> di
                 if len(diff) == 1:
                     value = resize_separable(value, diff[0], want.shape[diff[0]])
             elif name == "relative_position_bias_table" and value.shape[1] == want.shape[1]:
-                value = resize_rel_table(value, model.get_submodule(module).window_size)
+                value = resize_rel_pos_table(value, model.get_submodule(module).window_size)
             elif name.startswith("pos_embed") and value.shape[-1] == want.shape[-1]:
                 grid = tuple(model.get_submodule(name.replace("pos_embed", "patch_embed")).grid_size)
                 prefix = want.shape[1] - grid[0] * grid[1]

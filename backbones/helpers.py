@@ -1,15 +1,36 @@
-"""What every visattn backbone shares: device/dtype construction, weight init, the pooled linear head."""
+"""What more than one visattn backbone family shares (NAT, BiFormer, VAN and the Agent models).
+
+Input checks, device/dtype construction, weight init, the pooled linear head, checkpoint loading
+(:func:`unwrap_checkpoint`, :func:`load_pretrained_file`) and relative-position table resizing
+(:func:`resize_rel_pos_table`). What only the Agent families share (their attention layer, checkpoint
+resizing and pretrained cfgs) is in :mod:`visattn.backbones.agent_family`. Drop-path rates come from
+timm's ``calculate_drop_path_rates`` directly.
+"""
 
 import contextlib
 import functools
 import math
 
 import torch
-from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
-from timm.models import load_pretrained
+from timm.layers import (
+    SelectAdaptivePool2d,
+    register_notrace_function,
+    resize_rel_pos_bias_table_simple,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, clean_state_dict, load_pretrained
 from torch import nn
 
-__all__ = ["PooledLinearHead", "check_image", "factory_kwargs", "init_weights", "load_pretrained_file"]
+__all__ = [
+    "PooledLinearHead",
+    "build_backbone",
+    "check_image",
+    "factory_kwargs",
+    "init_weights",
+    "load_pretrained_file",
+    "resize_rel_pos_table",
+    "unwrap_checkpoint",
+]
 
 
 @register_notrace_function  # FX records the call (the check runs with the graph) instead of tracing into it
@@ -71,6 +92,22 @@ def factory_kwargs(init):
     return wrapper
 
 
+def build_backbone(
+    model_cls: type[nn.Module], variant: str, pretrained: bool, filter_fn, out_indices, **kwargs
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` as every ``_create_<family>`` calls it: ``filter_fn`` maps the
+    official checkpoints, ``features_only`` goes through the model's ``forward_intermediates`` (timm's
+    ``"getter"`` feature class) at ``out_indices``."""
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
 def load_pretrained_file(model: nn.Module, path: str, filter_fn) -> None:
     """Load the checkpoint file at ``path`` into a timm-built ``model`` through timm's own loader, as a
     cfg ``file`` would: ``filter_fn`` maps the keys, a head of another class count keeps its fresh init and
@@ -78,6 +115,39 @@ def load_pretrained_file(model: nn.Module, path: str, filter_fn) -> None:
     calls with the downloaded file only."""
     cfg = dict(model.pretrained_cfg, file=str(path), custom_load=False)
     load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=model.in_chans, filter_fn=filter_fn)
+
+
+def unwrap_checkpoint(
+    checkpoint: dict, containers: tuple[str, ...] = ("model", "state_dict")
+) -> dict[str, torch.Tensor]:
+    """The state_dict in a checkpoint: under the first of ``containers`` that holds a dict (the official
+    trainers save ``{'model': state_dict, ...}``, mmcv-style ones ``{'state_dict': ...}``), else the
+    checkpoint itself; DDP / ``torch.compile`` key prefixes removed by timm's ``clean_state_dict``."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"expected a checkpoint dict (a state_dict or a wrapper of one), got {type(checkpoint)}"
+        )
+    for container in containers:
+        if isinstance(checkpoint.get(container), dict):
+            return clean_state_dict(checkpoint[container])
+    return clean_state_dict(checkpoint)
+
+
+def resize_rel_pos_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """A relative position bias table resized bicubically to ``window`` (h, w), unchanged if it fits.
+
+    Swin's flat ``[(2s-1)**2, heads]`` table of a square ``s x s`` window becomes
+    ``[(2h-1) * (2w-1), heads]``; NAT's ``rpb [heads, 2k-1, 2k-1]`` becomes ``[heads, 2h-1, 2w-1]``.
+    This is timm's ``resize_rel_pos_bias_table_simple`` (``F.interpolate``, bicubic,
+    ``align_corners=False``: how the official Agent-Swin ``load_pretrained`` and the official NAT 11x11
+    checkpoints resized them), computed in float32 and cast back. timm's ``resize_rel_pos_bias_table``
+    (BEiT's geometric-progression resampling) gives other values, so it is not used.
+    """
+    new = (2 * window[0] - 1, 2 * window[1] - 1)
+    shape = (table.shape[0], *new) if table.ndim == 3 else (new[0] * new[1], table.shape[1])
+    if tuple(table.shape) == shape:
+        return table
+    return resize_rel_pos_bias_table_simple(table.float(), window, shape).to(table.dtype)
 
 
 def init_weights(module: nn.Module, conv_fan_out: bool = False) -> None:
